@@ -1,0 +1,31 @@
+# One command sets up and runs the bundled example (make demo); one runs the tests (make test).
+# TORCH picks the torch build: the default is the release the project is tested with. On a GPU machine,
+# `make TORCH=torch setup` takes the CUDA build from the registry.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mpexport-installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/mpexport convert models/digits_resnet.pt2 --val-data models/digits_resnet.val.npz --out build/digits_resnet --force
+	$(BIN)/mpexport convert models/digits_transformer.pt2 --val-data models/digits_transformer.val.npz --out build/digits_transformer --force
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf build .pytest_cache

@@ -1,0 +1,183 @@
+"""``convert``: model file -> output directory with the FP32 ONNX, its provenance and ``manifest.json``.
+
+Stages: load -> inputs -> export -> provenance -> export check (ONNX Runtime vs PyTorch FP32 on the
+validation data) -> manifest. Later stages (plan, mixed-precision rewrite, engine) add their own artifacts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+import torch
+
+from mpexport import artifacts, provenance
+from mpexport.errors import MpexportError, first_line
+from mpexport.export import ExportRequest, ExportResult, export_onnx
+from mpexport.inputs import example_inputs, resolve_inputs
+from mpexport.loading import FORMAT_EXPORT, FORMAT_TORCHSCRIPT, LoadedModel, load_model
+from mpexport.parity import Comparison, compare_runners
+from mpexport.runners import OrtRunner, TorchRunner, flatten_outputs, output_names
+from mpexport.specs import TensorSpec, normalize_dtype
+from mpexport.valdata import ValidationData, load_validation_data
+
+FP32_ONNX = "model.fp32.onnx"
+PROVENANCE = "provenance.json"
+EXTERNAL_DATA_THRESHOLD = 1536 << 20
+"""Initializer bytes above which the ONNX weights go to an external data file (protobuf caps files at 2 GB)."""
+CHECK_SAMPLES = 1024
+CHECK_BATCH = 64
+
+StageCallback = Callable[[str], None]
+
+
+@dataclass
+class ConvertResult:
+    """What ``convert`` wrote: the output directory, its manifest, and notes for the user."""
+
+    out: Path
+    manifest: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def export_check_passed(self) -> bool:
+        """True when ONNX Runtime reproduced the PyTorch FP32 outputs within tolerance."""
+        return bool(self.manifest.get("export_check", {}).get("passed"))
+
+
+def convert(
+    model: str | Path,
+    *,
+    out: str | Path,
+    val_data: str | Path | None = None,
+    inputs: Sequence[TensorSpec] = (),
+    factory: str | None = None,
+    trust_pickle: bool = False,
+    force: bool = False,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    check_samples: int = CHECK_SAMPLES,
+    on_stage: StageCallback | None = None,
+) -> ConvertResult:
+    """Convert a trained model file into ``out``: FP32 ONNX with provenance, checked against PyTorch.
+
+    Raises :class:`MpexportError` (nothing written, an existing ``out`` untouched) for bad input or an
+    impossible export. A failed export check does not raise: the result records it (``export_check``).
+    """
+    stage = on_stage or (lambda _name: None)
+    artifacts.check_output_dir(out, force=force)
+    stage("load")
+    loaded = load_model(model, factory=factory, trust_pickle=trust_pickle)
+    data = load_validation_data(val_data) if val_data is not None else None
+    stage("inputs")
+    specs = resolve_inputs(loaded, data, list(inputs), dynamic_batch=dynamic_batch)
+    examples = example_inputs(specs, data)
+    reference = _reference_runner(loaded, specs)
+    names = _output_names(loaded, specs, examples)
+    stage("export")
+    started = time.perf_counter()
+    exported = export_onnx(ExportRequest(loaded, specs, examples, names, opset))
+    export_seconds = time.perf_counter() - started
+    with artifacts.staged_output(out, force=force) as staging:
+        stage("write")
+        manifest = _write_fp32(staging, loaded, exported, export_seconds)
+        stage("export check")
+        batches = _check_batches(specs, data, examples, check_samples)
+        check = compare_runners(reference, OrtRunner(staging / FP32_ONNX), batches,
+                                [spec["name"] for spec in manifest["outputs"]])
+        manifest["export_check"] = _check_json(check, data)
+        artifacts.write_manifest(staging, manifest)
+    notes = loaded.notes + exported.notes
+    if not check.passed:
+        notes.append(_check_failure_note(check))
+    return ConvertResult(Path(out), manifest, notes)
+
+
+def _reference_runner(loaded: LoadedModel, specs: list[TensorSpec]) -> TorchRunner:
+    positional = loaded.format in (FORMAT_EXPORT, FORMAT_TORCHSCRIPT)
+    return TorchRunner(loaded.callable(), [spec.name for spec in specs], positional=positional)
+
+
+def _output_names(loaded: LoadedModel, specs: list[TensorSpec], examples: dict[str, torch.Tensor]) -> list[str]:
+    """Run the model once on the examples (it must work in FP32 before anything else) and name its outputs."""
+    positional = loaded.format in (FORMAT_EXPORT, FORMAT_TORCHSCRIPT)
+    model = loaded.callable()
+    try:
+        with torch.no_grad():
+            result = model(*examples.values()) if positional else model(**examples)
+    except Exception as exc:  # noqa: BLE001 - the user's model may fail in any way
+        shapes = ", ".join(f"{name}{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}"
+                           for name, t in examples.items())
+        raise MpexportError(f"the model fails on example inputs {shapes}: {first_line(exc)}", stage="inputs",
+                            hint="check --input shapes and dtypes against what the model expects") from None
+    if not flatten_outputs(result):
+        raise MpexportError("the model returns no tensors", stage="inputs")
+    return output_names(result)
+
+
+def _write_fp32(staging: Path, loaded: LoadedModel, exported: ExportResult, seconds: float) -> dict[str, Any]:
+    model = exported.model
+    external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_file = f"{FP32_ONNX}.data"
+    ir.save(model, staging / FP32_ONNX, external_data=data_file if external else None)
+    records = provenance.collect_provenance(model, exported.provenance_kind)
+    artifacts.write_json(staging / PROVENANCE, provenance.to_json(records))
+    manifest = artifacts.new_manifest()
+    artifacts.add_artifact(manifest, staging, "fp32_onnx", FP32_ONNX, (data_file,) if external else ())
+    artifacts.add_artifact(manifest, staging, "provenance", PROVENANCE)
+    manifest["source"] = loaded.source_json()
+    manifest["inputs"] = [spec.to_json() for spec in graph_specs(model.graph.inputs)]
+    manifest["outputs"] = [spec.to_json() for spec in graph_specs(model.graph.outputs)]
+    manifest["export"] = {
+        "strategy": exported.strategy,
+        "attempts": [attempt.to_json() for attempt in exported.attempts],
+        "seconds": round(seconds, 2),
+        "opset": model.opset_imports.get("", None),
+        "external_data": external,
+        "provenance": exported.provenance_kind,
+    }
+    manifest["provenance"] = provenance.summarize(records)
+    return manifest
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(value.const_value.nbytes for value in model.graph.initializers.values()
+               if value.const_value is not None)
+
+
+def graph_specs(values: Sequence[ir.Value]) -> list[TensorSpec]:
+    """Specs of ONNX graph inputs or outputs: names, dtypes and dims (symbolic dims by name, unknown ``?``)."""
+    specs = []
+    for value in values:
+        dtype = normalize_dtype(value.dtype.numpy().name) if value.dtype is not None else "float32"
+        shape = tuple(dim if isinstance(dim, int) else (str(dim) if dim is not None else "?")
+                      for dim in (value.shape or ()))
+        specs.append(TensorSpec(value.name or "", dtype, shape))
+    return specs
+
+
+def _check_batches(specs: list[TensorSpec], data: ValidationData | None, examples: dict[str, torch.Tensor],
+                   limit: int):
+    if data is None:
+        return [{name: tensor.numpy() for name, tensor in examples.items()}]
+    fixed = next((spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], int)), None)
+    return data.batches(fixed or CHECK_BATCH, limit=limit, inputs=specs, exact=fixed is not None)
+
+
+def _check_json(check: Comparison, data: ValidationData | None) -> dict[str, Any]:
+    result = check.to_json()
+    result["data"] = str(data.path) if data is not None else "example inputs (no --val-data)"
+    return result
+
+
+def _check_failure_note(check: Comparison) -> str:
+    worst = check.worst()
+    if worst.shape_mismatch:
+        return f"export check FAILED: output '{worst.name}' shape {worst.shape_mismatch}"
+    return (f"export check FAILED: output '{worst.name}' differs by {worst.max_abs_error:.3g} "
+            f"({worst.relative_error:.2e} of its scale {worst.scale:.3g}; tolerance {check.rtol:g}), "
+            f"{worst.nonfinite} non-finite values")

@@ -1,0 +1,387 @@
+"""Export stage: a loaded model to an FP32 ONNX model that keeps per-node provenance.
+
+Capture strategies are explicit objects tried in order; each failure is recorded with its reason, so the
+manifest says which strategy produced the ONNX and why the better ones did not:
+
+1. ``dynamo``: ``torch.onnx.export(dynamo=True)`` with the requested dynamic dims (provenance on every node);
+2. ``dynamo-static``: the same with every dim fixed to the example's size (a model that hard-codes its
+   batch size);
+3. ``torchscript-converter`` (TorchScript input): TorchScript -> ExportedProgram -> dynamo exporter;
+4. ``legacy-torchscript``: the TorchScript-based exporter (module scopes in node names, no aten op).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import onnx
+import onnx_ir as ir
+import torch
+
+from mpexport.errors import MpexportError, first_line
+from mpexport.loading import FORMAT_TORCHSCRIPT, LoadedModel
+from mpexport.specs import TensorSpec
+
+STAGE = "export"
+_OP_PATTERN = re.compile(
+    r"\b((?:aten|prims|torchvision|[a-z][a-z0-9_]*)(?:::|\.)[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_]\w*)?)"
+)
+_STEP_PATTERN = re.compile(r"This is step (\d)/3")
+_STEP_NAMES = {
+    "1": "capture with torch.export",
+    "2": "decomposition for ONNX",
+    "3": "translation to ONNX",
+}
+_NOT_OPS = {"torch.export", "torch.onnx", "torch.jit", "torch.nn", "torch.fx", "torch._dynamo"}
+
+
+@dataclass
+class ExportRequest:
+    """What to export: the model, its inputs (specs and example tensors, by name) and output names."""
+
+    model: LoadedModel
+    inputs: list[TensorSpec]
+    examples: dict[str, torch.Tensor]
+    output_names: list[str]
+    opset: int | None = None
+
+    def example_args(self) -> tuple[torch.Tensor, ...]:
+        """Example tensors in input order."""
+        return tuple(self.examples[spec.name] for spec in self.inputs)
+
+
+@dataclass
+class Attempt:
+    """One strategy tried: its name, whether it worked, and why not."""
+
+    strategy: str
+    ok: bool
+    seconds: float
+    error: str | None = None
+    stage: str | None = None
+    op: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The attempt as recorded in the manifest."""
+        data: dict[str, Any] = {"strategy": self.strategy, "ok": self.ok, "seconds": round(self.seconds, 2)}
+        for key in ("error", "stage", "op"):
+            if getattr(self, key):
+                data[key] = getattr(self, key)
+        return data
+
+
+@dataclass
+class ExportResult:
+    """The FP32 ONNX model (onnx-ir), the strategy that made it, every attempt, and notes for the user."""
+
+    model: ir.Model
+    strategy: str
+    attempts: list[Attempt]
+    notes: list[str] = field(default_factory=list)
+    provenance_kind: str = "exporter"
+    """``exporter``: per-node metadata from the dynamo exporter; ``scope``: module scopes in node names only."""
+
+    @property
+    def fell_back(self) -> bool:
+        """True when the first strategy tried did not produce the model."""
+        return len(self.attempts) > 1
+
+
+class CaptureStrategy(Protocol):
+    """A way to turn a loaded model into ONNX."""
+
+    name: str
+    provenance_kind: str
+
+    def applies(self, request: ExportRequest) -> bool:
+        """Whether this strategy can be tried for this model."""
+
+    def run(self, request: ExportRequest) -> ir.Model:
+        """Export, or raise the exporter's own exception."""
+
+
+class DynamoStrategy:
+    """``torch.onnx.export(dynamo=True)``: the recommended exporter, provenance on every node."""
+
+    provenance_kind = "exporter"
+
+    def __init__(self, *, static: bool = False) -> None:
+        self.static = static
+        self.name = "dynamo-static" if static else "dynamo"
+
+    def applies(self, request: ExportRequest) -> bool:
+        if request.model.format == FORMAT_TORCHSCRIPT:
+            return False
+        if self.static:
+            return request.model.program is None and any(spec.dynamic_dims() for spec in request.inputs)
+        return True
+
+    def run(self, request: ExportRequest) -> ir.Model:
+        if request.model.program is not None:
+            program = torch.onnx.export(
+                request.model.program, dynamo=True, output_names=request.output_names,
+                opset_version=request.opset, verbose=False, optimize=False,
+            )
+        else:
+            dynamic = None if self.static else {
+                spec.name: spec.dynamic_dims() or None for spec in request.inputs
+            }
+            program = torch.onnx.export(
+                request.model.module, (), kwargs=dict(request.examples), dynamo=True, dynamic_shapes=dynamic,
+                output_names=request.output_names, opset_version=request.opset, verbose=False, optimize=False,
+            )
+        optimize_keeping_provenance(program.model)
+        return program.model
+
+
+class TorchScriptConverterStrategy:
+    """TorchScript -> ExportedProgram (torch's converter) -> dynamo exporter: aten ops, no module paths."""
+
+    name = "torchscript-converter"
+    provenance_kind = "exporter-no-modules"
+
+    def applies(self, request: ExportRequest) -> bool:
+        return request.model.format == FORMAT_TORCHSCRIPT
+
+    def run(self, request: ExportRequest) -> ir.Model:
+        from torch._export.converter import TS2EPConverter
+
+        program = TS2EPConverter(request.model.module, request.example_args()).convert()
+        names = [spec.name for spec in request.inputs]
+        onnx_program = torch.onnx.export(
+            program, dynamo=True, input_names=names, output_names=request.output_names,
+            opset_version=request.opset, verbose=False, optimize=False,
+        )
+        optimize_keeping_provenance(onnx_program.model)
+        _fix_static_dims(onnx_program.model, request.inputs)
+        return onnx_program.model
+
+
+class LegacyTorchScriptStrategy:
+    """The TorchScript-based exporter (``dynamo=False``): module scopes survive in node names only."""
+
+    name = "legacy-torchscript"
+    provenance_kind = "scope"
+
+    def applies(self, request: ExportRequest) -> bool:
+        return True
+
+    def run(self, request: ExportRequest) -> ir.Model:
+        buffer = io.BytesIO()
+        names = [spec.name for spec in request.inputs]
+        dynamic_axes = {spec.name: spec.dynamic_dims() for spec in request.inputs if spec.dynamic_dims()}
+        torch.onnx.export(
+            request.model.callable(), request.example_args(), buffer, dynamo=False, input_names=names,
+            output_names=request.output_names, dynamic_axes=dynamic_axes or None,
+            opset_version=min(request.opset or 18, 18),
+        )
+        return ir.from_proto(onnx.load_from_string(buffer.getvalue()))
+
+
+MERGING_REWRITE_RULES = ("FuseBatchNorm", "FuseConvPad", "FuseConvIntegerPad", "CastCast")
+"""Rewrite rules of the exporter's optimizer left out: they merge nodes of different aten ops (Conv +
+BatchNorm, Pad + Conv), so the merged node would carry one op's provenance for both, or they delete
+a rounding the model declared (Cast -> Cast)."""
+
+
+def optimize_keeping_provenance(model: ir.Model) -> None:
+    """The exporter's default graph optimization (constant folding, redundancy removal, the rewrite rules)
+    minus :data:`MERGING_REWRITE_RULES`, in place, so every node keeps one true module and aten op."""
+    import onnx_ir.passes.common as common_passes
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+
+    rules = [rule for rule in rewriter._DEFAULT_REWRITE_RULES
+             if not str(getattr(rule, "name", "")).startswith(MERGING_REWRITE_RULES)]
+    ir.passes.Sequential(
+        common_passes.InlinePass(),
+        ir.passes.PassManager(
+            [
+                _constant_folding.FoldConstantsPass(
+                    shape_inference=True,
+                    input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                    output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                ),
+                rewriter.RewritePass(rules),
+                common_passes.RemoveUnusedNodesPass(),
+                common_passes.RemoveUnusedFunctionsPass(),
+                common_passes.RemoveUnusedOpsetsPass(),
+            ],
+            steps=2,
+            early_stop=True,
+        ),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.LiftSubgraphInitializersToMainGraphPass(),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.OutputFixPass(),
+        common_passes.NameFixPass(),
+    )(model)
+
+
+def default_strategies() -> list[CaptureStrategy]:
+    """The strategies tried by :func:`export_onnx`, best first."""
+    return [DynamoStrategy(), DynamoStrategy(static=True), TorchScriptConverterStrategy(), LegacyTorchScriptStrategy()]
+
+
+def export_onnx(request: ExportRequest, strategies: list[CaptureStrategy] | None = None) -> ExportResult:
+    """Export ``request`` to an FP32 ONNX model, trying capture strategies in order until one succeeds.
+
+    Returns the first success with every attempt recorded. Raises :class:`MpexportError` naming the stage
+    and the op that failed (from the first strategy's error) when none succeeds.
+    """
+    attempts: list[Attempt] = []
+    for strategy in strategies or default_strategies():
+        if not strategy.applies(request):
+            continue
+        start = time.perf_counter()
+        try:
+            with _quiet_exporter():
+                model = strategy.run(request)
+        except Exception as exc:  # noqa: BLE001 - exporter failures are recorded, then the next is tried
+            attempts.append(_failed_attempt(strategy.name, exc, time.perf_counter() - start))
+            continue
+        attempts.append(Attempt(strategy.name, True, time.perf_counter() - start))
+        model.producer_name = "mpexport"
+        rename_symbolic_dims(model, request.inputs)
+        result = ExportResult(model, strategy.name, attempts, provenance_kind=strategy.provenance_kind)
+        result.notes.extend(_export_notes(request, result))
+        return result
+    raise _export_failure(attempts)
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporters' own prints, warnings and log lines; mpexport reports what matters."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def _failed_attempt(name: str, exc: BaseException, seconds: float) -> Attempt:
+    chain = _exception_chain(exc)
+    texts = [re.sub(r"\x1b\[[0-9;]*m", "", str(item)) for item in chain]
+    step = next((m.group(1) for text in texts if (m := _STEP_PATTERN.search(text))), None)
+    root = chain[-1]
+    return Attempt(
+        strategy=name, ok=False, seconds=seconds, error=f"{type(root).__name__}: {first_line(root, 240)}",
+        stage=_STEP_NAMES.get(step or "", None), op=_find_op(texts),
+    )
+
+
+def _find_op(texts: list[str]) -> str | None:
+    for text in reversed(texts):
+        for match in _OP_PATTERN.finditer(text):
+            op = match.group(1)
+            if op.split(".")[0] not in ("torch", "self", "np", "os", "sys") and op not in _NOT_OPS:
+                return op
+    return None
+
+
+def _export_failure(attempts: list[Attempt]) -> MpexportError:
+    primary = attempts[0] if attempts else None
+    if primary is None:
+        return MpexportError("no export strategy applies to this model", stage=STAGE)
+    where = primary.stage or "export"
+    op = f" at op {primary.op}" if primary.op else ""
+    tried = ", ".join(attempt.strategy for attempt in attempts)
+    return MpexportError(
+        f"export failed in {where}{op}: {primary.error} (tried: {tried})", stage=STAGE,
+        hint=_hint_for(primary),
+    )
+
+
+def _hint_for(attempt: Attempt) -> str:
+    if attempt.stage == _STEP_NAMES["1"]:
+        return "make the model traceable by torch.export (no data-dependent Python control flow), " \
+            "or save it with torch.export.save yourself"
+    if attempt.op:
+        return f"{attempt.op} has no ONNX translation; pass a custom_translation_table via the Python API " \
+            "or replace the op"
+    return "run with --debug for the full exporter error"
+
+
+def _export_notes(request: ExportRequest, result: ExportResult) -> list[str]:
+    notes = []
+    failed = [a for a in result.attempts if not a.ok]
+    for attempt in failed:
+        notes.append(f"strategy {attempt.strategy} failed: {attempt.error}")
+    if result.fell_back:
+        notes.append(f"exported with the {result.strategy} strategy instead")
+    wanted = {spec.name: spec for spec in request.inputs}
+    for value in result.model.graph.inputs:
+        spec = wanted.get(value.name)
+        if spec is None or value.shape is None:
+            continue
+        for axis, dim in spec.dynamic_dims().items():
+            if axis < len(value.shape) and isinstance(value.shape[axis], int):
+                notes.append(
+                    f"input '{value.name}' axis {axis} ('{dim}') is fixed at {value.shape[axis]} in the ONNX "
+                    "model: the model or its archive does not allow it to vary"
+                )
+    return notes
+
+
+def rename_symbolic_dims(model: ir.Model, specs: list[TensorSpec]) -> None:
+    """Give the exporter's symbolic dims (``s77``) the names of the input specs (``batch``), everywhere in
+    the graph: a symbol found at the same axis of a graph input as a named spec dim takes that name."""
+    renames: dict[str, str] = {}
+    by_name = {spec.name: spec for spec in specs}
+    for value in model.graph.inputs:
+        spec = by_name.get(value.name)
+        if spec is None or value.shape is None or len(value.shape) != len(spec.shape):
+            continue
+        for dim, wanted in zip(value.shape, spec.shape, strict=False):
+            if isinstance(dim, ir.SymbolicDim) and dim.value and isinstance(wanted, str):
+                renames.setdefault(dim.value, wanted)
+    if not renames or all(old == new for old, new in renames.items()):
+        return
+    for value in _all_values(model.graph):
+        if value.shape is not None and any(isinstance(dim, ir.SymbolicDim) and dim.value in renames
+                                           for dim in value.shape):
+            value.shape = ir.Shape([
+                ir.SymbolicDim(renames[dim.value]) if isinstance(dim, ir.SymbolicDim) and dim.value in renames
+                else dim for dim in value.shape
+            ])
+
+
+def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    yield from graph.inputs
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        yield from node.outputs
+
+
+def _fix_static_dims(model: ir.Model, specs: list[TensorSpec]) -> None:
+    """Give graph inputs the fixed sizes the specs know (converters may mark every dim dynamic)."""
+    by_name = {spec.name: spec for spec in specs}
+    for value in model.graph.inputs:
+        spec = by_name.get(value.name)
+        if spec is None or value.shape is None or len(value.shape) != len(spec.shape):
+            continue
+        value.shape = ir.Shape([dim if isinstance(dim, int) else ir.SymbolicDim(dim) for dim in spec.shape])

@@ -1,0 +1,415 @@
+"""Load stage: read a trained model file, detected by content, into a torch object mpexport can export.
+
+Formats, in order of preference:
+
+* a ``torch.export`` archive (``torch.export.save``, usually ``.pt2``): code-free, records inputs;
+* a TorchScript archive (``torch.jit.save``);
+* a checkpoint (a state dict, or a dict holding one under ``state_dict``/``model``/...) plus a factory
+  ``package.module:function`` that builds the ``nn.Module``;
+* a fully pickled ``nn.Module`` (``torch.save(model)``), only when the caller trusts the file: unpickling
+  runs arbitrary code. Everything else is read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import pickle
+import sys
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mpexport.errors import MpexportError, first_line
+from mpexport.specs import Dim, TensorSpec, normalize_dtype
+
+STAGE = "load"
+EXTRA_FILE = "mpexport.json"
+"""Extra file in a ``.pt2`` archive where training scripts record how the model was trained (autocast)."""
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "module", "net", "network", "weights", "params")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+FORMAT_EXPORT = "torch.export"
+FORMAT_TORCHSCRIPT = "torchscript"
+FORMAT_CHECKPOINT = "checkpoint"
+FORMAT_PICKLE = "pickle"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for export, with what its file told about it.
+
+    Exactly one of ``program`` (an ``ExportedProgram``) and ``module`` (an ``nn.Module`` or TorchScript module)
+    is set. ``input_specs`` is filled when the file records its inputs (``.pt2``); ``input_names`` when only
+    names are known (a ``forward`` signature); ``training`` holds what the file says about its training
+    precision (autocast device and dtype), empty if nothing.
+    """
+
+    format: str
+    path: Path
+    sha256: str
+    program: torch.export.ExportedProgram | None = None
+    module: torch.nn.Module | None = None
+    input_names: list[str] | None = None
+    input_specs: list[TensorSpec] | None = None
+    accepts_any_kwargs: bool = False
+    required_inputs: list[str] = field(default_factory=list)
+    training: dict[str, Any] = field(default_factory=dict)
+    factory: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def callable(self) -> Callable[..., Any]:
+        """The FP32 model as a function of its inputs in ``input order`` (positional)."""
+        if self.program is not None:
+            return self.program.module()
+        assert self.module is not None
+        return self.module
+
+    def source_json(self) -> dict[str, Any]:
+        """What ``manifest.json`` records under ``source``."""
+        data: dict[str, Any] = {"path": str(self.path), "format": self.format, "sha256": self.sha256}
+        if self.factory:
+            data["factory"] = self.factory
+        if self.training:
+            data["training"] = self.training
+        if self.notes:
+            data["notes"] = list(self.notes)
+        return data
+
+
+def load_model(
+    path: str | Path, *, factory: str | None = None, trust_pickle: bool = False
+) -> LoadedModel:
+    """Load ``path`` by its content (not its extension) into a :class:`LoadedModel`, in eval mode, on CPU.
+
+    Raises :class:`MpexportError` with one line for a missing, unreadable, corrupt or unsupported file, for an
+    untrusted pickle (unless ``trust_pickle``), for a checkpoint without ``factory``, and for a factory that
+    does not import or whose model does not accept the checkpoint.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MpexportError(f"model file '{path}' does not exist", stage=STAGE)
+    if path.is_dir():
+        raise MpexportError(f"'{path}' is a directory, not a model file", stage=STAGE)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(16)
+    except OSError as exc:
+        raise MpexportError(f"cannot read '{path}': {exc.strerror}", stage=STAGE) from None
+    digest = _sha256(path)
+    kind = _detect_format(path, head)
+    if kind == FORMAT_EXPORT:
+        loaded = _load_exported_program(path, digest)
+    elif kind == FORMAT_TORCHSCRIPT:
+        loaded = _load_torchscript(path, digest)
+    else:
+        loaded = _load_pickled(path, digest, factory=factory, trust_pickle=trust_pickle)
+    if factory and loaded.format in (FORMAT_EXPORT, FORMAT_TORCHSCRIPT):
+        loaded.notes.append(f"--factory ignored: a {loaded.format} archive carries its own code")
+    return loaded
+
+
+def _sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def _detect_format(path: Path, head: bytes) -> str:
+    """Return the format of a model file from its bytes, or raise with what the file looks like instead."""
+    if not head:
+        raise MpexportError(f"'{path}' is empty", stage=STAGE)
+    if head.startswith(b"PK\x03\x04"):
+        return _detect_zip_format(path)
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "legacy-pickle"
+    raise MpexportError(f"'{path}' is not a PyTorch model file ({_describe_foreign(head)})", stage=STAGE,
+                        hint="give a torch.export .pt2, a TorchScript file, a checkpoint with --factory, "
+                        "or a pickled module with --trust-pickle")
+
+
+def _detect_zip_format(path: Path) -> str:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise MpexportError(f"'{path}' is corrupt or truncated ({first_line(exc)})", stage=STAGE) from None
+    leaves = {name.split("/", 1)[-1] for name in names}
+    if "archive_format" in leaves or any(name.startswith("models/") for name in leaves):
+        return FORMAT_EXPORT
+    if "constants.pkl" in leaves and any(name.startswith("code/") for name in leaves):
+        return FORMAT_TORCHSCRIPT
+    if "data.pkl" in leaves:
+        return "zip-pickle"
+    raise MpexportError(f"'{path}' is a zip archive but not a PyTorch model file", stage=STAGE)
+
+
+def _describe_foreign(head: bytes) -> str:
+    if head[:1] == b"\x08" and b"\x12" in head[:8]:
+        return "it looks like an ONNX model; mpexport convert takes the trained PyTorch model"
+    if len(head) >= 10 and head[8:10] == b'{"':
+        return "it looks like a safetensors file, which mpexport does not read yet; save a state dict with torch.save"
+    try:
+        head.decode("utf-8")
+        return "it looks like a text file"
+    except UnicodeDecodeError:
+        return "unknown binary content"
+
+
+def _load_exported_program(path: Path, digest: str) -> LoadedModel:
+    extra = {EXTRA_FILE: ""}
+    try:
+        program = torch.export.load(path, extra_files=extra)
+    except Exception as exc:  # noqa: BLE001 - any failure to read the archive is bad input
+        raise MpexportError(
+            f"'{path}' is a torch.export archive that cannot be loaded: {first_line(exc)}", stage=STAGE,
+            hint="the archive may be truncated or written by an incompatible torch version",
+        ) from None
+    training = _read_training_record(extra.get(EXTRA_FILE, ""))
+    return LoadedModel(
+        format=FORMAT_EXPORT, path=path, sha256=digest, program=program,
+        input_specs=exported_program_inputs(program), training=training,
+    )
+
+
+def _read_training_record(text: str | bytes) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        record = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return record.get("training", {}) if isinstance(record, dict) else {}
+
+
+def exported_program_inputs(program: torch.export.ExportedProgram) -> list[TensorSpec]:
+    """Input specs of an ExportedProgram: user-input names, dtypes and shapes with symbolic dims named.
+
+    A symbolic size that first appears on axis 0 is called ``batch``; others ``dim0``, ``dim1``, ...;
+    the same symbol keeps the same name across inputs.
+    """
+    user_inputs = set(program.graph_signature.user_inputs)
+    names: dict[str, str] = {}
+    specs: list[TensorSpec] = []
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name not in user_inputs:
+            continue
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            raise MpexportError(
+                f"input '{node.name}' of the exported program is not a tensor", stage=STAGE,
+                hint="mpexport exports models whose inputs are tensors",
+            )
+        dims: list[Dim] = []
+        for axis, size in enumerate(value.shape):
+            if isinstance(size, int):
+                dims.append(size)
+                continue
+            symbol = str(size)
+            if symbol not in names:
+                names[symbol] = "batch" if axis == 0 and "batch" not in names.values() else f"dim{len(names)}"
+            dims.append(names[symbol])
+        specs.append(TensorSpec(node.name, normalize_dtype(str(value.dtype)), tuple(dims)))
+    return specs
+
+
+def _load_torchscript(path: Path, digest: str) -> LoadedModel:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001 - any failure to read the archive is bad input
+        raise MpexportError(
+            f"'{path}' is a TorchScript archive that cannot be loaded: {first_line(exc)}", stage=STAGE
+        ) from None
+    module.eval()
+    names, required, any_kwargs = _torchscript_signature(module)
+    return LoadedModel(
+        format=FORMAT_TORCHSCRIPT, path=path, sha256=digest, module=module,
+        input_names=names, required_inputs=required, accepts_any_kwargs=any_kwargs,
+    )
+
+
+def _torchscript_signature(module: torch.jit.ScriptModule) -> tuple[list[str], list[str], bool]:
+    try:
+        arguments = module.forward.schema.arguments[1:]
+    except (AttributeError, RuntimeError):
+        return [], [], True
+    names = [arg.name for arg in arguments]
+    required = [arg.name for arg in arguments if not arg.has_default_value()]
+    return names, required, False
+
+
+def _load_pickled(path: Path, digest: str, *, factory: str | None, trust_pickle: bool) -> LoadedModel:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise MpexportError(
+                f"'{path}' holds pickled Python objects beyond tensors ({_unsafe_global(exc)}); loading it "
+                "would run arbitrary code", stage=STAGE,
+                hint="pass --trust-pickle only if you trust where the file came from, "
+                "or save a state dict and use --factory",
+            ) from None
+        obj = _load_trusted_pickle(path)
+    except Exception as exc:  # noqa: BLE001 - any failure to read the file is bad input
+        raise MpexportError(f"'{path}' cannot be read as a PyTorch file: {first_line(exc)}", stage=STAGE,
+                            hint="the file may be truncated or corrupt") from None
+    module = _find_module(obj)
+    if module is not None:
+        return _module_model(FORMAT_PICKLE, path, digest, module, factory=None)
+    state_dict = _find_state_dict(obj)
+    if state_dict is None:
+        raise MpexportError(f"'{path}' holds neither a model nor a state dict ({_describe_object(obj)})",
+                            stage=STAGE)
+    if not factory:
+        raise MpexportError(
+            f"'{path}' is a checkpoint ({len(state_dict)} tensors) and needs the code that builds the model",
+            stage=STAGE, hint="pass --factory package.module:function returning the nn.Module",
+        )
+    module = build_from_factory(factory)
+    _load_state_dict(module, state_dict, factory)
+    model = _module_model(FORMAT_CHECKPOINT, path, digest, module, factory=factory)
+    if isinstance(obj, Mapping) and "scaler" in obj:
+        model.training["grad_scaler_state"] = True
+    return model
+
+
+def _unsafe_global(exc: pickle.UnpicklingError) -> str:
+    import re
+
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    return f"e.g. {match.group(1)}" if match else "not a plain state dict"
+
+
+def _load_trusted_pickle(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        raise MpexportError(
+            f"'{path}' is a pickled model whose code cannot be found: {first_line(exc)}", stage=STAGE,
+            hint="run from the directory that holds the model's package, or put it on PYTHONPATH",
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle is bad input
+        raise MpexportError(f"'{path}' cannot be unpickled: {first_line(exc)}", stage=STAGE) from None
+
+
+def _find_module(obj: Any) -> torch.nn.Module | None:
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in ("model", "module", "net", "network"):
+            if isinstance(obj.get(key), torch.nn.Module):
+                return obj[key]
+    return None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in obj.items()
+    )
+
+
+def _find_state_dict(obj: Any) -> Mapping[str, torch.Tensor] | None:
+    if _is_state_dict(obj):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in STATE_DICT_KEYS:
+            if _is_state_dict(obj.get(key)):
+                return obj[key]
+    return None
+
+
+def _describe_object(obj: Any) -> str:
+    if isinstance(obj, Mapping):
+        keys = ", ".join(map(str, list(obj)[:6]))
+        return f"a dict with keys {keys}" if keys else "an empty dict"
+    return f"a {type(obj).__name__}"
+
+
+def build_from_factory(factory: str) -> torch.nn.Module:
+    """Import ``package.module:function`` (the working directory is importable) and call it with no arguments.
+
+    Raises :class:`MpexportError` when the spec is malformed, the module does not import, the function is
+    missing or fails, or it returns something other than an ``nn.Module``.
+    """
+    module_name, _, attr = factory.partition(":")
+    if not module_name or not attr:
+        raise MpexportError(f"--factory '{factory}' is not of the form package.module:function", stage=STAGE)
+    cwd = str(Path.cwd())
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        target: Any = importlib.import_module(module_name)
+    except Exception as exc:  # noqa: BLE001 - user code may fail in any way on import
+        raise MpexportError(f"--factory module '{module_name}' does not import: {first_line(exc)}",
+                            stage=STAGE) from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise MpexportError(f"--factory: '{module_name}' has no attribute '{attr}'", stage=STAGE)
+        target = getattr(target, part)
+    try:
+        module = target()
+    except Exception as exc:  # noqa: BLE001 - user code may fail in any way
+        raise MpexportError(f"--factory '{factory}' failed: {first_line(exc)}", stage=STAGE) from None
+    if not isinstance(module, torch.nn.Module):
+        raise MpexportError(
+            f"--factory '{factory}' returned a {type(module).__name__}, not a torch.nn.Module", stage=STAGE
+        )
+    return module
+
+
+def _load_state_dict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], factory: str) -> None:
+    state_dict = _strip_wrapper_prefixes(state_dict)
+    result = module.load_state_dict(state_dict, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            detail.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        raise MpexportError(
+            f"the checkpoint does not fit the model built by --factory '{factory}': {'; '.join(detail)} keys",
+            stage=STAGE,
+        )
+
+
+def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Remove the prefix DataParallel (``module.``) or torch.compile (``_orig_mod.``) put on every key."""
+    for prefix in WRAPPER_PREFIXES:
+        if all(key.startswith(prefix) for key in state_dict):
+            state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def _module_model(kind: str, path: Path, digest: str, module: torch.nn.Module, *, factory: str | None) -> LoadedModel:
+    module.eval()
+    module.to("cpu")
+    names, required, any_kwargs = _forward_signature(module)
+    return LoadedModel(
+        format=kind, path=path, sha256=digest, module=module, input_names=names,
+        required_inputs=required, accepts_any_kwargs=any_kwargs, factory=factory,
+    )
+
+
+def _forward_signature(module: torch.nn.Module) -> tuple[list[str], list[str], bool]:
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return [], [], True
+    names, required, any_kwargs = [], [], False
+    for parameter in parameters:
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            any_kwargs = True
+        elif parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
+            names.append(parameter.name)
+            if parameter.default is inspect.Parameter.empty:
+                required.append(parameter.name)
+    return names, required, any_kwargs

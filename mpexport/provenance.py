@@ -1,0 +1,133 @@
+"""Provenance: for every ONNX node, the module path and aten op it came from, and why when unknown.
+
+The dynamo exporter records, per node, ``pkg.torch.onnx.name_scopes`` (module path, last entry the FX node)
+and ``pkg.torch.onnx.class_hierarchy`` (module classes, last entry the aten op). The TorchScript-based
+exporter only leaves module scopes in node names (``/layer1/0/conv1/Conv``).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import Counter
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import onnx_ir as ir
+
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"
+CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
+SHAPE_HELPER_SCOPE = "_empty_nn_module_stack_from_metadata_hook"
+ROOT_MODULE = ""
+"""Module path of the top-level module (ops written directly in the model's ``forward``)."""
+
+
+@dataclass(frozen=True)
+class NodeProvenance:
+    """Where one ONNX node came from. ``module`` is a dotted module path (``""`` for the top-level module) or
+    None when unknown; ``aten`` an aten op overload such as ``aten.linear.default`` or None; ``why`` says
+    why something is unknown."""
+
+    name: str
+    op_type: str
+    module: str | None
+    module_class: str | None
+    aten: str | None
+    why: str | None = None
+
+    @property
+    def attributed(self) -> bool:
+        """True when both the module path and the aten op are known."""
+        return self.module is not None and self.aten is not None
+
+
+def collect_provenance(model: ir.Model, kind: str = "exporter") -> list[NodeProvenance]:
+    """Provenance of every node of ``model`` (subgraphs included, named ``parent/child``), in graph order.
+
+    ``kind`` says what the exporter left: ``exporter`` (dynamo metadata), ``exporter-no-modules`` (dynamo
+    metadata on a graph converted from TorchScript, whose module hierarchy is lost) or ``scope`` (TorchScript
+    exporter: module scopes in node names, no aten ops).
+    """
+    records: list[NodeProvenance] = []
+    for name, node in _walk(model.graph, prefix=""):
+        if kind == "scope":
+            records.append(_from_scope(name, node))
+            continue
+        record = _from_metadata(name, node)
+        if kind == "exporter-no-modules" and record.module is not None:
+            record = NodeProvenance(record.name, record.op_type, None, None, record.aten,
+                                    "TorchScript input: the module hierarchy is not recorded")
+        records.append(record)
+    return records
+
+
+def _walk(graph: ir.Graph, prefix: str) -> list[tuple[str, ir.Node]]:
+    """(qualified name, node) for every node, subgraph nodes named ``parent/attribute/child``."""
+    found = []
+    for index, node in enumerate(graph):
+        name = prefix + (node.name or f"{node.op_type}_{index}")
+        found.append((name, node))
+        for attribute in node.attributes.values():
+            if attribute.type == ir.AttributeType.GRAPH:
+                found.extend(_walk(attribute.value, f"{name}/{attribute.name}/"))
+            elif attribute.type == ir.AttributeType.GRAPHS:
+                for position, subgraph in enumerate(attribute.value):
+                    found.extend(_walk(subgraph, f"{name}/{attribute.name}{position}/"))
+    return found
+
+
+def _parse_list(text: str | None) -> list[str]:
+    if not text:
+        return []
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return []
+    return [str(item) for item in value] if isinstance(value, (list, tuple)) else []
+
+
+def _from_metadata(name: str, node: ir.Node) -> NodeProvenance:
+    scopes = _parse_list(node.metadata_props.get(NAME_SCOPES))
+    classes = _parse_list(node.metadata_props.get(CLASS_HIERARCHY))
+    if not scopes or not classes:
+        return NodeProvenance(name, node.op_type, None, None, None, "added by the exporter's graph optimizer")
+    if SHAPE_HELPER_SCOPE in scopes:
+        return NodeProvenance(name, node.op_type, None, None, None, "shape helper (symbolic size)")
+    module = scopes[-2] if len(scopes) >= 2 else ROOT_MODULE
+    module_class = classes[-2] if len(classes) >= 2 else None
+    op = classes[-1]
+    if op.startswith("<built-in") or "." not in op:
+        return NodeProvenance(name, node.op_type, module, module_class, None, "symbolic shape arithmetic")
+    return NodeProvenance(name, node.op_type, module, module_class, op)
+
+
+def _from_scope(name: str, node: ir.Node) -> NodeProvenance:
+    if not name.startswith("/"):
+        return NodeProvenance(name, node.op_type, None, None, None, "no module scope in the node name")
+    module = ".".join(name.strip("/").split("/")[:-1])
+    return NodeProvenance(name, node.op_type, module, None, None, "the TorchScript exporter records no aten op")
+
+
+def summarize(records: list[NodeProvenance]) -> dict[str, Any]:
+    """Counts for the manifest: nodes, with module, with aten op, attributed share, and the unattributed
+    nodes grouped by reason (count and a few examples each)."""
+    total = len(records)
+    attributed = sum(record.attributed for record in records)
+    reasons = Counter(record.why for record in records if not record.attributed)
+    unattributed = []
+    for why, count in sorted(reasons.items(), key=lambda item: (-item[1], str(item[0]))):
+        examples = [f"{r.name} ({r.op_type})" for r in records if not r.attributed and r.why == why][:5]
+        unattributed.append({"why": why, "count": count, "examples": examples})
+    return {
+        "nodes": total,
+        "with_module": sum(record.module is not None for record in records),
+        "with_aten": sum(record.aten is not None for record in records),
+        "attributed": attributed,
+        "coverage": round(attributed / total, 4) if total else 1.0,
+        "unattributed": unattributed,
+    }
+
+
+def to_json(records: list[NodeProvenance]) -> list[dict[str, Any]]:
+    """The per-node records as written to ``provenance.json``."""
+    return [{key: value for key, value in asdict(record).items() if value is not None or key in
+             ("module", "aten")} for record in records]

@@ -1,0 +1,177 @@
+"""Validation data: ``.npz`` files (arrays named after the model inputs, optional ``labels``) or a directory
+of ``.npz`` shards, read shard by shard and checked against the model's input specs.
+
+Every problem (missing file, wrong names, shapes or dtypes, NaN/Inf, no samples) is a one-line
+:class:`MpexportError` (exit 2).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mpexport.errors import MpexportError, first_line
+from mpexport.specs import TensorSpec, numpy_dtype, spec_from_array
+
+STAGE = "val-data"
+LABELS = "labels"
+Batch = dict[str, np.ndarray]
+
+
+@dataclass
+class ValidationData:
+    """A validation set on disk: its shards, the array names and sample count (read from headers only)."""
+
+    path: Path
+    shards: list[Path]
+    names: list[str]
+    has_labels: bool
+    num_samples: int
+    first_arrays: dict[str, np.ndarray]
+
+    def input_specs(self) -> list[TensorSpec]:
+        """One spec per input array (``labels`` excluded), axis 0 a dynamic ``batch``."""
+        return [spec_from_array(name, self.first_arrays[name]) for name in self.names]
+
+    def batches(self, batch_size: int, *, limit: int | None = None, inputs: list[TensorSpec] | None = None,
+                exact: bool = False) -> Iterator[Batch]:
+        """Yield batches of at most ``batch_size`` samples (``exact``: only full batches), at most ``limit``
+        samples in all, arrays cast to ``inputs``' dtypes when given. Raises on NaN/Inf in an input."""
+        produced = 0
+        for shard in self.shards:
+            arrays = self.first_arrays if shard == self.shards[0] else _read_shard(shard, self.names)
+            count = len(next(iter(arrays.values())))
+            for start in range(0, count, batch_size):
+                stop = min(start + batch_size, count)
+                if limit is not None:
+                    stop = min(stop, start + limit - produced)
+                if stop <= start or (exact and stop - start < batch_size):
+                    return
+                batch = {name: arrays[name][start:stop] for name in arrays}
+                yield _prepare(batch, inputs, shard, start)
+                produced += stop - start
+
+
+def load_validation_data(path: str | Path) -> ValidationData:
+    """Open an ``.npz`` file or a directory of ``.npz`` shards, checking that it is readable, non-empty and
+    consistent (same arrays in every shard, one sample count per shard)."""
+    path = Path(path)
+    if not path.exists():
+        raise MpexportError(f"validation data '{path}' does not exist", stage=STAGE)
+    shards = sorted(path.glob("*.npz")) if path.is_dir() else [path]
+    if not shards:
+        raise MpexportError(f"validation data directory '{path}' holds no .npz files", stage=STAGE)
+    first = _read_shard(shards[0], None)
+    names = [name for name in first if name != LABELS]
+    if not names:
+        raise MpexportError(f"validation data '{path}' holds no input arrays", stage=STAGE)
+    total = 0
+    for shard in shards:
+        total += _shard_length(shard, first if shard == shards[0] else None, list(first))
+    if total == 0:
+        raise MpexportError(f"validation data '{path}' holds no samples", stage=STAGE)
+    return ValidationData(path, shards, names, LABELS in first, total, first)
+
+
+def _read_shard(shard: Path, names: list[str] | None) -> dict[str, np.ndarray]:
+    try:
+        with np.load(shard, allow_pickle=False) as archive:
+            found = list(archive.files)
+            if names is not None and sorted(found) != sorted(names):
+                raise MpexportError(
+                    f"shard '{shard.name}' holds arrays {sorted(found)}, the first shard {sorted(names)}",
+                    stage=STAGE,
+                )
+            arrays = {name: archive[name] for name in (names or found)}
+    except MpexportError:
+        raise
+    except ValueError as exc:
+        raise MpexportError(f"'{shard}' holds Python objects, not plain arrays ({first_line(exc)})",
+                            stage=STAGE, hint="save numeric arrays with numpy.savez") from None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise MpexportError(f"'{shard}' is not a readable .npz file ({first_line(exc)})", stage=STAGE) from None
+    if not arrays:
+        raise MpexportError(f"'{shard}' holds no arrays", stage=STAGE)
+    return arrays
+
+
+def _shard_length(shard: Path, arrays: dict[str, np.ndarray] | None, names: list[str]) -> int:
+    arrays = arrays if arrays is not None else _read_shard(shard, names)
+    lengths = {name: (array.shape[0] if array.ndim else -1) for name, array in arrays.items()}
+    if len(set(lengths.values())) != 1 or -1 in lengths.values():
+        detail = ", ".join(f"{name}: {length}" for name, length in lengths.items())
+        raise MpexportError(f"arrays in '{shard.name}' disagree on the number of samples ({detail})", stage=STAGE)
+    for name, array in arrays.items():
+        if array.dtype.kind not in "biuf":
+            raise MpexportError(f"array '{name}' in '{shard.name}' has dtype {array.dtype}, not a number type",
+                                stage=STAGE)
+    return next(iter(lengths.values()))
+
+
+def check_against(data: ValidationData, inputs: list[TensorSpec]) -> None:
+    """Check that the data's arrays are exactly the model's inputs (plus optional ``labels``), with shapes
+    the inputs accept and dtypes of the same kind (float for float inputs, integer for integer inputs)."""
+    wanted = [spec.name for spec in inputs]
+    missing = [name for name in wanted if name not in data.names]
+    extra = [name for name in data.names if name not in wanted]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing)}")
+        if extra:
+            parts.append(f"unknown {', '.join(extra)}")
+        raise MpexportError(
+            f"validation data arrays do not match the model inputs ({'; '.join(parts)}); model inputs: "
+            f"{', '.join(wanted)}", stage=STAGE, hint=f"name the arrays after the inputs, plus optional '{LABELS}'",
+        )
+    for spec in inputs:
+        array = data.first_arrays[spec.name]
+        if not spec.accepts_shape(tuple(array.shape)) and not _accepts_batch_of_any_size(spec, array.shape):
+            raise MpexportError(
+                f"validation array '{spec.name}' has shape {tuple(array.shape)}, the model expects "
+                f"{_shape_text(spec)}", stage=STAGE,
+            )
+        if not _same_kind(array.dtype, spec.dtype):
+            raise MpexportError(
+                f"validation array '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}",
+                stage=STAGE,
+            )
+
+
+def _accepts_batch_of_any_size(spec: TensorSpec, shape: tuple[int, ...]) -> bool:
+    """A static-batch model still takes the data in batches of its size: only axes after 0 must match."""
+    if not spec.shape or not isinstance(spec.shape[0], int) or len(shape) != len(spec.shape):
+        return False
+    return spec.accepts_shape((spec.shape[0], *shape[1:]))
+
+
+def _shape_text(spec: TensorSpec) -> str:
+    return "(" + ", ".join(str(dim) for dim in spec.shape) + ")"
+
+
+def _same_kind(dtype: np.dtype, wanted: str) -> bool:
+    if wanted == "bool":
+        return dtype.kind == "b"
+    if wanted in ("float32", "float16", "bfloat16", "float64"):
+        return dtype.kind == "f" or dtype.name == "bfloat16"
+    return dtype.kind in "iu"
+
+
+def _prepare(batch: Batch, inputs: list[TensorSpec] | None, shard: Path, start: int) -> Batch:
+    for name, array in batch.items():
+        if name != LABELS and array.dtype.kind == "f" and not np.isfinite(array).all():
+            bad = int((~np.isfinite(array)).sum())
+            raise MpexportError(
+                f"validation array '{name}' holds {bad} NaN/Inf values (shard '{shard.name}', samples from {start})",
+                stage=STAGE,
+            )
+    if inputs:
+        for spec in inputs:
+            if batch[spec.name].dtype.name != spec.dtype:
+                batch[spec.name] = batch[spec.name].astype(numpy_dtype(spec.dtype))
+    return batch
+
