@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mpexport.errors import MpexportError, first_line
@@ -41,7 +42,7 @@ class MpexportGroup(click.Group):
 
 
 def _fail(message: str, code: int) -> None:
-    stderr.print(f"[bold red]error:[/] {message}", soft_wrap=True, markup=True)
+    stderr.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     sys.exit(code)
 
 
@@ -154,7 +155,7 @@ def _print_convert(result: Any) -> None:
             io.add_row(kind[:-1], spec["name"], spec["dtype"], "(" + ", ".join(map(str, spec["shape"])) + ")")
     stdout.print(io)
     for note in result.notes:
-        stdout.print(f"[yellow]note:[/] {note}", soft_wrap=True)
+        stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from mpexport import artifacts, provenance
 from mpexport.errors import MpexportError, first_line
 from mpexport.export import ExportRequest, ExportResult, export_onnx
 from mpexport.inputs import example_inputs, resolve_inputs
-from mpexport.loading import FORMAT_EXPORT, FORMAT_TORCHSCRIPT, LoadedModel, load_model
+from mpexport.loading import LoadedModel, load_model
 from mpexport.parity import Comparison, compare_runners
 from mpexport.runners import OrtRunner, TorchRunner, flatten_outputs, output_names
 from mpexport.specs import TensorSpec, normalize_dtype
@@ -98,17 +98,15 @@ def convert(
 
 
 def _reference_runner(loaded: LoadedModel, specs: list[TensorSpec]) -> TorchRunner:
-    positional = loaded.format in (FORMAT_EXPORT, FORMAT_TORCHSCRIPT)
-    return TorchRunner(loaded.callable(), [spec.name for spec in specs], positional=positional)
+    return TorchRunner(loaded.callable(), [spec.name for spec in specs], positional=loaded.positional)
 
 
 def _output_names(loaded: LoadedModel, specs: list[TensorSpec], examples: dict[str, torch.Tensor]) -> list[str]:
     """Run the model once on the examples (it must work in FP32 before anything else) and name its outputs."""
-    positional = loaded.format in (FORMAT_EXPORT, FORMAT_TORCHSCRIPT)
     model = loaded.callable()
     try:
         with torch.no_grad():
-            result = model(*examples.values()) if positional else model(**examples)
+            result = model(*examples.values()) if loaded.positional else model(**examples)
     except Exception as exc:  # noqa: BLE001 - the user's model may fail in any way
         shapes = ", ".join(f"{name}{tuple(t.shape)}:{str(t.dtype).removeprefix('torch.')}"
                            for name, t in examples.items())

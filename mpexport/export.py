@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -31,16 +33,18 @@ from mpexport.loading import FORMAT_TORCHSCRIPT, LoadedModel
 from mpexport.specs import TensorSpec
 
 STAGE = "export"
-_OP_PATTERN = re.compile(
-    r"\b((?:aten|prims|torchvision|[a-z][a-z0-9_]*)(?:::|\.)[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_]\w*)?)"
+_OP_PATTERNS = (
+    re.compile(r"OpOverload\(op='(?P<op>[\w.]+)'(?:, overload='(?P<overload>\w+)')?"),
+    re.compile(r"\b(?P<op>(?:aten|prims|torchvision)\.\w+(?:\.\w+)?)"),
+    re.compile(r"\b(?P<op>[a-z_]\w*::\w+)"),
 )
+_SHAPE_FAILURE = re.compile(r"Constraints violated|specializ|dynamic_shapes|ConstraintViolation|Dim\(", re.I)
 _STEP_PATTERN = re.compile(r"This is step (\d)/3")
 _STEP_NAMES = {
     "1": "capture with torch.export",
     "2": "decomposition for ONNX",
     "3": "translation to ONNX",
 }
-_NOT_OPS = {"torch.export", "torch.onnx", "torch.jit", "torch.nn", "torch.fx", "torch._dynamo"}
 
 
 @dataclass
@@ -101,8 +105,8 @@ class CaptureStrategy(Protocol):
     name: str
     provenance_kind: str
 
-    def applies(self, request: ExportRequest) -> bool:
-        """Whether this strategy can be tried for this model."""
+    def applies(self, request: ExportRequest, failures: list[Attempt]) -> bool:
+        """Whether this strategy can be tried for this model, given the failures of the strategies before."""
 
     def run(self, request: ExportRequest) -> ir.Model:
         """Export, or raise the exporter's own exception."""
@@ -117,11 +121,12 @@ class DynamoStrategy:
         self.static = static
         self.name = "dynamo-static" if static else "dynamo"
 
-    def applies(self, request: ExportRequest) -> bool:
+    def applies(self, request: ExportRequest, failures: list[Attempt]) -> bool:
         if request.model.format == FORMAT_TORCHSCRIPT:
             return False
         if self.static:
-            return request.model.program is None and any(spec.dynamic_dims() for spec in request.inputs)
+            shape_trouble = any(_SHAPE_FAILURE.search(attempt.error or "") for attempt in failures)
+            return request.model.program is None and shape_trouble and any(s.dynamic_dims() for s in request.inputs)
         return True
 
     def run(self, request: ExportRequest) -> ir.Model:
@@ -148,20 +153,24 @@ class TorchScriptConverterStrategy:
     name = "torchscript-converter"
     provenance_kind = "exporter-no-modules"
 
-    def applies(self, request: ExportRequest) -> bool:
+    def applies(self, request: ExportRequest, failures: list[Attempt]) -> bool:
         return request.model.format == FORMAT_TORCHSCRIPT
 
     def run(self, request: ExportRequest) -> ir.Model:
         from torch._export.converter import TS2EPConverter
 
-        program = TS2EPConverter(request.model.module, request.example_args()).convert()
+        converted = TS2EPConverter(request.model.module, request.example_args()).convert()
+        # The converter makes every dim dynamic; re-export with the requested dims so fixed sizes stay fixed
+        # (no shape arithmetic in the graph).
+        dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamic_dims()} or None
+                        for spec in request.inputs)
+        program = torch.export.export(converted.module(), request.example_args(), dynamic_shapes=dynamic)
         names = [spec.name for spec in request.inputs]
         onnx_program = torch.onnx.export(
             program, dynamo=True, input_names=names, output_names=request.output_names,
             opset_version=request.opset, verbose=False, optimize=False,
         )
         optimize_keeping_provenance(onnx_program.model)
-        _fix_static_dims(onnx_program.model, request.inputs)
         return onnx_program.model
 
 
@@ -171,15 +180,17 @@ class LegacyTorchScriptStrategy:
     name = "legacy-torchscript"
     provenance_kind = "scope"
 
-    def applies(self, request: ExportRequest) -> bool:
+    def applies(self, request: ExportRequest, failures: list[Attempt]) -> bool:
         return True
 
     def run(self, request: ExportRequest) -> ir.Model:
         buffer = io.BytesIO()
         names = [spec.name for spec in request.inputs]
         dynamic_axes = {spec.name: spec.dynamic_dims() for spec in request.inputs if spec.dynamic_dims()}
+        positional = request.model.positional
         torch.onnx.export(
-            request.model.callable(), request.example_args(), buffer, dynamo=False, input_names=names,
+            request.model.callable(), request.example_args() if positional else (), buffer,
+            kwargs=None if positional else dict(request.examples), dynamo=False, input_names=names,
             output_names=request.output_names, dynamic_axes=dynamic_axes or None,
             opset_version=min(request.opset or 18, 18),
         )
@@ -241,7 +252,7 @@ def export_onnx(request: ExportRequest, strategies: list[CaptureStrategy] | None
     """
     attempts: list[Attempt] = []
     for strategy in strategies or default_strategies():
-        if not strategy.applies(request):
+        if not strategy.applies(request, attempts):
             continue
         start = time.perf_counter()
         try:
@@ -261,18 +272,49 @@ def export_onnx(request: ExportRequest, strategies: list[CaptureStrategy] | None
 
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporters' own prints, warnings and log lines; mpexport reports what matters."""
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    """Silence the exporters' own prints, graph dumps, warnings and log lines (Python and C++ alike);
+    mpexport reports what matters. ``MPEXPORT_DEBUG=1`` lets everything through."""
+    if os.environ.get("MPEXPORT_DEBUG"):
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("torch", "onnxscript", "onnx_ir")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
-        logger.setLevel(logging.ERROR)
+        logger.setLevel(logging.CRITICAL)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), _silenced_fds():
             warnings.simplefilter("ignore")
             yield
     finally:
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _silenced_fds() -> Iterator[None]:
+    """Point file descriptors 1 and 2 at /dev/null (what C++ code and cached Python streams write)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = []
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+        return
+    with open(os.devnull, "w") as null:
+        try:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def _exception_chain(exc: BaseException) -> list[BaseException]:
@@ -296,11 +338,13 @@ def _failed_attempt(name: str, exc: BaseException, seconds: float) -> Attempt:
 
 
 def _find_op(texts: list[str]) -> str | None:
-    for text in reversed(texts):
-        for match in _OP_PATTERN.finditer(text):
-            op = match.group(1)
-            if op.split(".")[0] not in ("torch", "self", "np", "os", "sys") and op not in _NOT_OPS:
-                return op
+    """The operator an exporter error names (``aten.stft.default``, ``mylib::op``), innermost error first."""
+    for pattern in _OP_PATTERNS:
+        for text in reversed(texts):
+            match = pattern.search(text)
+            if match:
+                overload = match.groupdict().get("overload")
+                return match.group("op") + (f".{overload}" if overload else "")
     return None
 
 
@@ -334,6 +378,10 @@ def _export_notes(request: ExportRequest, result: ExportResult) -> list[str]:
         notes.append(f"strategy {attempt.strategy} failed: {attempt.error}")
     if result.fell_back:
         notes.append(f"exported with the {result.strategy} strategy instead")
+    if result.strategy == LegacyTorchScriptStrategy.name:
+        notes.append("the TorchScript exporter follows the path the example inputs take through data-dependent "
+                     "control flow (the export check on the validation data is the guard) and records module "
+                     "scopes but no aten ops")
     wanted = {spec.name: spec for spec in request.inputs}
     for value in result.model.graph.inputs:
         spec = wanted.get(value.name)
@@ -375,13 +423,3 @@ def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
     yield from graph.inputs
     for node in ir.traversal.RecursiveGraphIterator(graph):
         yield from node.outputs
-
-
-def _fix_static_dims(model: ir.Model, specs: list[TensorSpec]) -> None:
-    """Give graph inputs the fixed sizes the specs know (converters may mark every dim dynamic)."""
-    by_name = {spec.name: spec for spec in specs}
-    for value in model.graph.inputs:
-        spec = by_name.get(value.name)
-        if spec is None or value.shape is None or len(value.shape) != len(spec.shape):
-            continue
-        value.shape = ir.Shape([dim if isinstance(dim, int) else ir.SymbolicDim(dim) for dim in spec.shape])

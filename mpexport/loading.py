@@ -59,13 +59,15 @@ class LoadedModel:
     input_names: list[str] | None = None
     input_specs: list[TensorSpec] | None = None
     accepts_any_kwargs: bool = False
+    positional: bool = False
+    """True when the model is called with positional inputs (TorchScript, archives exported with args)."""
     required_inputs: list[str] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     factory: str | None = None
     notes: list[str] = field(default_factory=list)
 
     def callable(self) -> Callable[..., Any]:
-        """The FP32 model as a function of its inputs in ``input order`` (positional)."""
+        """The FP32 model as a function of its inputs: by name, or in input order when ``positional``."""
         if self.program is not None:
             return self.program.module()
         assert self.module is not None
@@ -131,7 +133,7 @@ def _detect_format(path: Path, head: bytes) -> str:
         return _detect_zip_format(path)
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "legacy-pickle"
-    raise MpexportError(f"'{path}' is not a PyTorch model file ({_describe_foreign(head)})", stage=STAGE,
+    raise MpexportError(f"'{path}' is not a PyTorch model file ({_describe_foreign(path, head)})", stage=STAGE,
                         hint="give a torch.export .pt2, a TorchScript file, a checkpoint with --factory, "
                         "or a pickled module with --trust-pickle")
 
@@ -152,9 +154,9 @@ def _detect_zip_format(path: Path) -> str:
     raise MpexportError(f"'{path}' is a zip archive but not a PyTorch model file", stage=STAGE)
 
 
-def _describe_foreign(head: bytes) -> str:
-    if head[:1] == b"\x08" and b"\x12" in head[:8]:
-        return "it looks like an ONNX model; mpexport convert takes the trained PyTorch model"
+def _describe_foreign(path: Path, head: bytes) -> str:
+    if head[:1] == b"\x08" and _is_onnx(path):
+        return "it is an ONNX model; mpexport convert takes the trained PyTorch model"
     if len(head) >= 10 and head[8:10] == b'{"':
         return "it looks like a safetensors file, which mpexport does not read yet; save a state dict with torch.save"
     try:
@@ -162,6 +164,16 @@ def _describe_foreign(head: bytes) -> str:
         return "it looks like a text file"
     except UnicodeDecodeError:
         return "unknown binary content"
+
+
+def _is_onnx(path: Path) -> bool:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not ONNX
+        return False
+    return bool(model.graph.node) or bool(model.opset_import)
 
 
 def _load_exported_program(path: Path, digest: str) -> LoadedModel:
@@ -176,8 +188,16 @@ def _load_exported_program(path: Path, digest: str) -> LoadedModel:
     training = _read_training_record(extra.get(EXTRA_FILE, ""))
     return LoadedModel(
         format=FORMAT_EXPORT, path=path, sha256=digest, program=program,
-        input_specs=exported_program_inputs(program), training=training,
+        input_specs=exported_program_inputs(program), training=training, positional=not _takes_kwargs(program),
     )
+
+
+def _takes_kwargs(program: torch.export.ExportedProgram) -> bool:
+    """True when the program was exported with keyword inputs (its module must be called by name)."""
+    in_spec = program.call_spec.in_spec
+    if in_spec is None or len(in_spec.children_specs) != 2:
+        return False
+    return bool(in_spec.children_specs[1].context)
 
 
 def _read_training_record(text: str | bytes) -> dict[str, Any]:
@@ -232,7 +252,7 @@ def _load_torchscript(path: Path, digest: str) -> LoadedModel:
     names, required, any_kwargs = _torchscript_signature(module)
     return LoadedModel(
         format=FORMAT_TORCHSCRIPT, path=path, sha256=digest, module=module,
-        input_names=names, required_inputs=required, accepts_any_kwargs=any_kwargs,
+        input_names=names, required_inputs=required, accepts_any_kwargs=any_kwargs, positional=True,
     )
 
 

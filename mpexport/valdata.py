@@ -79,6 +79,14 @@ def load_validation_data(path: str | Path) -> ValidationData:
 
 def _read_shard(shard: Path, names: list[str] | None) -> dict[str, np.ndarray]:
     try:
+        with shard.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise MpexportError(f"cannot read '{shard}': {exc.strerror}", stage=STAGE) from None
+    if magic != b"PK\x03\x04":
+        raise MpexportError(f"'{shard}' is not a readable .npz file (no zip archive inside)", stage=STAGE,
+                            hint="save arrays with numpy.savez(path, name=array, ..., labels=labels)")
+    try:
         with np.load(shard, allow_pickle=False) as archive:
             found = list(archive.files)
             if names is not None and sorted(found) != sorted(names):

@@ -1,0 +1,210 @@
+"""convert end to end on real models: the bundled examples and transformers models, every model format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import mpexport
+from tests.conftest import EXAMPLES, MODELS
+from tests.toy_models import bert_config, build_bert, build_cnn, build_vit
+
+
+def ort_outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    return float(np.abs(reference - candidate).max() / np.abs(reference).max())
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_bundled_example_converts_and_matches_pytorch(cli, tmp_path: Path, example: str) -> None:
+    out = tmp_path / example
+    result = cli("convert", MODELS / f"{example}.pt2", "--val-data", MODELS / f"{example}.val.npz", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest) >= {"artifacts", "inputs", "outputs", "source", "versions"}
+    assert manifest["artifacts"]["fp32_onnx"] == "model.fp32.onnx"
+    assert manifest["inputs"] == [{"name": "pixels", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
+    assert manifest["source"]["training"]["autocast"]["device_type"] in ("cpu", "cuda")
+    assert manifest["export_check"]["passed"] and manifest["export_check"]["samples"] == 360
+    assert manifest["provenance"]["coverage"] == 1.0
+
+    # Independent of mpexport's own check: ONNX Runtime against the archive's own PyTorch module.
+    with np.load(MODELS / f"{example}.val.npz") as data:
+        pixels = data["pixels"]
+    reference = torch.export.load(MODELS / f"{example}.pt2").module()(torch.from_numpy(pixels)).detach().numpy()
+    (candidate,) = ort_outputs(out / "model.fp32.onnx", {"pixels": pixels})
+    assert relative_error(reference, candidate) <= 1e-4
+    onnx.checker.check_model(str(out / "model.fp32.onnx"), full_check=True)
+
+
+def test_provenance_names_module_and_aten_op_per_node(cli, tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    assert cli("convert", MODELS / "digits_transformer.pt2", "--val-data",
+               MODELS / "digits_transformer.val.npz", "--out", out).exit_code == 0
+    records = json.loads((out / "provenance.json").read_text())
+    by_op = {}
+    for record in records:
+        by_op.setdefault(record["op_type"], []).append(record)
+    assert {r["module"] for r in by_op["Softmax"]} == {"blocks.0.attn", "blocks.1.attn"}
+    assert {r["aten"] for r in by_op["Softmax"]} == {"aten.softmax.int"}
+    assert {r["module"] for r in by_op["LayerNormalization"]} == {"blocks.0.norm2", "blocks.1.norm2", "norm"}
+    assert {r["module"] for r in by_op["Pow"]} == {"blocks.0.norm1", "blocks.1.norm1"}  # the RMSNorm
+    assert {r["aten"] for r in by_op["Conv"]} == {"aten.conv2d.default"}
+
+
+def test_conv_and_batch_norm_keep_their_own_provenance(cli, tmp_path: Path) -> None:
+    """The exporter's optimizer would fuse BatchNorm into Conv under the batch norm's name."""
+    out = tmp_path / "r"
+    assert cli("convert", MODELS / "digits_resnet.pt2", "--val-data", MODELS / "digits_resnet.val.npz",
+               "--out", out).exit_code == 0
+    records = json.loads((out / "provenance.json").read_text())
+    assert all(r["aten"] == "aten.conv2d.default" for r in records if r["op_type"] == "Conv")
+    assert any(r["op_type"] == "BatchNormalization" for r in records)
+
+
+def test_output_is_deterministic(tmp_path: Path) -> None:
+    paths = []
+    for name in ("a", "b"):
+        result = mpexport.convert(MODELS / "digits_resnet.pt2", out=tmp_path / name,
+                                  val_data=MODELS / "digits_resnet.val.npz")
+        paths.append(result.out / "model.fp32.onnx")
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert (tmp_path / "a" / "provenance.json").read_bytes() == (tmp_path / "b" / "provenance.json").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def bert_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny BERT saved as .pt2 (dynamic batch and sequence) and as a checkpoint, with validation data."""
+    root = tmp_path_factory.mktemp("bert")
+    model = build_bert()
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 200, (12, 10), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[::3, 7:] = 0
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=64)
+    program = torch.export.export(model, (), {"input_ids": ids[:4], "attention_mask": mask[:4]},
+                                  dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                                  "attention_mask": {0: batch, 1: seq}})
+    torch.export.save(program, root / "bert.pt2")
+    torch.save({"state_dict": model.state_dict(), "config": bert_config().to_dict()}, root / "bert.ckpt")
+    np.savez(root / "val.npz", input_ids=ids.numpy(), attention_mask=mask.numpy(),
+             labels=np.arange(12) % 3)
+    return {"pt2": root / "bert.pt2", "ckpt": root / "bert.ckpt", "val": root / "val.npz"}
+
+
+def test_transformers_bert_pt2(bert_files: dict[str, Path], tmp_path: Path) -> None:
+    result = mpexport.convert(bert_files["pt2"], out=tmp_path / "bert", val_data=bert_files["val"])
+    manifest = result.manifest
+    assert result.export_check_passed, manifest["export_check"]
+    assert [i["shape"] for i in manifest["inputs"]] == [["batch", "dim1"], ["batch", "dim1"]]
+    assert manifest["outputs"][0]["name"] == "logits"
+    assert manifest["provenance"]["coverage"] >= 0.95, manifest["provenance"]
+    for group in manifest["provenance"]["unattributed"]:
+        assert group["why"]  # every unattributed node is named with a reason
+    records = json.loads((result.out / "provenance.json").read_text())
+    attention = [r for r in records if r["op_type"] == "Softmax"]
+    assert attention and all(r["module"].endswith("attention.self") for r in attention)
+
+
+def test_transformers_bert_checkpoint_with_factory(bert_files: dict[str, Path], tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    result = mpexport.convert(bert_files["ckpt"], out=tmp_path / "bert", val_data=bert_files["val"],
+                              factory="tests.toy_models:build_bert")
+    manifest = result.manifest
+    assert manifest["source"]["format"] == "checkpoint"
+    assert manifest["export"]["strategy"] == "dynamo"
+    assert result.export_check_passed, manifest["export_check"]
+    assert manifest["inputs"][0]["shape"][0] == "batch"
+    assert manifest["provenance"]["coverage"] >= 0.95, manifest["provenance"]
+
+
+def test_transformers_vit_pickled_module_needs_trust(cli, tmp_path: Path) -> None:
+    path = tmp_path / "vit.pt"
+    torch.save(build_vit(), path)
+    pixels = np.random.default_rng(0).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    val = tmp_path / "val.npz"
+    np.savez(val, pixel_values=pixels)
+    refused = cli("convert", path, "--val-data", val, "--out", tmp_path / "refused")
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.stderr
+    assert not (tmp_path / "refused").exists()
+    result = cli("convert", path, "--val-data", val, "--out", tmp_path / "vit", "--trust-pickle", "--json")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads(result.stdout)["manifest"]
+    assert manifest["source"]["format"] == "pickle"
+    assert manifest["inputs"] == [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 3, 16, 16]}]
+    assert manifest["provenance"]["coverage"] >= 0.95, manifest["provenance"]
+    assert manifest["export_check"]["passed"]
+
+
+def test_torchscript_input(cli, tmp_path: Path, pixels_npz: Path) -> None:
+    path = tmp_path / "cnn.ts"
+    torch.jit.save(torch.jit.trace(build_cnn().eval(), torch.randn(2, 1, 8, 8)), path)
+    result = cli("convert", path, "--val-data", pixels_npz, "--out", tmp_path / "ts", "--json")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads(result.stdout)["manifest"]
+    assert manifest["source"]["format"] == "torchscript"
+    assert manifest["export_check"]["passed"]
+    assert manifest["inputs"][0]["shape"][1:] == [1, 8, 8]
+    provenance = manifest["provenance"]
+    assert provenance["with_aten"] >= 0.95 * provenance["nodes"], provenance
+
+
+def test_input_option_without_validation_data(cli, tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    torch.save(build_cnn().state_dict(), path)
+    result = cli("convert", path, "--factory", "tests.toy_models:build_cnn", "--input", "pixels:batch,1,8,8:float32",
+                 "--out", tmp_path / "m", "--json")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads(result.stdout)["manifest"]
+    assert manifest["inputs"] == [{"name": "pixels", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
+    assert manifest["export_check"]["data"].startswith("example inputs")
+
+
+def test_static_batch(cli, tmp_path: Path, pixels_npz: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    torch.save(build_cnn().state_dict(), path)
+    result = cli("convert", path, "--factory", "tests.toy_models:build_cnn", "--val-data", pixels_npz,
+                 "--static-batch", "--out", tmp_path / "m", "--json")
+    assert result.exit_code == 0, result.stderr
+    manifest = json.loads(result.stdout)["manifest"]
+    assert manifest["inputs"][0]["shape"] == [2, 1, 8, 8]
+    assert manifest["export_check"]["passed"] and manifest["export_check"]["samples"] == 24
+
+
+def test_fallback_strategy_is_reported(cli, tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    from tests.toy_models import build_data_dependent
+
+    torch.save(build_data_dependent().state_dict(), path)
+    result = cli("convert", path, "--factory", "tests.toy_models:build_data_dependent", "--input", "x:batch,4",
+                 "--out", tmp_path / "m", "--json")
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    attempts = payload["manifest"]["export"]["attempts"]
+    assert [a["strategy"] for a in attempts] == ["dynamo", "legacy-torchscript"]
+    assert attempts[0]["ok"] is False and "data-dependent" in attempts[0]["error"]
+    assert payload["manifest"]["export"]["strategy"] == "legacy-torchscript"
+    assert any("legacy-torchscript strategy instead" in note for note in payload["notes"])
+
+
+def test_force_replaces_an_existing_directory(cli, tmp_path: Path, pixels_npz: Path) -> None:
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    result = cli("convert", MODELS / "digits_resnet.pt2", "--val-data", pixels_npz, "--out", out, "--force")
+    assert result.exit_code == 0, result.stderr
+    assert not (out / "old.txt").exists() and (out / "manifest.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
