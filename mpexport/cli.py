@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mpexport.autocast_policy import POLICY_NAMES
 from mpexport.errors import MpexportError, first_line
 
 stdout = Console(highlight=False)
@@ -74,10 +75,29 @@ def main() -> None:
               help="Allow loading a fully pickled nn.Module (runs code from the file: only for files you trust).")
 @click.option("--static-batch", is_flag=True, help="Fix the batch dimension instead of keeping it dynamic.")
 @click.option("--opset", type=click.IntRange(13, 30), help="ONNX opset (default: the exporter's).")
+@click.option("--amp-policy", type=click.Choice(POLICY_NAMES),
+              help="The autocast policy the model was trained with (default: what the model file records, "
+              "else cuda-fp16).")
+@click.option("--target", type=click.Choice(["fp16", "bf16"]),
+              help="Low-precision type of the deployed model (default: the training policy's).")
+@click.option("--policy", "policy_file", type=click.Path(dir_okay=False, path_type=str), metavar="FILE.toml",
+              help="Overrides: [keep_fp32] / [force_low] tables with modules (regexes), ops, nodes lists; "
+              "optional policy, target, range_check, headroom.")
+@click.option("--keep-fp32-module", multiple=True, metavar="REGEX", help="Keep modules matching REGEX in FP32.")
+@click.option("--keep-fp32-op", multiple=True, metavar="OP",
+              help="Keep an op type (Softmax) or aten op (aten.gelu) in FP32.")
+@click.option("--force-low-module", multiple=True, metavar="REGEX", help="Run modules matching REGEX in low precision.")
+@click.option("--force-low-op", multiple=True, metavar="OP", help="Run an op type or aten op in low precision.")
+@click.option("--no-range-check", is_flag=True, help="Do not keep nodes FP32 for values beyond the target's range.")
+@click.option("--calibration-samples", type=click.IntRange(0), default=256, show_default=True,
+              help="Validation samples the range rule looks at.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 def convert(model: str, out: str, val_data: str | None, input_options: tuple[str, ...], factory: str | None,
-            trust_pickle: bool, static_batch: bool, opset: int | None, force: bool, as_json: bool) -> None:
+            trust_pickle: bool, static_batch: bool, opset: int | None, amp_policy: str | None, target: str | None,
+            policy_file: str | None, keep_fp32_module: tuple[str, ...], keep_fp32_op: tuple[str, ...],
+            force_low_module: tuple[str, ...], force_low_op: tuple[str, ...], no_range_check: bool,
+            calibration_samples: int, force: bool, as_json: bool) -> None:
     """Export MODEL to an FP32 ONNX that records where every node came from, and check it against PyTorch.
 
     MODEL is a torch.export archive (.pt2, recommended), a TorchScript file, a checkpoint with
@@ -93,10 +113,13 @@ def convert(model: str, out: str, val_data: str | None, input_options: tuple[str
     from mpexport.specs import parse_input_option
 
     specs = [parse_input_option(text) for text in input_options]
+    options = _plan_options(amp_policy, target, policy_file, keep_fp32_module, keep_fp32_op, force_low_module,
+                            force_low_op, no_range_check)
     with _progress(as_json) as on_stage:
         result = run_convert(
             model, out=out, val_data=val_data, inputs=specs, factory=factory, trust_pickle=trust_pickle,
-            force=force, dynamic_batch=not static_batch, opset=opset, on_stage=on_stage,
+            force=force, dynamic_batch=not static_batch, opset=opset, plan_options=options,
+            calibration_samples=calibration_samples, on_stage=on_stage,
         )
     if as_json:
         click.echo(json.dumps({"out": str(result.out), "notes": result.notes, "manifest": result.manifest},
@@ -105,6 +128,25 @@ def convert(model: str, out: str, val_data: str | None, input_options: tuple[str
         _print_convert(result)
     if not result.export_check_passed:
         sys.exit(EXIT_PARITY_FAILED)
+
+
+def _plan_options(amp_policy: str | None, target: str | None, policy_file: str | None,
+                  keep_fp32_module: tuple[str, ...], keep_fp32_op: tuple[str, ...],
+                  force_low_module: tuple[str, ...], force_low_op: tuple[str, ...], no_range_check: bool) -> Any:
+    """Plan options from the command line over the policy file's (the command line wins)."""
+    from mpexport.plan import Overrides, PlanOptions, load_overrides
+
+    overrides, settings = load_overrides(policy_file) if policy_file else (Overrides(), {})
+    overrides = overrides.merged(Overrides(
+        keep_fp32_modules=list(keep_fp32_module), keep_fp32_ops=list(keep_fp32_op),
+        force_low_modules=list(force_low_module), force_low_ops=list(force_low_op)))
+    policy = amp_policy or settings.get("policy", "")
+    if policy and policy not in POLICY_NAMES:
+        raise MpexportError(f"policy file: unknown policy '{policy}'", stage="plan",
+                            hint=f"use one of {', '.join(POLICY_NAMES)}")
+    return PlanOptions(policy=policy, target=target or settings.get("target"), overrides=overrides,
+                       range_check=not no_range_check and bool(settings.get("range_check", True)),
+                       headroom=float(settings.get("headroom", 2.0)))
 
 
 class _progress:
@@ -139,6 +181,12 @@ def _print_convert(result: Any) -> None:
     prov = manifest["provenance"]
     table.add_row("provenance", f"{prov['attributed']}/{prov['nodes']} nodes with module + aten op "
                   f"({prov['coverage']:.1%})")
+    plan = manifest.get("plan")
+    if plan:
+        counts = ", ".join(f"{count} {precision}" for precision, count in plan["summary"]["precision"].items())
+        share = plan["summary"]["macs"]["low_precision_share"]
+        table.add_row("plan", f"{plan['policy']} ({plan['policy_source']}) → {plan['target']}: {counts}"
+                      + (f"; {share:.1%} of MACs in {plan['target']}" if share is not None else ""))
     check = manifest["export_check"]
     worst = max(check["outputs"].values(), key=lambda output: output["relative_error"])
     verdict = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
@@ -156,6 +204,73 @@ def _print_convert(result: Any) -> None:
     stdout.print(io)
     for note in result.notes:
         stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=str))
+@click.option("--json", "as_json", is_flag=True, help="Print the plan summary as JSON.")
+@click.option("--nodes", is_flag=True, help="Also list every node with its precision and reason.")
+def inspect(directory: str, as_json: bool, nodes: bool) -> None:
+    """Show what runs in low precision and FP32 in a converted model, and why.
+
+    Prints the plan summary, the FP32 keep-list grouped by reason and module, and how the plan differs from
+    converting everything to low precision.
+
+    \b
+    Example:
+      mpexport inspect build/resnet
+      mpexport inspect build/resnet --json | jq .summary.precision
+    """
+    from mpexport.inspect import inspect_plan
+
+    report = inspect_plan(directory)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+        return
+    _print_inspect(report, nodes)
+
+
+def _print_inspect(report: Any, show_nodes: bool) -> None:
+    plan = report.plan
+    summary = plan["summary"]
+    stdout.print(f"[bold]{report.directory}[/]: trained under {plan['policy']}, deployed as {plan['target']}")
+    counts = Table(title="nodes per precision", title_justify="left")
+    for column in ("precision", "nodes"):
+        counts.add_column(column)
+    for precision, count in summary["precision"].items():
+        counts.add_row(precision, str(count))
+    stdout.print(counts)
+    ops = Table(title="per op type", title_justify="left")
+    ops.add_column("op type")
+    precisions = sorted({p for c in summary["op_types"].values() for p in c})
+    for precision in precisions:
+        ops.add_column(precision, justify="right")
+    for op, counter in summary["op_types"].items():
+        ops.add_row(op, *[str(counter.get(p, "")) for p in precisions])
+    stdout.print(ops)
+    macs = summary["macs"]
+    if macs["total"]:
+        stdout.print(f"multiply-accumulates in {plan['target']}: {macs['low_precision_share']:.1%} "
+                     f"of {macs['total']:,}")
+    keep = Table(title="FP32 keep-list (floating-point nodes not in low precision)", title_justify="left")
+    for column in ("reason", "module", "nodes", "op types"):
+        keep.add_column(column, overflow="fold")
+    for group in report.keep_list:
+        keep.add_row(escape(group["reason"]), group["module"], str(group["count"]), ", ".join(group["op_types"]))
+    stdout.print(keep)
+    naive = report.naive_difference
+    stdout.print(f"versus converting every floating-point node to {plan['target']}: {naive['kept_fp32']} of "
+                 f"{naive['float_nodes']} nodes stay FP32 ({naive['by_rule']})")
+    for note in plan.get("notes", []):
+        stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    if show_nodes:
+        table = Table(title="nodes", title_justify="left")
+        for column in ("node", "op", "module", "precision", "reason"):
+            table.add_column(column, overflow="fold")
+        for node in plan["nodes"]:
+            table.add_row(node["name"], node["op_type"], node["module"] or "", node["precision"],
+                          escape(node["reason"]))
+        stdout.print(table)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,10 @@ validation data) -> manifest. Later stages (plan, mixed-precision rewrite, engin
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,16 @@ from mpexport.export import ExportRequest, ExportResult, export_onnx
 from mpexport.inputs import example_inputs, resolve_inputs
 from mpexport.loading import LoadedModel, load_model
 from mpexport.parity import Comparison, compare_runners
+from mpexport.plan import DEFAULT_POLICY, PlanOptions, PrecisionPlan, make_plan
+from mpexport.ranges import collect_ranges
 from mpexport.runners import OrtRunner, TorchRunner, flatten_outputs, output_names
 from mpexport.specs import TensorSpec, normalize_dtype
 from mpexport.valdata import ValidationData, load_validation_data
 
 FP32_ONNX = "model.fp32.onnx"
 PROVENANCE = "provenance.json"
+PLAN = "plan.json"
+CALIBRATION_SAMPLES = 256
 EXTERNAL_DATA_THRESHOLD = 1536 << 20
 """Initializer bytes above which the ONNX weights go to an external data file (protobuf caps files at 2 GB)."""
 CHECK_SAMPLES = 1024
@@ -61,12 +66,17 @@ def convert(
     dynamic_batch: bool = True,
     opset: int | None = None,
     check_samples: int = CHECK_SAMPLES,
+    plan_options: PlanOptions | None = None,
+    calibration_samples: int = CALIBRATION_SAMPLES,
     on_stage: StageCallback | None = None,
 ) -> ConvertResult:
-    """Convert a trained model file into ``out``: FP32 ONNX with provenance, checked against PyTorch.
+    """Convert a trained model file into ``out``: FP32 ONNX with provenance, checked against PyTorch, and the
+    precision plan (``plan.json``) for the training autocast policy.
 
-    Raises :class:`MpexportError` (nothing written, an existing ``out`` untouched) for bad input or an
-    impossible export. A failed export check does not raise: the result records it (``export_check``).
+    ``plan_options.policy`` defaults to what the model file records about its training (a ``.pt2`` written
+    by mpexport's examples), else ``cuda-fp16``. The range rule runs on up to ``calibration_samples`` samples
+    of ``val_data`` when given. Raises :class:`MpexportError` (nothing written, an existing ``out`` untouched)
+    for bad input or an impossible export. A failed export check does not raise: the result records it.
     """
     stage = on_stage or (lambda _name: None)
     artifacts.check_output_dir(out, force=force)
@@ -90,11 +100,64 @@ def convert(
         check = compare_runners(reference, OrtRunner(staging / FP32_ONNX), batches,
                                 [spec["name"] for spec in manifest["outputs"]])
         manifest["export_check"] = _check_json(check, data)
+        stage("plan")
+        options = _plan_options(plan_options, loaded)
+        plan = _plan(staging, exported, options, specs, data, calibration_samples)
+        artifacts.write_json(staging / PLAN, plan.to_json())
+        artifacts.add_artifact(manifest, staging, "plan", PLAN)
+        manifest["plan"] = {"policy": plan.policy.name, "target": plan.options.low,
+                            "policy_source": options_source(plan_options, loaded), "notes": plan.notes,
+                            "summary": {key: value for key, value in plan.summary().items()
+                                        if key in ("precision", "rules", "macs")}}
         artifacts.write_manifest(staging, manifest)
-    notes = loaded.notes + exported.notes
+    notes = loaded.notes + exported.notes + plan.notes
     if not check.passed:
         notes.append(_check_failure_note(check))
     return ConvertResult(Path(out), manifest, notes)
+
+
+def training_policy(loaded: LoadedModel) -> str | None:
+    """The autocast policy name a model file records for its training (``cpu-bf16``...), if any."""
+    autocast = loaded.training.get("autocast") if loaded.training else None
+    if not isinstance(autocast, dict):
+        return None
+    low = {"float16": "fp16", "bfloat16": "bf16"}.get(str(autocast.get("dtype")))
+    device = autocast.get("device_type")
+    return f"{device}-{low}" if device in ("cpu", "cuda") and low else None
+
+
+def options_source(options: PlanOptions | None, loaded: LoadedModel) -> str:
+    """Where the policy came from: the caller, the model file's training record, or the default."""
+    if options is not None and options.policy:
+        return "given"
+    return "training record in the model file" if training_policy(loaded) else "default"
+
+
+def _plan_options(options: PlanOptions | None, loaded: LoadedModel) -> PlanOptions:
+    options = replace(options) if options is not None else PlanOptions()
+    if not options.policy:
+        options.policy = training_policy(loaded) or DEFAULT_POLICY
+    if options.torch_version is None and loaded.training.get("torch"):
+        options.torch_version = str(loaded.training["torch"])
+    return options
+
+
+def _plan(staging: Path, exported: ExportResult, options: PlanOptions, specs: list[TensorSpec],
+          data: ValidationData | None, samples: int) -> PrecisionPlan:
+    records = provenance.from_json(json.loads((staging / PROVENANCE).read_text()))
+    ranges = None
+    if options.range_check and data is not None and samples > 0 and not _uses_external_data(staging):
+        fixed = next((spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], int)), None)
+        ranges = collect_ranges(staging / FP32_ONNX, data.batches(fixed or CHECK_BATCH, limit=samples, inputs=specs,
+                                                                 exact=fixed is not None))
+    plan = make_plan(exported.model, records, options, ranges)
+    if options.range_check and data is not None and _uses_external_data(staging):
+        plan.notes.append("the range rule does not run on models with external data yet")
+    return plan
+
+
+def _uses_external_data(staging: Path) -> bool:
+    return (staging / f"{FP32_ONNX}.data").exists()
 
 
 def _reference_runner(loaded: LoadedModel, specs: list[TensorSpec]) -> TorchRunner:
@@ -122,7 +185,7 @@ def _write_fp32(staging: Path, loaded: LoadedModel, exported: ExportResult, seco
     external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_file = f"{FP32_ONNX}.data"
     ir.save(model, staging / FP32_ONNX, external_data=data_file if external else None)
-    records = provenance.collect_provenance(model, exported.provenance_kind)
+    records = provenance.collect_provenance(model, exported.provenance_kind, exported.facts)
     artifacts.write_json(staging / PROVENANCE, provenance.to_json(records))
     manifest = artifacts.new_manifest()
     artifacts.add_artifact(manifest, staging, "fp32_onnx", FP32_ONNX, (data_file,) if external else ())

@@ -29,6 +29,7 @@ import onnx_ir as ir
 import torch
 
 from mpexport.errors import MpexportError, first_line
+from mpexport.fxfacts import FxFacts, collect_fx_facts
 from mpexport.loading import FORMAT_TORCHSCRIPT, LoadedModel
 from mpexport.specs import TensorSpec
 
@@ -83,12 +84,24 @@ class Attempt:
 
 
 @dataclass
+class Captured:
+    """What a strategy produced: the ONNX model, and the programs it came from where there were any (the
+    captured one and the one the ONNX exporter translated after decomposing it)."""
+
+    model: ir.Model
+    source: torch.export.ExportedProgram | None = None
+    decomposed: torch.export.ExportedProgram | None = None
+
+
+@dataclass
 class ExportResult:
-    """The FP32 ONNX model (onnx-ir), the strategy that made it, every attempt, and notes for the user."""
+    """The FP32 ONNX model (onnx-ir), the strategy that made it, every attempt, notes for the user, and the
+    FX-level facts (origins, autocast regions, explicit casts) the ONNX graph no longer shows."""
 
     model: ir.Model
     strategy: str
     attempts: list[Attempt]
+    facts: FxFacts = field(default_factory=FxFacts)
     notes: list[str] = field(default_factory=list)
     provenance_kind: str = "exporter"
     """``exporter``: per-node metadata from the dynamo exporter; ``scope``: module scopes in node names only."""
@@ -108,7 +121,7 @@ class CaptureStrategy(Protocol):
     def applies(self, request: ExportRequest, failures: list[Attempt]) -> bool:
         """Whether this strategy can be tried for this model, given the failures of the strategies before."""
 
-    def run(self, request: ExportRequest) -> ir.Model:
+    def run(self, request: ExportRequest) -> Captured:
         """Export, or raise the exporter's own exception."""
 
 
@@ -129,22 +142,28 @@ class DynamoStrategy:
             return request.model.program is None and shape_trouble and any(s.dynamic_dims() for s in request.inputs)
         return True
 
-    def run(self, request: ExportRequest) -> ir.Model:
-        if request.model.program is not None:
-            program = torch.onnx.export(
-                request.model.program, dynamo=True, output_names=request.output_names,
-                opset_version=request.opset, verbose=False, optimize=False,
-            )
-        else:
-            dynamic = None if self.static else {
-                spec.name: spec.dynamic_dims() or None for spec in request.inputs
-            }
-            program = torch.onnx.export(
-                request.model.module, (), kwargs=dict(request.examples), dynamo=True, dynamic_shapes=dynamic,
-                output_names=request.output_names, opset_version=request.opset, verbose=False, optimize=False,
-            )
-        optimize_keeping_provenance(program.model)
-        return program.model
+    def run(self, request: ExportRequest) -> Captured:
+        program = request.model.program
+        if program is None:
+            program = self._capture(request)
+        onnx_program = torch.onnx.export(
+            program, dynamo=True, output_names=request.output_names, opset_version=request.opset,
+            verbose=False, optimize=False,
+        )
+        optimize_keeping_provenance(onnx_program.model)
+        return Captured(onnx_program.model, program, onnx_program.exported_program)
+
+    def _capture(self, request: ExportRequest) -> torch.export.ExportedProgram:
+        """``torch.export`` (non-strict, then strict) with the requested dims dynamic (none when static)."""
+        dynamic = {spec.name: ({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamic_dims()} or None)
+                   for spec in request.inputs}
+        kwargs = dict(request.examples)
+        try:
+            return torch.export.export(request.model.module, (), kwargs,
+                                       dynamic_shapes=None if self.static else dynamic, strict=False)
+        except Exception:  # noqa: BLE001 - strict tracing is the documented second try
+            return torch.export.export(request.model.module, (), kwargs,
+                                       dynamic_shapes=None if self.static else dynamic, strict=True)
 
 
 class TorchScriptConverterStrategy:
@@ -156,7 +175,7 @@ class TorchScriptConverterStrategy:
     def applies(self, request: ExportRequest, failures: list[Attempt]) -> bool:
         return request.model.format == FORMAT_TORCHSCRIPT
 
-    def run(self, request: ExportRequest) -> ir.Model:
+    def run(self, request: ExportRequest) -> Captured:
         from torch._export.converter import TS2EPConverter
 
         converted = TS2EPConverter(request.model.module, request.example_args()).convert()
@@ -171,7 +190,7 @@ class TorchScriptConverterStrategy:
             opset_version=request.opset, verbose=False, optimize=False,
         )
         optimize_keeping_provenance(onnx_program.model)
-        return onnx_program.model
+        return Captured(onnx_program.model, program, onnx_program.exported_program)
 
 
 class LegacyTorchScriptStrategy:
@@ -183,7 +202,7 @@ class LegacyTorchScriptStrategy:
     def applies(self, request: ExportRequest, failures: list[Attempt]) -> bool:
         return True
 
-    def run(self, request: ExportRequest) -> ir.Model:
+    def run(self, request: ExportRequest) -> Captured:
         buffer = io.BytesIO()
         names = [spec.name for spec in request.inputs]
         dynamic_axes = {spec.name: spec.dynamic_dims() for spec in request.inputs if spec.dynamic_dims()}
@@ -194,7 +213,7 @@ class LegacyTorchScriptStrategy:
             output_names=request.output_names, dynamic_axes=dynamic_axes or None,
             opset_version=min(request.opset or 18, 18),
         )
-        return ir.from_proto(onnx.load_from_string(buffer.getvalue()))
+        return Captured(ir.from_proto(onnx.load_from_string(buffer.getvalue())))
 
 
 MERGING_REWRITE_RULES = ("FuseBatchNorm", "FuseConvPad", "FuseConvIntegerPad", "CastCast")
@@ -257,14 +276,16 @@ def export_onnx(request: ExportRequest, strategies: list[CaptureStrategy] | None
         start = time.perf_counter()
         try:
             with _quiet_exporter():
-                model = strategy.run(request)
+                captured = strategy.run(request)
         except Exception as exc:  # noqa: BLE001 - exporter failures are recorded, then the next is tried
             attempts.append(_failed_attempt(strategy.name, exc, time.perf_counter() - start))
             continue
         attempts.append(Attempt(strategy.name, True, time.perf_counter() - start))
+        model = captured.model
         model.producer_name = "mpexport"
         rename_symbolic_dims(model, request.inputs)
-        result = ExportResult(model, strategy.name, attempts, provenance_kind=strategy.provenance_kind)
+        facts = collect_fx_facts(captured.source, captured.decomposed)
+        result = ExportResult(model, strategy.name, attempts, facts, provenance_kind=strategy.provenance_kind)
         result.notes.extend(_export_notes(request, result))
         return result
     raise _export_failure(attempts)

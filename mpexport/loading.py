@@ -195,9 +195,10 @@ def _load_exported_program(path: Path, digest: str) -> LoadedModel:
 def _takes_kwargs(program: torch.export.ExportedProgram) -> bool:
     """True when the program was exported with keyword inputs (its module must be called by name)."""
     in_spec = program.call_spec.in_spec
-    if in_spec is None or len(in_spec.children_specs) != 2:
+    if in_spec is None:
         return False
-    return bool(in_spec.children_specs[1].context)
+    children = list(in_spec.children()) if hasattr(in_spec, "children") else in_spec.children_specs
+    return len(children) == 2 and bool(children[1].context)
 
 
 def _read_training_record(text: str | bytes) -> dict[str, Any]:

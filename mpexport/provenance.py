@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ast
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import onnx_ir as ir
+
+from mpexport.fxfacts import FxFacts
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
@@ -33,6 +35,16 @@ class NodeProvenance:
     module_class: str | None
     aten: str | None
     why: str | None = None
+    fx_node: str | None = None
+    """The FX node of the program the ONNX exporter translated."""
+    origin: str | None = None
+    """The node of the captured program it came from (differs from ``fx_node`` after decomposition)."""
+    autocast_op: str | None = None
+    """The op of ``origin``: what autocast intercepted when the model ran eagerly."""
+    autocast_region: dict[str, Any] | None = None
+    """The innermost ``torch.autocast`` region in the model's code around ``origin``, if any."""
+    fp32_inputs_from: tuple[str, ...] = ()
+    """Origins of inputs that the model explicitly cast to FP32 (``x.float()``) before ``origin``."""
 
     @property
     def attributed(self) -> bool:
@@ -40,7 +52,7 @@ class NodeProvenance:
         return self.module is not None and self.aten is not None
 
 
-def collect_provenance(model: ir.Model, kind: str = "exporter") -> list[NodeProvenance]:
+def collect_provenance(model: ir.Model, kind: str = "exporter", facts: FxFacts | None = None) -> list[NodeProvenance]:
     """Provenance of every node of ``model`` (subgraphs included, named ``parent/child``), in graph order.
 
     ``kind`` says what the exporter left: ``exporter`` (dynamo metadata), ``exporter-no-modules`` (dynamo
@@ -54,10 +66,22 @@ def collect_provenance(model: ir.Model, kind: str = "exporter") -> list[NodeProv
             continue
         record = _from_metadata(name, node)
         if kind == "exporter-no-modules" and record.module is not None:
-            record = NodeProvenance(record.name, record.op_type, None, None, record.aten,
-                                    "TorchScript input: the module hierarchy is not recorded")
-        records.append(record)
+            record = replace(record, module=None, module_class=None,
+                             why="TorchScript input: the module hierarchy is not recorded")
+        records.append(_with_facts(record, node, facts or FxFacts()))
     return records
+
+
+def _with_facts(record: NodeProvenance, node: ir.Node, facts: FxFacts) -> NodeProvenance:
+    scopes = _parse_list(node.metadata_props.get(NAME_SCOPES))
+    fx_node = scopes[-1] if scopes else None
+    origin = facts.origin_of(fx_node)
+    if origin is None:
+        return record
+    return replace(
+        record, fx_node=fx_node, origin=origin, autocast_op=facts.target.get(origin, record.aten),
+        autocast_region=facts.region.get(origin), fp32_inputs_from=tuple(facts.fp32_inputs.get(origin, ())),
+    )
 
 
 def _walk(graph: ir.Graph, prefix: str) -> list[tuple[str, ir.Node]]:
@@ -128,6 +152,12 @@ def summarize(records: list[NodeProvenance]) -> dict[str, Any]:
 
 
 def to_json(records: list[NodeProvenance]) -> list[dict[str, Any]]:
-    """The per-node records as written to ``provenance.json``."""
-    return [{key: value for key, value in asdict(record).items() if value is not None or key in
-             ("module", "aten")} for record in records]
+    """The per-node records as written to ``provenance.json`` (empty fields left out, except module/aten)."""
+    return [{key: (list(value) if isinstance(value, tuple) else value) for key, value in asdict(record).items()
+             if value not in (None, ()) or key in ("module", "aten")} for record in records]
+
+
+def from_json(data: list[dict[str, Any]]) -> list[NodeProvenance]:
+    """Records read back from ``provenance.json``."""
+    return [NodeProvenance(**{**item, "fp32_inputs_from": tuple(item.get("fp32_inputs_from", ()))})
+            for item in data]

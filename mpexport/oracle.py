@@ -1,0 +1,172 @@
+"""The autocast oracle: the dtype every node of a captured program produces when it really runs under
+``torch.autocast``. It is the reference the precision plan is tested against, node by node.
+
+CPU autocast runs here as it is. CUDA autocast runs the installed torch's own ``AutocastCUDA`` kernels on
+fake CUDA tensors (shapes and dtypes, no data), so the CUDA policy is checked without a GPU; a GPU machine
+repeats it with real tensors (``scripts/gpu_check.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from mpexport.fxfacts import WRAP_WITH_AUTOCAST, _op_name
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def observe_autocast(program: torch.export.ExportedProgram, args: tuple[Any, ...], kwargs: dict[str, Any],
+                     device: str, dtype: torch.dtype) -> dict[str, str]:
+    """Run ``program`` under ``torch.autocast(device, dtype)`` and return, per FX node name, the dtype of its
+    (first floating-point) output: ``fp32``/``fp16``/``bf16``/``fp64``, ``none`` for non-float outputs.
+
+    Regions the model opens itself (``torch.autocast(..., enabled=False)``) are honoured; their inner nodes
+    are reported under their own names.
+    """
+    module = program.module()
+    observed: dict[str, str] = {}
+    with _autocast(device, dtype) as convert:
+        flat = [convert(value) for value in (*args, *kwargs.values())]
+        _params_to(module, convert)
+        _Observer(module, observed, convert).run(*flat)
+    return observed
+
+
+def _params_to(module: torch.nn.Module, convert: Any) -> None:
+    for name, parameter in list(module.named_parameters()):
+        _set(module, name, torch.nn.Parameter(convert(parameter), requires_grad=False))
+    for name, buffer in list(module.named_buffers()):
+        _set(module, name, convert(buffer))
+    for name, value in list(vars(module).items()):
+        if isinstance(value, torch.Tensor):
+            setattr(module, name, convert(value))
+
+
+def _set(module: torch.nn.Module, dotted: str, value: Any) -> None:
+    *path, leaf = dotted.split(".")
+    for part in path:
+        module = getattr(module, part)
+    if isinstance(value, torch.nn.Parameter):
+        module._parameters[leaf] = value
+    else:
+        module._buffers[leaf] = value
+
+
+@contextlib.contextmanager
+def _autocast(device: str, dtype: torch.dtype) -> Iterator[Any]:
+    if device == "cpu":
+        with torch.autocast("cpu", dtype=dtype), torch.no_grad():
+            yield lambda t: t
+        return
+    if torch.cuda.is_available():
+        with torch.autocast("cuda", dtype=dtype), torch.no_grad():
+            yield lambda t: t.to("cuda") if isinstance(t, torch.Tensor) else t
+        return
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    was_enabled, was_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+
+    def to_fake_cuda(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or (isinstance(value, FakeTensor) and value.is_cuda):
+            return value
+        with unset_fake_temporarily():
+            meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        return FakeTensor(mode, meta, torch.device("cuda"))
+
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        with mode, torch.no_grad():
+            yield to_fake_cuda
+    finally:
+        torch.set_autocast_enabled("cuda", was_enabled)
+        torch.set_autocast_dtype("cuda", was_dtype)
+
+
+class _Observer(torch.fx.Interpreter):
+    """Runs a graph node by node through the dispatcher (so autocast applies) and records output dtypes."""
+
+    def __init__(self, module: torch.fx.GraphModule, observed: dict[str, str], convert: Any) -> None:
+        super().__init__(module)
+        self.observed = observed
+        self.convert = convert
+
+    def run_node(self, node: torch.fx.Node) -> Any:
+        if node.op == "call_function" and _op_name(node.target).endswith(WRAP_WITH_AUTOCAST):
+            result = self._run_region(node)
+        else:
+            result = super().run_node(node)
+        if node.op == "call_function":
+            self.observed[node.name] = _dtype_of(result)
+        return result
+
+    def fetch_attr(self, target: str) -> Any:
+        return self.convert(super().fetch_attr(target))
+
+    def _run_region(self, node: torch.fx.Node) -> Any:
+        device, dtype, enabled, cache_enabled, submodule, *operands = self.map_nodes_to_values(node.args, node)
+        inner = submodule if isinstance(submodule, torch.fx.GraphModule) else self.fetch_attr(node.args[4].target)
+        with torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled) \
+                if device == "cpu" or torch.cuda.is_available() else _region_flags(device, dtype, enabled):
+            return tuple(_as_list(_Observer(inner, self.observed, self.convert).run(*operands)))
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@contextlib.contextmanager
+def _region_flags(device: str, dtype: torch.dtype | None, enabled: bool) -> Iterator[None]:
+    """A nested autocast region on fake CUDA tensors: flip the thread-local flags directly."""
+    was_enabled, was_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    torch.set_autocast_enabled(device, enabled)
+    if dtype is not None:
+        torch.set_autocast_dtype(device, dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled(device, was_enabled)
+        torch.set_autocast_dtype(device, was_dtype)
+
+
+def _dtype_of(result: Any) -> str:
+    for leaf in torch.utils._pytree.tree_leaves(result):
+        if isinstance(leaf, torch.Tensor) and leaf.dtype.is_floating_point:
+            return DTYPE_NAMES.get(leaf.dtype, str(leaf.dtype))
+    return "none"
+
+
+def compare_with_plan(plan: Any, observed: dict[str, str]) -> dict[str, Any]:
+    """Node-by-node agreement of a plan with observed autocast dtypes.
+
+    Every floating-point node is compared with the dtype its origin (the op autocast intercepted) produced,
+    low precision meaning the policy's training type. Nodes the plan keeps FP32 inside a fused kernel are
+    internal to an op whose output autocast shows; they are counted apart. Returns counts and mismatches.
+    """
+    training_low = plan.policy.low
+    checked, agreed, internal, unobserved = 0, 0, 0, []
+    mismatches = []
+    for node in plan.nodes:
+        if node.precision == "none" or node.rule == "subgraph":
+            continue
+        if node.rule == "kernel":
+            internal += 1
+            continue
+        want = observed.get(node.origin or "")
+        if want is None or want == "none":
+            unobserved.append(node.name)
+            continue
+        have = training_low if node.precision == plan.options.low else node.precision
+        checked += 1
+        if have == want:
+            agreed += 1
+        else:
+            mismatches.append({"node": node.name, "op_type": node.op_type, "origin": node.origin,
+                               "plan": have, "observed": want, "reason": node.reason})
+    return {"checked": checked, "agreed": agreed, "kernel_internal": internal, "unobserved": unobserved,
+            "mismatches": mismatches}
