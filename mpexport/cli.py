@@ -19,7 +19,9 @@ from rich.table import Table
 from mpexport.autocast_policy import POLICY_NAMES
 from mpexport.errors import MpexportError, first_line
 
-stdout = Console(highlight=False)
+PIPE_WIDTH = 140
+"""Width of tables written to a pipe or file (a terminal uses its own width)."""
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else PIPE_WIDTH)
 stderr = Console(stderr=True, highlight=False)
 EXIT_PARITY_FAILED = 1
 

@@ -6,7 +6,6 @@ validation data) -> manifest. Later stages (plan, mixed-precision rewrite, engin
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -94,7 +93,7 @@ def convert(
     export_seconds = time.perf_counter() - started
     with artifacts.staged_output(out, force=force) as staging:
         stage("write")
-        manifest = _write_fp32(staging, loaded, exported, export_seconds)
+        manifest, records = _write_fp32(staging, loaded, exported, export_seconds)
         stage("export check")
         batches = _check_batches(specs, data, examples, check_samples)
         check = compare_runners(reference, OrtRunner(staging / FP32_ONNX), batches,
@@ -102,7 +101,7 @@ def convert(
         manifest["export_check"] = _check_json(check, data)
         stage("plan")
         options = _plan_options(plan_options, loaded)
-        plan = _plan(staging, exported, options, specs, data, calibration_samples)
+        plan = _plan(staging, exported.model, records, options, specs, data, calibration_samples)
         artifacts.write_json(staging / PLAN, plan.to_json())
         artifacts.add_artifact(manifest, staging, "plan", PLAN)
         manifest["plan"] = {"policy": plan.policy.name, "target": plan.options.low,
@@ -142,15 +141,14 @@ def _plan_options(options: PlanOptions | None, loaded: LoadedModel) -> PlanOptio
     return options
 
 
-def _plan(staging: Path, exported: ExportResult, options: PlanOptions, specs: list[TensorSpec],
-          data: ValidationData | None, samples: int) -> PrecisionPlan:
-    records = provenance.from_json(json.loads((staging / PROVENANCE).read_text()))
+def _plan(staging: Path, model: ir.Model, records: list[provenance.NodeProvenance], options: PlanOptions,
+          specs: list[TensorSpec], data: ValidationData | None, samples: int) -> PrecisionPlan:
     ranges = None
     if options.range_check and data is not None and samples > 0 and not _uses_external_data(staging):
         fixed = next((spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], int)), None)
         ranges = collect_ranges(staging / FP32_ONNX, data.batches(fixed or CHECK_BATCH, limit=samples, inputs=specs,
                                                                  exact=fixed is not None))
-    plan = make_plan(exported.model, records, options, ranges)
+    plan = make_plan(model, records, options, ranges)
     if options.range_check and data is not None and _uses_external_data(staging):
         plan.notes.append("the range rule does not run on models with external data yet")
     return plan
@@ -180,7 +178,8 @@ def _output_names(loaded: LoadedModel, specs: list[TensorSpec], examples: dict[s
     return output_names(result)
 
 
-def _write_fp32(staging: Path, loaded: LoadedModel, exported: ExportResult, seconds: float) -> dict[str, Any]:
+def _write_fp32(staging: Path, loaded: LoadedModel, exported: ExportResult,
+                seconds: float) -> tuple[dict[str, Any], list[provenance.NodeProvenance]]:
     model = exported.model
     external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_file = f"{FP32_ONNX}.data"
@@ -202,7 +201,7 @@ def _write_fp32(staging: Path, loaded: LoadedModel, exported: ExportResult, seco
         "provenance": exported.provenance_kind,
     }
     manifest["provenance"] = provenance.summarize(records)
-    return manifest
+    return manifest, records
 
 
 def _initializer_bytes(model: ir.Model) -> int:

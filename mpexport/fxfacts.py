@@ -5,9 +5,10 @@ names shift) and inlines ``torch.autocast`` regions. Before that information is 
 per FX node of the decomposed program:
 
 * ``origin``: the node of the captured program it came from (``rms_norm`` for the ``pow`` of an RMSNorm);
-* per origin node: its op (what autocast intercepted in eager: ``aten.rms_norm.default``), the innermost
-  ``torch.autocast`` region around it (device, dtype, enabled), and which of its inputs passed through an
-  explicit cast to FP32 (``x.float()``), a no-op the FP32 graph drops.
+* per origin node: its op (what autocast intercepted in eager: ``aten.rms_norm.default``), the
+  ``torch.autocast`` state the model's own code set around it, per device (``{"cuda": {"enabled": False,
+  "dtype": ...}}``, innermost region winning), and which of its inputs passed through an explicit cast to
+  FP32 (``x.float()``), a no-op the FP32 graph drops.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ def _walk(module: torch.fx.GraphModule, facts: FxFacts, region: dict[str, Any] |
         if target.endswith(WRAP_WITH_AUTOCAST):
             device, dtype, enabled = node.args[0], node.args[1], node.args[2]
             inner = getattr(module, node.args[4].target)
-            _walk(inner, facts, {"device": str(device), "dtype": str(dtype).removeprefix("torch.") if dtype else None,
-                                 "enabled": bool(enabled)})
+            state = {"enabled": bool(enabled), "dtype": str(dtype).removeprefix("torch.") if dtype else None}
+            _walk(inner, facts, {**(region or {}), str(device): state})
             continue
         if _is_fp32_cast(node, target):
             source = node.args[0]

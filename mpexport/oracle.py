@@ -32,7 +32,7 @@ def observe_autocast(program: torch.export.ExportedProgram, args: tuple[Any, ...
     with _autocast(device, dtype) as convert:
         flat = [convert(value) for value in (*args, *kwargs.values())]
         _params_to(module, convert)
-        _Observer(module, observed, convert).run(*flat)
+        _Observer(module, observed, convert, on_cuda=device == "cuda").run(*flat)
     return observed
 
 
@@ -91,10 +91,12 @@ def _autocast(device: str, dtype: torch.dtype) -> Iterator[Any]:
 class _Observer(torch.fx.Interpreter):
     """Runs a graph node by node through the dispatcher (so autocast applies) and records output dtypes."""
 
-    def __init__(self, module: torch.fx.GraphModule, observed: dict[str, str], convert: Any) -> None:
+    def __init__(self, module: torch.fx.GraphModule, observed: dict[str, str], convert: Any,
+                 on_cuda: bool = False) -> None:
         super().__init__(module)
         self.observed = observed
         self.convert = convert
+        self._on_cuda = on_cuda
 
     def run_node(self, node: torch.fx.Node) -> Any:
         if node.op == "call_function" and _op_name(node.target).endswith(WRAP_WITH_AUTOCAST):
@@ -108,12 +110,29 @@ class _Observer(torch.fx.Interpreter):
     def fetch_attr(self, target: str) -> Any:
         return self.convert(super().fetch_attr(target))
 
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if self.on_cuda:
+            if target is torch.ops.aten._assert_tensor_metadata.default:
+                return None
+            if target is torch.ops.aten.to.device:  # x.to("cpu", dtype): keep the (fake CUDA) device
+                return torch.ops.aten.to.dtype(args[0], *args[2:], **kwargs)
+            # Device arguments written for CPU at export: drop them, and move what factories make to CUDA.
+            kwargs = {key: value for key, value in kwargs.items() if key != "device"}
+            result = super().call_function(target, args, kwargs)
+            return torch.utils._pytree.tree_map(self.convert, result)
+        return super().call_function(target, args, kwargs)
+
+    @property
+    def on_cuda(self) -> bool:
+        """True when the graph runs on (fake or real) CUDA tensors: device arguments written for CPU move."""
+        return self._on_cuda
+
     def _run_region(self, node: torch.fx.Node) -> Any:
         device, dtype, enabled, cache_enabled, submodule, *operands = self.map_nodes_to_values(node.args, node)
         inner = submodule if isinstance(submodule, torch.fx.GraphModule) else self.fetch_attr(node.args[4].target)
         with torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled) \
                 if device == "cpu" or torch.cuda.is_available() else _region_flags(device, dtype, enabled):
-            return tuple(_as_list(_Observer(inner, self.observed, self.convert).run(*operands)))
+            return tuple(_as_list(_Observer(inner, self.observed, self.convert, self._on_cuda).run(*operands)))
 
 
 def _as_list(value: Any) -> list[Any]:

@@ -322,7 +322,7 @@ class _Engine:
         return self.low if dtype == self.training_low else (dtype or FP32)
 
     def _policy_decision(self, node: ir.Node, record: NodeProvenance) -> tuple[str, str, str]:
-        region = record.autocast_region
+        region = (record.autocast_region or {}).get(self.policy.device)
         if region and not region.get("enabled", True):
             dtype = self._follow_inputs(node, record)
             return self._low_name(dtype), (f"region: torch.autocast(enabled=False) in the model's code; "
@@ -383,19 +383,21 @@ class _Engine:
         return max(dtypes, key=lambda dtype: WIDTH.get(dtype, 0)) if dtypes else None
 
     def _range_violation(self, node: ir.Node) -> str | None:
+        """Why this low-precision node must stay FP32: a weight the type cannot hold, or an output beyond
+        the safe limit on calibration data."""
         assert self.ranges is not None
-        for value in node.outputs:
-            peak = self.ranges.max_abs.get(value.name)
-            if peak is not None and peak > self.limit:
-                return (f"range: output reached {peak:.3g} on calibration data, beyond the {self.low.upper()} "
-                        f"safe limit {self.limit:.3g} (max {TYPE_MAX[self.low]:.6g} / headroom "
-                        f"{self.options.headroom:g})")
         for value in node.inputs:
             if value is not None and value.const_value is not None and ONNX_FLOAT_TYPES.get(value.dtype):
                 peak = float(np.abs(value.const_value.numpy()).max(initial=0.0))
                 if peak > TYPE_MAX[self.low]:
                     return f"range: weight '{value.name}' reaches {peak:.3g}, beyond {self.low.upper()} max " \
                         f"{TYPE_MAX[self.low]:.6g}"
+        for value in node.outputs:
+            peak = self.ranges.max_abs.get(value.name)
+            if peak is not None and peak > self.limit:
+                return (f"range: output reached {peak:.3g} on calibration data, beyond the {self.low.upper()} "
+                        f"safe limit {self.limit:.3g} (max {TYPE_MAX[self.low]:.6g} / headroom "
+                        f"{self.options.headroom:g})")
         return None
 
     def _subgraph_plans(self, node: ir.Node, name: str) -> list[NodePlan]:

@@ -42,7 +42,7 @@ class NodeProvenance:
     autocast_op: str | None = None
     """The op of ``origin``: what autocast intercepted when the model ran eagerly."""
     autocast_region: dict[str, Any] | None = None
-    """The innermost ``torch.autocast`` region in the model's code around ``origin``, if any."""
+    """The ``torch.autocast`` state the model's code sets around ``origin``, per device, if any."""
     fp32_inputs_from: tuple[str, ...] = ()
     """Origins of inputs that the model explicitly cast to FP32 (``x.float()``) before ``origin``."""
 
@@ -159,5 +159,5 @@ def to_json(records: list[NodeProvenance]) -> list[dict[str, Any]]:
 
 def from_json(data: list[dict[str, Any]]) -> list[NodeProvenance]:
     """Records read back from ``provenance.json``."""
-    return [NodeProvenance(**{**item, "fp32_inputs_from": tuple(item.get("fp32_inputs_from", ()))})
-            for item in data]
+    return [NodeProvenance(**{"module_class": None, **item,
+                              "fp32_inputs_from": tuple(item.get("fp32_inputs_from", ()))}) for item in data]

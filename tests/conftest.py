@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from mpexport.cli import main
@@ -68,3 +69,35 @@ def pixels_npz(tmp_path: Path) -> Path:
         path = tmp_path / "val.npz"
         np.savez(path, pixels=data["pixels"][:24], labels=data["labels"][:24])
     return path
+
+
+def _save_text_model(root: Path, name: str, model: torch.nn.Module, vocab: int) -> dict[str, Path]:
+    """Export a token model with dynamic batch and sequence to .pt2, plus a checkpoint and validation data."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, vocab, (12, 10), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[::3, 7:] = 0
+    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=64)
+    program = torch.export.export(model, (), {"input_ids": ids[:4], "attention_mask": mask[:4]},
+                                  dynamic_shapes={"input_ids": {0: batch, 1: seq},
+                                                  "attention_mask": {0: batch, 1: seq}})
+    torch.export.save(program, root / f"{name}.pt2")
+    torch.save({"state_dict": model.state_dict()}, root / f"{name}.ckpt")
+    np.savez(root / f"{name}.npz", input_ids=ids.numpy(), attention_mask=mask.numpy(), labels=np.arange(12) % 3)
+    return {"pt2": root / f"{name}.pt2", "ckpt": root / f"{name}.ckpt", "val": root / f"{name}.npz"}
+
+
+@pytest.fixture(scope="session")
+def bert_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny transformers BERT classifier (SDPA attention, LayerNorm) as .pt2 and checkpoint, with data."""
+    from tests.toy_models import build_bert
+
+    return _save_text_model(tmp_path_factory.mktemp("bert"), "bert", build_bert(), 200)
+
+
+@pytest.fixture(scope="session")
+def llama_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny transformers Llama (RMSNorm with explicit FP32 casts, rotary embeddings, SDPA, SiLU MLP)."""
+    from tests.toy_models import build_llama
+
+    return _save_text_model(tmp_path_factory.mktemp("llama"), "llama", build_llama(), 100)

@@ -13,7 +13,7 @@ import torch
 
 import mpexport
 from tests.conftest import EXAMPLES, MODELS
-from tests.toy_models import bert_config, build_bert, build_cnn, build_vit
+from tests.toy_models import build_cnn, build_vit
 
 
 def ort_outputs(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -80,26 +80,6 @@ def test_output_is_deterministic(tmp_path: Path) -> None:
         paths.append(result.out / "model.fp32.onnx")
     assert paths[0].read_bytes() == paths[1].read_bytes()
     assert (tmp_path / "a" / "provenance.json").read_bytes() == (tmp_path / "b" / "provenance.json").read_bytes()
-
-
-@pytest.fixture(scope="module")
-def bert_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tiny BERT saved as .pt2 (dynamic batch and sequence) and as a checkpoint, with validation data."""
-    root = tmp_path_factory.mktemp("bert")
-    model = build_bert()
-    generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 200, (12, 10), generator=generator)
-    mask = torch.ones_like(ids)
-    mask[::3, 7:] = 0
-    batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=2, max=64)
-    program = torch.export.export(model, (), {"input_ids": ids[:4], "attention_mask": mask[:4]},
-                                  dynamic_shapes={"input_ids": {0: batch, 1: seq},
-                                                  "attention_mask": {0: batch, 1: seq}})
-    torch.export.save(program, root / "bert.pt2")
-    torch.save({"state_dict": model.state_dict(), "config": bert_config().to_dict()}, root / "bert.ckpt")
-    np.savez(root / "val.npz", input_ids=ids.numpy(), attention_mask=mask.numpy(),
-             labels=np.arange(12) % 3)
-    return {"pt2": root / "bert.pt2", "ckpt": root / "bert.ckpt", "val": root / "val.npz"}
 
 
 def test_transformers_bert_pt2(bert_files: dict[str, Path], tmp_path: Path) -> None:

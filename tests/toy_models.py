@@ -42,6 +42,16 @@ def build_bert() -> nn.Module:
     return BertForSequenceClassification(bert_config()).eval()
 
 
+def build_llama() -> nn.Module:
+    """A tiny LlamaForCausalLM from its config (no cache), seed 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    return LlamaForCausalLM(config).eval()
+
+
 def build_vit() -> nn.Module:
     """A tiny ViTForImageClassification (16x16 RGB, 4x4 patches) from its config, seed 0."""
     from transformers import ViTConfig, ViTForImageClassification
@@ -107,3 +117,58 @@ class UsesCustomOp(nn.Module):
 def build_custom_op() -> nn.Module:
     """A UsesCustomOp model."""
     return UsesCustomOp()
+
+
+class Head(nn.Module):
+    """A classifier head the model's author keeps out of autocast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return torch.log_softmax(self.fc(x.float()), dim=-1)
+
+
+class WithFp32Head(nn.Module):
+    """linear -> gelu -> exp/log in the body, an autocast(enabled=False) head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.head = Head()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.body(x))
+        h = torch.log1p(torch.exp(-h.abs())) + h
+        return self.head(h)
+
+
+def build_fp32_head() -> nn.Module:
+    """A WithFp32Head model, seed 0."""
+    torch.manual_seed(0)
+    return WithFp32Head().eval()
+
+
+class Outliers(nn.Module):
+    """Activations beyond the FP16 range in a node the policy would run in FP16 (as trained LLMs show in a
+    few residual channels), and a weight beyond it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 4)
+        self.big = nn.Linear(8, 4)
+        with torch.no_grad():
+            self.big.weight[0, 0] = 1.0e5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x) * 3.0e4
+        return self.fc2(h) / 1.0e5 + self.big(x)
+
+
+def build_outliers() -> nn.Module:
+    """An Outliers model, seed 0."""
+    torch.manual_seed(0)
+    return Outliers().eval()

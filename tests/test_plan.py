@@ -1,0 +1,210 @@
+"""The precision plan: node-by-node agreement with real autocast, the cuda-fp16 rules, regions, the range
+rule, overrides, determinism and `mpexport inspect`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+import mpexport
+from mpexport import provenance
+from mpexport.oracle import compare_with_plan, observe_autocast
+from mpexport.plan import Overrides, PlanOptions, make_plan
+from tests.conftest import MODELS, REPO, assert_bad_input
+from tests.toy_models import build_fp32_head, build_outliers
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+POLICIES = ["cpu-fp16", "cpu-bf16", "cuda-fp16", "cuda-bf16"]
+
+
+def converted(tmp_path: Path, model: Path, val: Path, **options) -> Path:
+    out = tmp_path / model.stem
+    mpexport.convert(model, out=out, val_data=val, **options)
+    return out
+
+
+def plan_for(out: Path, policy: str, **options) -> mpexport.plan.PrecisionPlan:
+    records = provenance.from_json(json.loads((out / "provenance.json").read_text()))
+    return make_plan(ir.load(out / "model.fp32.onnx"), records, PlanOptions(policy=policy, **options))
+
+
+def oracle_inputs(val: Path, names: list[str], count: int = 4) -> dict[str, torch.Tensor]:
+    with np.load(val) as data:
+        return {name: torch.from_numpy(data[name][:count]) for name in names}
+
+
+def assert_oracle_agrees(out: Path, pt2: Path, val: Path, names: list[str], positional: bool) -> None:
+    program = torch.export.load(pt2)
+    inputs = oracle_inputs(val, names)
+    for policy in POLICIES:
+        device, low = policy.split("-")
+        args, kwargs = (tuple(inputs.values()), {}) if positional else ((), inputs)
+        observed = observe_autocast(program, args, kwargs, device, DTYPES[low])
+        result = compare_with_plan(plan_for(out, policy), observed)
+        assert result["mismatches"] == [], (policy, result["mismatches"][:5])
+        assert result["unobserved"] == [], (policy, result["unobserved"][:5])
+        assert result["checked"] > 0
+
+
+@pytest.mark.parametrize("example", ["digits_resnet", "digits_transformer"])
+def test_oracle_bundled_examples(tmp_path: Path, example: str) -> None:
+    """Every floating-point node's plan equals the dtype real autocast produced for its op, for the CPU
+    policies (autocast runs here) and the CUDA policies (the installed CUDA autocast kernels on fake tensors)."""
+    pt2, val = MODELS / f"{example}.pt2", MODELS / f"{example}.val.npz"
+    out = converted(tmp_path, pt2, val)
+    assert_oracle_agrees(out, pt2, val, ["pixels"], positional=True)
+
+
+@pytest.mark.parametrize("model", ["bert", "llama"])
+def test_oracle_transformers_models(tmp_path: Path, model: str, request: pytest.FixtureRequest) -> None:
+    files = request.getfixturevalue(f"{model}_files")
+    out = converted(tmp_path, files["pt2"], files["val"])
+    assert_oracle_agrees(out, files["pt2"], files["val"], ["input_ids", "attention_mask"], positional=False)
+    plan = plan_for(out, "cuda-fp16")
+    attention = [node for node in plan.nodes if node.rule == "kernel"]
+    assert attention, "SDPA's decomposition should keep its scores and softmax FP32 inside the kernel"
+    assert {node.op_type for node in attention} >= {"Softmax"}
+    assert all(node.precision == "fp16" for node in plan.nodes
+               if node.origin and "scaled_dot_product_attention" in node.origin and node.op_type == "MatMul")
+
+
+def test_cuda_fp16_rules(tmp_path: Path, llama_files: dict[str, Path]) -> None:
+    transformer = converted(tmp_path, MODELS / "digits_transformer.pt2", MODELS / "digits_transformer.val.npz",
+                            plan_options=PlanOptions(policy="cuda-fp16"))
+    plan = json.loads((transformer / "plan.json").read_text())
+    assert plan["policy"] == "cuda-fp16" and plan["target"] == "fp16"
+    by_op: dict[str, set[str]] = {}
+    for node in plan["nodes"]:
+        by_op.setdefault(node["op_type"], set()).add(node["precision"])
+    for op in ("LayerNormalization", "Softmax", "Pow", "ReduceMean", "Sqrt", "Reciprocal"):
+        assert by_op[op] == {"fp32"}, op
+    for op in ("MatMul", "Gemm", "Conv"):
+        assert by_op[op] == {"fp16"}, op
+    rms = [node for node in plan["nodes"] if node["module"] == "blocks.0.norm1"]
+    assert rms and all(node["reason"] == "policy: aten.rms_norm is FP32 under cuda-fp16" for node in rms)
+    assert plan["summary"]["macs"]["low_precision_share"] == 1.0
+
+
+def test_exp_log_fp32_and_autocast_disabled_head(cli, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "ckpt.pt"
+    torch.save(build_fp32_head().state_dict(), checkpoint)
+    out = tmp_path / "m"
+    result = cli("convert", checkpoint, "--factory", "tests.toy_models:build_fp32_head", "--input", "x:batch,8",
+                 "--amp-policy", "cuda-fp16", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    nodes = json.loads((out / "plan.json").read_text())["nodes"]
+    body = [n for n in nodes if n["module"] == "body"]
+    assert body and all(n["precision"] == "fp16" for n in body)
+    assert {n["precision"] for n in nodes if n["op_type"] in ("Exp", "Log")} == {"fp32"}
+    head = [n for n in nodes if n["module"] and n["module"].startswith("head")]
+    assert {n["op_type"] for n in head} >= {"Gemm", "LogSoftmax"}
+    assert all(n["precision"] == "fp32" and n["rule"] == "region" for n in head), head
+
+    # The same holds against real autocast, the model's own region included.
+    program = torch.export.export(build_fp32_head(), (torch.randn(2, 8),))
+    observed = observe_autocast(program, (torch.randn(2, 8),), {}, "cuda", torch.float16)
+    records = provenance.from_json(json.loads((out / "provenance.json").read_text()))
+    plan = make_plan(ir.load(out / "model.fp32.onnx"), records, PlanOptions(policy="cuda-fp16"))
+    assert compare_with_plan(plan, observed)["mismatches"] == []
+
+
+def test_range_rule_keeps_overflowing_nodes_fp32_and_says_why(cli, tmp_path: Path) -> None:
+    checkpoint = tmp_path / "ckpt.pt"
+    torch.save(build_outliers().state_dict(), checkpoint)
+    val = tmp_path / "val.npz"
+    np.savez(val, x=np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32))
+    out = tmp_path / "m"
+    result = cli("convert", checkpoint, "--factory", "tests.toy_models:build_outliers", "--val-data", val,
+                 "--amp-policy", "cuda-fp16", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    nodes = {n["name"]: n for n in json.loads((out / "plan.json").read_text())["nodes"]}
+    ranged = [n for n in nodes.values() if n["rule"] == "range"]
+    assert {n["module"] for n in ranged} >= {"", "fc2", "big"}
+    scaled = next(n for n in ranged if n["op_type"] == "Mul")
+    assert scaled["precision"] == "fp32" and "output reached 5.92e+04" in scaled["reason"]
+    weight = next(n for n in ranged if n["module"] == "big")
+    assert "weight" in weight["reason"] and "1e+05" in weight["reason"]
+    assert all(n["precision"] == "fp16" for n in nodes.values() if n["module"] == "fc1")
+
+    unchecked = tmp_path / "unchecked"
+    cli("convert", checkpoint, "--factory", "tests.toy_models:build_outliers", "--val-data", val,
+        "--amp-policy", "cuda-fp16", "--no-range-check", "--out", unchecked)
+    assert all(n["rule"] != "range" for n in json.loads((unchecked / "plan.json").read_text())["nodes"])
+
+
+def test_overrides_from_cli_and_policy_file(cli, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('target = "bf16"\n[keep_fp32]\nmodules = ["^blocks\\\\.1\\\\."]\n'
+                      '[force_low]\nops = ["Softmax"]\n')
+    out = tmp_path / "m"
+    result = cli("convert", MODELS / "digits_transformer.pt2", "--val-data", MODELS / "digits_transformer.val.npz",
+                 "--amp-policy", "cuda-fp16", "--policy", policy, "--keep-fp32-op", "Gelu", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["target"] == "bf16"
+    nodes = plan["nodes"]
+    block1 = [n for n in nodes if (n["module"] or "").startswith("blocks.1.") and n["precision"] != "none"]
+    assert block1 and all(n["precision"] == "fp32" and n["rule"] == "override" for n in block1)
+    assert "module 'blocks.1" in block1[0]["reason"]
+    assert [n["precision"] for n in nodes if n["op_type"] == "Softmax" and n["module"] == "blocks.0.attn"] == ["bf16"]
+    assert {n["precision"] for n in nodes if n["op_type"] == "Gelu"} == {"fp32"}
+    assert {n["precision"] for n in nodes if n["op_type"] == "MatMul" and n["module"].startswith("blocks.0")} == \
+        {"bf16"}
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [("[keep_fp32\nmodules = 1", "not valid TOML"), ("colour = 1\n", "unknown key"),
+     ("[keep_fp32]\nmodules = 'x'\n", "list of strings"), ("[keep_fp32]\nmodules = ['(']\n", "regular expression"),
+     ("policy = 'gpu-fp8'\n", "unknown policy")],
+)
+def test_bad_policy_files(cli, tmp_path: Path, content: str, fragment: str) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text(content)
+    out = tmp_path / "m"
+    assert_bad_input(cli("convert", MODELS / "digits_resnet.pt2", "--policy", policy, "--out", out), fragment)
+    assert not out.exists()
+
+
+def test_plan_is_deterministic(tmp_path: Path) -> None:
+    first = converted(tmp_path / "a", MODELS / "digits_transformer.pt2", MODELS / "digits_transformer.val.npz")
+    second = converted(tmp_path / "b", MODELS / "digits_transformer.pt2", MODELS / "digits_transformer.val.npz")
+    assert (first / "plan.json").read_bytes() == (second / "plan.json").read_bytes()
+
+
+def test_plan_defaults_to_the_recorded_training_policy(tmp_path: Path) -> None:
+    out = converted(tmp_path, MODELS / "digits_resnet.pt2", MODELS / "digits_resnet.val.npz")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifacts"]["plan"] == "plan.json"
+    assert manifest["plan"]["policy"] == "cpu-bf16"
+    assert manifest["plan"]["policy_source"] == "training record in the model file"
+
+
+def test_inspect(cli, tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    assert cli("convert", MODELS / "digits_transformer.pt2", "--val-data", MODELS / "digits_transformer.val.npz",
+               "--amp-policy", "cuda-fp16", "--out", out).exit_code == 0
+    text = cli("inspect", out)
+    assert text.exit_code == 0, text.stderr
+    assert "FP32 keep-list" in text.stdout and "aten.rms_norm is FP32" in text.stdout
+    assert "blocks.*.norm1" in text.stdout
+    as_json = cli("inspect", out, "--json")
+    report = json.loads(as_json.stdout)
+    assert report["policy"] == "cuda-fp16"
+    assert report["naive_difference"]["kept_fp32"] == report["summary"]["precision"]["fp32"]
+    assert sum(group["count"] for group in report["keep_list"]) == report["naive_difference"]["kept_fp32"]
+    assert_bad_input(cli("inspect", tmp_path / "nowhere"), "not an mpexport output directory")
+
+
+def test_python_api_matches_cli(tmp_path: Path) -> None:
+    options = PlanOptions(policy="cuda-fp16", overrides=Overrides(keep_fp32_modules=["^head$"]))
+    result = mpexport.convert(MODELS / "digits_resnet.pt2", out=tmp_path / "r",
+                              val_data=MODELS / "digits_resnet.val.npz", plan_options=options)
+    nodes = json.loads((result.out / "plan.json").read_text())["nodes"]
+    assert [n["precision"] for n in nodes if n["module"] == "head"] == ["fp32"]
+    assert REPO.exists()
