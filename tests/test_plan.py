@@ -208,3 +208,19 @@ def test_python_api_matches_cli(tmp_path: Path) -> None:
     nodes = json.loads((result.out / "plan.json").read_text())["nodes"]
     assert [n["precision"] for n in nodes if n["module"] == "head"] == ["fp32"]
     assert REPO.exists()
+
+
+def test_explicit_fp32_cast_in_the_model_is_honoured(tmp_path: Path) -> None:
+    """``y.float()`` on an FP32 tensor vanishes from the FP32 graph; under autocast it made sigmoid FP32."""
+    from tests.toy_models import build_explicit_cast
+
+    model = build_explicit_cast()
+    example = torch.randn(2, 8)
+    program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    out = converted(tmp_path, tmp_path / "m.pt2", None, inputs=[mpexport.parse_input_option("x:batch,8")])
+    plan = plan_for(out, "cuda-fp16")
+    by_op = {node.op_type: node for node in plan.nodes}
+    assert by_op["Sigmoid"].precision == "fp32" and by_op["Tanh"].precision == "fp16"
+    observed = observe_autocast(program, (example,), {}, "cuda", torch.float16)
+    assert compare_with_plan(plan, observed)["mismatches"] == []

@@ -172,3 +172,24 @@ def build_outliers() -> nn.Module:
     """An Outliers model, seed 0."""
     torch.manual_seed(0)
     return Outliers().eval()
+
+
+class ExplicitCast(nn.Module):
+    """``y.float()`` before an op autocast does not list: the op runs in FP32 though ``y`` came out FP16.
+    (``y`` itself is not used again: torch.export aliases a no-op cast with its input.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.gate = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return self.fc2(torch.sigmoid(y.float()) + torch.tanh(self.gate(x)))
+
+
+def build_explicit_cast() -> nn.Module:
+    """An ExplicitCast model, seed 0."""
+    torch.manual_seed(0)
+    return ExplicitCast().eval()

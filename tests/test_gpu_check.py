@@ -1,0 +1,25 @@
+"""The GPU proof script runs here in its CPU-only mode, so it cannot rot before a GPU runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO
+
+
+def test_gpu_check_cpu_only(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    process = subprocess.run([sys.executable, "scripts/gpu_check.py", "--cpu-only", "--out", str(out)],
+                             cwd=REPO, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert process.returncode == 0, process.stdout + process.stderr
+    summary = json.loads(out.read_text())
+    assert summary["oracle"]["all_agree"]
+    assert summary["oracle"]["autocast"].startswith("CUDA autocast kernels on fake CUDA tensors")
+    models = {row["model"] for row in summary["oracle"]["results"]}
+    assert models == {"digits_resnet", "digits_transformer", "bert", "llama"}
+    assert "nodes agree" in process.stdout
