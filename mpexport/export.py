@@ -213,7 +213,8 @@ class LegacyTorchScriptStrategy:
             output_names=request.output_names, dynamic_axes=dynamic_axes or None,
             opset_version=min(request.opset or 18, 18),
         )
-        return Captured(ir.from_proto(onnx.load_from_string(buffer.getvalue())))
+        proto = onnx.shape_inference.infer_shapes(onnx.load_from_string(buffer.getvalue()), data_prop=True)
+        return Captured(ir.from_proto(proto))
 
 
 MERGING_REWRITE_RULES = ("FuseBatchNorm", "FuseConvPad", "FuseConvIntegerPad", "CastCast")

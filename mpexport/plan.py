@@ -47,6 +47,15 @@ DATA_INPUT_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormaliza
                   "RMSNormalization", "SkipLayerNormalization")
 """Ops whose output has their first input's type whatever the type of their weights (torch's norms do)."""
 MAC_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
+OP_TYPE_TO_ATEN = {
+    "Conv": "aten.convolution", "ConvTranspose": "aten.convolution", "MatMul": "aten.matmul",
+    "Gemm": "aten.linear", "Einsum": "aten.einsum", "LayerNormalization": "aten.layer_norm",
+    "GroupNormalization": "aten.group_norm", "Softmax": "aten.softmax.int", "LogSoftmax": "aten.log_softmax.int",
+    "Exp": "aten.exp", "Log": "aten.log", "Pow": "aten.pow.Tensor_Scalar", "Reciprocal": "aten.reciprocal",
+    "Softplus": "aten.softplus", "ReduceSum": "aten.sum.dim_IntList", "ReduceProd": "aten.prod.dim_int",
+    "CumSum": "aten.cumsum", "ReduceLogSumExp": "aten.logsumexp", "Resize": "aten.upsample_bilinear2d",
+}
+"""Stand-in aten ops for nodes whose exporter recorded none (the TorchScript exporter)."""
 DEFAULT_HEADROOM = 2.0
 DEFAULT_POLICY = "cuda-fp16"
 
@@ -346,11 +355,15 @@ class _Engine:
 
     def _class_of(self, record: NodeProvenance) -> tuple[str | None, str | None]:
         """The op autocast decided for this node, and its class: the intercepted op if listed, else (the
-        composite decomposed in eager) the node's own aten op."""
+        composite decomposed in eager) the node's own aten op; without any recorded op, a stand-in inferred
+        from the ONNX op type (said so in the op name)."""
         for op in (record.autocast_op, record.aten):
             cls = self.policy.op_class(op)
             if cls is not None:
                 return op_key(op), cls
+        if record.aten is None and record.autocast_op is None and record.op_type in OP_TYPE_TO_ATEN:
+            stand_in = OP_TYPE_TO_ATEN[record.op_type]
+            return f"{stand_in} (inferred from {record.op_type})", self.policy.op_class(stand_in)
         return (op_key(record.autocast_op or record.aten) if (record.autocast_op or record.aten) else None), None
 
     def _float_inputs(self, node: ir.Node, record: NodeProvenance, *, ignore_scalars: bool) -> list[str]:

@@ -178,6 +178,10 @@ def test_fallback_strategy_is_reported(cli, tmp_path: Path) -> None:
     assert attempts[0]["ok"] is False and "data-dependent" in attempts[0]["error"]
     assert payload["manifest"]["export"]["strategy"] == "legacy-torchscript"
     assert any("legacy-torchscript strategy instead" in note for note in payload["notes"])
+    # No aten ops from this exporter: the plan infers them from op types, and says so.
+    nodes = json.loads((tmp_path / "m" / "plan.json").read_text())["nodes"]
+    gemm = next(node for node in nodes if node["op_type"] == "Gemm")
+    assert gemm["precision"] == "fp16" and "inferred from Gemm" in gemm["reason"]
 
 
 def test_force_replaces_an_existing_directory(cli, tmp_path: Path, pixels_npz: Path) -> None:
