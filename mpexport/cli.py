@@ -93,18 +93,23 @@ def main() -> None:
 @click.option("--no-range-check", is_flag=True, help="Do not keep nodes FP32 for values beyond the target's range.")
 @click.option("--calibration-samples", type=click.IntRange(0), default=256, show_default=True,
               help="Validation samples the range rule looks at.")
+@click.option("--io-types", type=click.Choice(["fp32", "native"]), default="fp32", show_default=True,
+              help="Types of the mixed model's inputs and outputs: FP32 as trained, or the type their "
+              "nodes compute in.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 def convert(model: str, out: str, val_data: str | None, input_options: tuple[str, ...], factory: str | None,
             trust_pickle: bool, static_batch: bool, opset: int | None, amp_policy: str | None, target: str | None,
             policy_file: str | None, keep_fp32_module: tuple[str, ...], keep_fp32_op: tuple[str, ...],
             force_low_module: tuple[str, ...], force_low_op: tuple[str, ...], no_range_check: bool,
-            calibration_samples: int, force: bool, as_json: bool) -> None:
+            calibration_samples: int, io_types: str, force: bool, as_json: bool) -> None:
     """Export MODEL to an FP32 ONNX that records where every node came from, and check it against PyTorch.
 
     MODEL is a torch.export archive (.pt2, recommended), a TorchScript file, a checkpoint with
     --factory, or a pickled module with --trust-pickle; the format is read from the file's content.
-    Exit code 1 means ONNX Runtime did not reproduce the PyTorch FP32 outputs.
+    It then plans each node's precision after the training autocast policy and writes the
+    mixed-precision ONNX (model.mixed.onnx), linted. Exit code 1 means ONNX Runtime did not reproduce
+    the PyTorch FP32 outputs or the mixed model failed lint (the directory is written for inspection).
 
     \b
     Examples:
@@ -121,14 +126,14 @@ def convert(model: str, out: str, val_data: str | None, input_options: tuple[str
         result = run_convert(
             model, out=out, val_data=val_data, inputs=specs, factory=factory, trust_pickle=trust_pickle,
             force=force, dynamic_batch=not static_batch, opset=opset, plan_options=options,
-            calibration_samples=calibration_samples, on_stage=on_stage,
+            calibration_samples=calibration_samples, io_types=io_types, on_stage=on_stage,
         )
     if as_json:
         click.echo(json.dumps({"out": str(result.out), "notes": result.notes, "manifest": result.manifest},
                               indent=2, sort_keys=True))
     else:
         _print_convert(result)
-    if not result.export_check_passed:
+    if not result.export_check_passed or not result.lint_passed:
         sys.exit(EXIT_PARITY_FAILED)
 
 
@@ -194,6 +199,13 @@ def _print_convert(result: Any) -> None:
     verdict = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]"
     table.add_row("export check", f"{verdict}  ONNX Runtime vs PyTorch FP32 on {check['samples']} samples, "
                   f"max error {worst['relative_error']:.1e} of output scale (tolerance {check['rtol']:g})")
+    lint = manifest.get("lint")
+    if lint:
+        statuses = ", ".join(f"{c['name']} {c['status']}" for c in lint["checks"])
+        rewrite = manifest["rewrite"]
+        table.add_row("mixed ONNX", f"{'[green]lint pass[/]' if lint['ok'] else '[red]lint FAIL[/]'}: {statuses}; "
+                      f"{rewrite['casts_inserted']} casts inserted, {rewrite['initializers_converted']} "
+                      "initializers converted")
     for key, name in manifest["artifacts"].items():
         table.add_row(f"artifact {key}", name)
     stdout.print(table)
@@ -206,6 +218,38 @@ def _print_convert(result: Any) -> None:
     stdout.print(io)
     for note in result.notes:
         stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=str),
+              help="A plan.json whose precisions the model must realize.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def lint(model: str, plan_path: str | None, as_json: bool) -> None:
+    """Check an ONNX model before deploying it: the full ONNX checker, ONNX Runtime loading, Cast types,
+    FP16->FP32->FP16 rounding chains, and (with --plan) every node's precision against the plan.
+    Exit code 1 when a check fails.
+
+    \b
+    Example:
+      mpexport lint build/resnet/model.mixed.onnx --plan build/resnet/plan.json
+    """
+    from mpexport.lint import lint_model, load_plan_precisions
+
+    result = lint_model(model, load_plan_precisions(plan_path) if plan_path else None)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        table = Table(title=f"mpexport lint {model}", title_justify="left")
+        for column in ("check", "status", "detail"):
+            table.add_column(column, overflow="fold")
+        colours = {"pass": "green", "fail": "red", "skipped": "yellow"}
+        for check in result.checks:
+            detail = escape(check.detail + ("; " + "; ".join(check.findings[:5]) if check.findings else ""))
+            table.add_row(check.name, f"[{colours[check.status]}]{check.status}[/]", detail)
+        stdout.print(table)
+    if not result.ok:
+        sys.exit(EXIT_PARITY_FAILED)
 
 
 @main.command()

@@ -19,10 +19,12 @@ from mpexport import artifacts, provenance
 from mpexport.errors import MpexportError, first_line
 from mpexport.export import ExportRequest, ExportResult, export_onnx
 from mpexport.inputs import example_inputs, resolve_inputs
+from mpexport.lint import lint_model
 from mpexport.loading import LoadedModel, load_model
 from mpexport.parity import Comparison, compare_runners
 from mpexport.plan import DEFAULT_POLICY, PlanOptions, PrecisionPlan, make_plan
 from mpexport.ranges import collect_ranges
+from mpexport.rewrite import apply_plan
 from mpexport.runners import OrtRunner, TorchRunner, flatten_outputs, output_names
 from mpexport.specs import TensorSpec, normalize_dtype
 from mpexport.valdata import ValidationData, load_validation_data
@@ -30,6 +32,9 @@ from mpexport.valdata import ValidationData, load_validation_data
 FP32_ONNX = "model.fp32.onnx"
 PROVENANCE = "provenance.json"
 PLAN = "plan.json"
+MIXED_ONNX = "model.mixed.onnx"
+BF16_MIN_OPSET = 22
+"""ONNX admits bfloat16 for Conv, MatMul, Gemm and the norms from opset 22 on."""
 CALIBRATION_SAMPLES = 256
 EXTERNAL_DATA_THRESHOLD = 1536 << 20
 """Initializer bytes above which the ONNX weights go to an external data file (protobuf caps files at 2 GB)."""
@@ -52,6 +57,11 @@ class ConvertResult:
         """True when ONNX Runtime reproduced the PyTorch FP32 outputs within tolerance."""
         return bool(self.manifest.get("export_check", {}).get("passed"))
 
+    @property
+    def lint_passed(self) -> bool:
+        """True when the mixed-precision model passed every lint check."""
+        return bool(self.manifest.get("lint", {}).get("ok"))
+
 
 def convert(
     model: str | Path,
@@ -67,6 +77,7 @@ def convert(
     check_samples: int = CHECK_SAMPLES,
     plan_options: PlanOptions | None = None,
     calibration_samples: int = CALIBRATION_SAMPLES,
+    io_types: str = "fp32",
     on_stage: StageCallback | None = None,
 ) -> ConvertResult:
     """Convert a trained model file into ``out``: FP32 ONNX with provenance, checked against PyTorch, and the
@@ -75,7 +86,9 @@ def convert(
     ``plan_options.policy`` defaults to what the model file records about its training (a ``.pt2`` written
     by mpexport's examples), else ``cuda-fp16``. The range rule runs on up to ``calibration_samples`` samples
     of ``val_data`` when given. Raises :class:`MpexportError` (nothing written, an existing ``out`` untouched)
-    for bad input or an impossible export. A failed export check does not raise: the result records it.
+    for bad input or an impossible export. The plan is applied to write ``model.mixed.onnx`` (graph inputs and
+    outputs FP32 unless ``io_types="native"``), which is linted. A failed export check or lint does not raise:
+    the result records it.
     """
     stage = on_stage or (lambda _name: None)
     artifacts.check_output_dir(out, force=force)
@@ -87,6 +100,8 @@ def convert(
     examples = example_inputs(specs, data)
     reference = _reference_runner(loaded, specs)
     names = _output_names(loaded, specs, examples)
+    options = _plan_options(plan_options, loaded)
+    opset = _opset_for(options, opset)
     stage("export")
     started = time.perf_counter()
     exported = export_onnx(ExportRequest(loaded, specs, examples, names, opset))
@@ -100,7 +115,6 @@ def convert(
                                 [spec["name"] for spec in manifest["outputs"]])
         manifest["export_check"] = _check_json(check, data)
         stage("plan")
-        options = _plan_options(plan_options, loaded)
         plan = _plan(staging, exported.model, records, options, specs, data, calibration_samples)
         artifacts.write_json(staging / PLAN, plan.to_json())
         artifacts.add_artifact(manifest, staging, "plan", PLAN)
@@ -108,11 +122,38 @@ def convert(
                             "policy_source": options_source(plan_options, loaded), "notes": plan.notes,
                             "summary": {key: value for key, value in plan.summary().items()
                                         if key in ("precision", "rules", "macs")}}
+        stage("rewrite")
+        _write_mixed(staging, exported.model, plan, io_types, manifest)
         artifacts.write_manifest(staging, manifest)
     notes = loaded.notes + exported.notes + plan.notes
     if not check.passed:
         notes.append(_check_failure_note(check))
+    for failed in (c for c in manifest["lint"]["checks"] if c["status"] == "fail"):
+        notes.append(f"lint FAILED: {failed['name']}: {failed['detail']} {'; '.join(failed['findings'][:3])}")
     return ConvertResult(Path(out), manifest, notes)
+
+
+def _opset_for(options: PlanOptions, opset: int | None) -> int | None:
+    if options.low != "bf16" or (opset is not None and opset >= BF16_MIN_OPSET):
+        return opset
+    if opset is not None:
+        raise MpexportError(f"a BF16 target needs ONNX opset {BF16_MIN_OPSET} or newer, not {opset}",
+                            stage="export", hint=f"drop --opset or pass --opset {BF16_MIN_OPSET}")
+    return BF16_MIN_OPSET
+
+
+def _write_mixed(staging: Path, model: ir.Model, plan: PrecisionPlan, io_types: str,
+                 manifest: dict[str, Any]) -> None:
+    """Apply the plan to the in-memory FP32 model (already written), save, lint, and record both."""
+    precisions = {node.name: node.precision for node in plan.nodes}
+    report = apply_plan(model, precisions, io_types=io_types)
+    external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_file = f"{MIXED_ONNX}.data"
+    ir.save(model, staging / MIXED_ONNX, external_data=data_file if external else None)
+    artifacts.add_artifact(manifest, staging, "mixed_onnx", MIXED_ONNX, (data_file,) if external else ())
+    manifest["rewrite"] = report.to_json()
+    manifest["lint"] = lint_model(staging / MIXED_ONNX, precisions).to_json()
+    manifest["lint"]["model"] = MIXED_ONNX
 
 
 def training_policy(loaded: LoadedModel) -> str | None:

@@ -11,8 +11,9 @@ from when the model trained:
    (scaled dot-product attention) keeps its internal precision: matmuls low, scores and softmax FP32;
 5. unlisted ops follow their inputs like torch's type promotion (0-d constants do not promote; weights of
    normalisation nodes do not change the data type);
-6. the range rule (optional, from calibration statistics): a low-precision node whose FP32 output or weight
-   exceeds the target type's safe range stays FP32, with the value in the reason. Nothing is clamped.
+6. the range rule: a low-precision node whose weight the target type cannot hold, or (given calibration
+   statistics) whose FP32 output exceeds the type's safe range, stays FP32 with the value in the reason.
+   Nothing is clamped.
 
 Explicit ``x.float()`` casts that the FP32 graph dropped as no-ops are honoured through the provenance.
 """
@@ -57,6 +58,8 @@ OP_TYPE_TO_ATEN = {
 }
 """Stand-in aten ops for nodes whose exporter recorded none (the TorchScript exporter)."""
 DEFAULT_HEADROOM = 2.0
+MASK_SENTINEL = 1e38
+"""|values| at or beyond this (finfo(float32).min/max, infinities) are masking sentinels, not magnitudes."""
 DEFAULT_POLICY = "cuda-fp16"
 
 
@@ -257,7 +260,7 @@ def make_plan(model: ir.Model, records: list[NodeProvenance], options: PlanOptio
         plan.notes.append(f"trained under {policy.name}, deployed as {options.low}: the policy decides which nodes "
                           f"run in low precision, {options.low} is their type")
     if ranges is None and options.range_check:
-        plan.notes.append("no calibration data: the range rule did not run")
+        plan.notes.append("no calibration data: the range rule checked weights only, not activations")
     return plan
 
 
@@ -321,7 +324,7 @@ class _Engine:
             kind, reason = override
             return (FP32 if kind == "fp32" else self.low), reason, "override"
         precision, reason, rule = self._policy_decision(node, record)
-        if precision == self.low and self.ranges is not None:
+        if precision == self.low:
             exceeded = self._range_violation(node)
             if exceeded:
                 return FP32, exceeded, "range"
@@ -396,17 +399,18 @@ class _Engine:
         return max(dtypes, key=lambda dtype: WIDTH.get(dtype, 0)) if dtypes else None
 
     def _range_violation(self, node: ir.Node) -> str | None:
-        """Why this low-precision node must stay FP32: a weight the type cannot hold, or an output beyond
-        the safe limit on calibration data."""
-        assert self.ranges is not None
+        """Why this low-precision node must stay FP32: a weight the type cannot hold (always checked; mask
+        sentinels such as finfo(float32).min excepted, the writer saturates those), or an output beyond the
+        safe limit on calibration data (when statistics are given)."""
         for value in node.inputs:
             if value is not None and value.const_value is not None and ONNX_FLOAT_TYPES.get(value.dtype):
-                peak = float(np.abs(value.const_value.numpy()).max(initial=0.0))
+                magnitudes = np.abs(value.const_value.numpy())
+                peak = float(magnitudes[magnitudes < MASK_SENTINEL].max(initial=0.0))
                 if peak > TYPE_MAX[self.low]:
                     return f"range: weight '{value.name}' reaches {peak:.3g}, beyond {self.low.upper()} max " \
                         f"{TYPE_MAX[self.low]:.6g}"
         for value in node.outputs:
-            peak = self.ranges.max_abs.get(value.name)
+            peak = self.ranges.max_abs.get(value.name) if self.ranges is not None else None
             if peak is not None and peak > self.limit:
                 return (f"range: output reached {peak:.3g} on calibration data, beyond the {self.low.upper()} "
                         f"safe limit {self.limit:.3g} (max {TYPE_MAX[self.low]:.6g} / headroom "

@@ -134,7 +134,10 @@ def test_range_rule_keeps_overflowing_nodes_fp32_and_says_why(cli, tmp_path: Pat
     unchecked = tmp_path / "unchecked"
     cli("convert", checkpoint, "--factory", "tests.toy_models:build_outliers", "--val-data", val,
         "--amp-policy", "cuda-fp16", "--no-range-check", "--out", unchecked)
-    assert all(n["rule"] != "range" for n in json.loads((unchecked / "plan.json").read_text())["nodes"])
+    unchecked_ranges = [n for n in json.loads((unchecked / "plan.json").read_text())["nodes"] if n["rule"] == "range"]
+    # Weights (the 1e5 entry of `big`, the constant 1e5 divisor) are always checked; activations were not.
+    assert {n["module"] for n in unchecked_ranges} == {"", "big"}
+    assert all("weight" in n["reason"] for n in unchecked_ranges)
 
 
 def test_overrides_from_cli_and_policy_file(cli, tmp_path: Path) -> None:

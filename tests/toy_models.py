@@ -193,3 +193,22 @@ def build_explicit_cast() -> nn.Module:
     """An ExplicitCast model, seed 0."""
     torch.manual_seed(0)
     return ExplicitCast().eval()
+
+
+def build_hf_resnet() -> nn.Module:
+    """A tiny transformers ResNetForImageClassification (conv, batch norm, residual stages), seed 0."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5)
+    return ResNetForImageClassification(config).eval()
+
+
+def build_gpt2() -> nn.Module:
+    """A tiny transformers GPT2LMHeadModel (causal mask, Conv1D projections, tanh GELU), no cache, seed 0."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, use_cache=False,
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config).eval()
