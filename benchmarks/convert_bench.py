@@ -1,0 +1,130 @@
+"""The plan + rewrite step of mpexport against onnxconverter-common and ModelOpt AutoCast, on BERT-base.
+
+    pip install onnxconverter-common "nvidia-modelopt[onnx]"   # the baselines (not mpexport dependencies)
+    python benchmarks/convert_bench.py [--layers 12] [--workdir DIR]
+
+BERT-base is built from its config (no download), exported once by `mpexport convert` (FP32 ONNX +
+provenance). Then each converter turns that FP32 ONNX into a mixed FP16 model in its own process, timed
+from reading the ONNX file to writing the result, with its peak RSS:
+
+* mpexport: plan (cuda-fp16 policy, no calibration) + rewrite + save;
+* onnxconverter-common: ``float16.convert_float_to_float16(keep_io_types=True)`` + save;
+* ModelOpt AutoCast: ``convert_to_mixed_precision(keep_io_types=True)`` (random calibration data, its
+  default) + save.
+
+Each result is then loaded in ONNX Runtime and run once on a batch of 2 x 128 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+CONVERTERS = ("mpexport", "onnxconverter-common", "modelopt-autocast")
+
+
+def export_bert(workdir: Path, layers: int) -> Path:
+    """BERT-base classifier from its config, converted by mpexport; returns the output directory."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import mpexport
+    from mpexport.plan import PlanOptions
+
+    out = workdir / "bert"
+    if (out / "manifest.json").exists():
+        return out
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(num_hidden_layers=layers)).eval()
+    torch.save(model, workdir / "bert.pt")
+    ids = np.random.default_rng(0).integers(0, 30000, (4, 128))
+    np.savez(workdir / "val.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    mpexport.convert(workdir / "bert.pt", out=out, val_data=workdir / "val.npz", trust_pickle=True,
+                     plan_options=PlanOptions(policy="cuda-fp16", range_check=False), force=True)
+    return out
+
+
+def convert_one(name: str, source: Path, target: Path) -> dict:
+    """Run one converter in this process; returns seconds and peak RSS (MB)."""
+    warnings.simplefilter("ignore")
+    start = time.perf_counter()
+    if name == "mpexport":
+        import onnx_ir as ir
+
+        from mpexport import provenance
+        from mpexport.plan import PlanOptions, make_plan
+        from mpexport.rewrite import apply_plan
+
+        model = ir.load(str(source / "model.fp32.onnx"))
+        records = provenance.from_json(json.loads((source / "provenance.json").read_text()))
+        plan = make_plan(model, records, PlanOptions(policy="cuda-fp16", range_check=False))
+        apply_plan(model, {node.name: node.precision for node in plan.nodes})
+        ir.save(model, str(target))
+    elif name == "onnxconverter-common":
+        import onnx
+        from onnxconverter_common import float16
+
+        model = onnx.load(str(source / "model.fp32.onnx"))
+        onnx.save(float16.convert_float_to_float16(model, keep_io_types=True), str(target))
+    else:
+        import onnx
+        from modelopt.onnx.autocast import convert_to_mixed_precision
+
+        onnx.save(convert_to_mixed_precision(str(source / "model.fp32.onnx"), keep_io_types=True), str(target))
+    seconds = time.perf_counter() - start
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def runs_in_ort(path: Path) -> str:
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        ids = np.random.default_rng(1).integers(0, 30000, (2, 128))
+        feeds = {value.name: (ids if value.name == "input_ids" else np.ones_like(ids)) for value in session.get_inputs()}
+        session.run(None, feeds)
+    except Exception as exc:  # noqa: BLE001 - the benchmark reports what failed
+        return f"fails: {str(exc).splitlines()[0][:120]}"
+    return "runs"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--child", nargs=3, metavar=("NAME", "SOURCE", "TARGET"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        name, source, target = args.child
+        print(json.dumps(convert_one(name, Path(source), Path(target))))
+        return
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mpexport-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    source = export_bert(workdir, args.layers)
+    rows = []
+    for name in CONVERTERS:
+        target = workdir / f"{name}.onnx"
+        process = subprocess.run([sys.executable, __file__, "--child", name, str(source), str(target)],
+                                 capture_output=True, text=True)
+        if process.returncode != 0:
+            rows.append((name, None, None, f"converter failed: {process.stderr.strip().splitlines()[-1][:120]}"))
+            continue
+        result = json.loads(process.stdout.strip().splitlines()[-1])
+        rows.append((name, result["seconds"], result["peak_rss_mb"], runs_in_ort(target)))
+    print(f"BERT-base ({args.layers} layers), FP32 ONNX {(source / 'model.fp32.onnx').stat().st_size / 1e6:.0f} MB")
+    print(f"{'converter':<22} {'seconds':>8} {'peak RSS MB':>12}  ONNX Runtime")
+    for name, seconds, rss, status in rows:
+        print(f"{name:<22} {seconds if seconds is not None else '-':>8} {rss if rss is not None else '-':>12}  {status}")
+
+
+if __name__ == "__main__":
+    main()

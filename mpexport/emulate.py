@@ -1,0 +1,114 @@
+"""Strict low-precision emulation: an FP32 copy of a mixed-precision ONNX model that stores every FP16/BF16
+tensor exactly as the low type would (a Cast to the low type and back after it), so ONNX Runtime's CPU EP
+cannot hide overflow by computing low-precision chains in FP32.
+
+* every node whose outputs are FP16/BF16 computes in FP32 and rounds each output through the low type;
+* the model's own casts to a low type round the same way; low-precision initializers become their exact
+  FP32 values;
+* pessimistic reductions: a low-precision ReduceMean also rounds the sum it divides (what a kernel that
+  accumulates in the low type computes), so a sum that overflows shows as infinity.
+
+Works on any typed ONNX model (mpexport's mixed model or one made by another tool).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+LOW_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def strict_emulation(model: ir.Model) -> ir.Model:
+    """Turn ``model`` (in place) into its FP32 strict emulation and return it."""
+    graph = model.graph
+    for value in list(graph.initializers.values()):
+        if value.dtype in LOW_TYPES and value.const_value is not None:
+            value.const_value = ir.tensor(value.const_value.numpy().astype(np.float32), name=value.name)
+            value.dtype = ir.DataType.FLOAT
+    for value in graph.inputs:
+        if value.dtype in LOW_TYPES:
+            value.dtype = ir.DataType.FLOAT
+    for node in list(graph):
+        if node.op_type == "ConstantOfShape" and "value" in node.attributes:
+            tensor = node.attributes["value"].value
+            if tensor.dtype in LOW_TYPES:
+                node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float32)))
+                _round_outputs(graph, node, tensor.dtype)
+                continue
+        if node.op_type == "Cast" and ir.DataType(node.attributes["to"].value) in LOW_TYPES:
+            low = ir.DataType(node.attributes["to"].value)
+            node.attributes["to"] = ir.AttrInt64("to", ir.DataType.FLOAT)
+            _round_outputs(graph, node, low)
+            continue
+        lows = [output.dtype for output in node.outputs if output.dtype in LOW_TYPES]
+        if not lows:
+            continue
+        if node.op_type == "ReduceMean":
+            _pessimistic_mean(graph, node, lows[0])
+        _round_outputs(graph, node, lows[0])
+    return model
+
+
+def _round_outputs(graph: ir.Graph, node: ir.Node, low: ir.DataType) -> None:
+    """Make ``node``'s low outputs FP32 and route their consumers through a round trip via ``low``."""
+    anchor = node
+    for output in node.outputs:
+        if output.dtype not in LOW_TYPES and not (node.op_type in ("Cast", "ConstantOfShape")
+                                                  and output.dtype == ir.DataType.FLOAT):
+            continue
+        output.dtype = ir.DataType.FLOAT
+        consumers = list(output.uses())
+        down = ir.node("Cast", [output], {"to": low}, name=f"{node.name}__round_{output.name}_down")
+        up = ir.node("Cast", [down.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{node.name}__round_{output.name}_up")
+        down.outputs[0].name = f"{output.name}__low"
+        down.outputs[0].dtype = low
+        up.outputs[0].dtype = ir.DataType.FLOAT
+        up.outputs[0].shape = output.shape
+        is_output = output in graph.outputs
+        graph.insert_after(anchor, [down, up])
+        anchor = up
+        for user, index in consumers:
+            user.replace_input_with(index, up.outputs[0])
+        rounded_name = output.name
+        output.name = f"{rounded_name}__unrounded"
+        up.outputs[0].name = rounded_name
+        if is_output:
+            position = list(graph.outputs).index(output)
+            graph.outputs[position] = up.outputs[0]
+
+
+def _pessimistic_mean(graph: ir.Graph, node: ir.Node, low: ir.DataType) -> None:
+    """mean = round(round(mean * n) / n): the low-precision sum a naive kernel accumulates, n = |x| / |mean|."""
+    source, mean = node.inputs[0], node.outputs[0]
+    name = node.name
+    consumers = list(mean.uses())
+    size_in = ir.node("Size", [source], name=f"{name}__count_in")
+    size_out = ir.node("Size", [mean], name=f"{name}__count_out")
+    count = ir.node("Div", [size_in.outputs[0], size_out.outputs[0]], name=f"{name}__count")
+    count_float = ir.node("Cast", [count.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}__count_float")
+    mean.dtype = ir.DataType.FLOAT
+    total = ir.node("Mul", [mean, count_float.outputs[0]], name=f"{name}__sum")
+    down = ir.node("Cast", [total.outputs[0]], {"to": low}, name=f"{name}__sum_down")
+    up = ir.node("Cast", [down.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}__sum_up")
+    divided = ir.node("Div", [up.outputs[0], count_float.outputs[0]], name=f"{name}__mean")
+    for value, suffix, dtype in ((total.outputs[0], "sum", ir.DataType.FLOAT), (down.outputs[0], "sum_low", low),
+                                 (up.outputs[0], "sum_rounded", ir.DataType.FLOAT),
+                                 (divided.outputs[0], "mean", ir.DataType.FLOAT)):
+        value.name = f"{mean.name}__{suffix}"
+        value.dtype = dtype
+    for value in (size_in.outputs[0], size_out.outputs[0], count.outputs[0]):
+        value.dtype = ir.DataType.INT64
+        value.name = f"{name}__{value.producer().name.rsplit('__', 1)[1]}"
+    count_float.outputs[0].dtype = ir.DataType.FLOAT
+    count_float.outputs[0].name = f"{name}__count_float"
+    graph.insert_after(node, [size_in, size_out, count, count_float, total, down, up, divided])
+    is_output = mean in graph.outputs
+    for user, index in consumers:
+        user.replace_input_with(index, divided.outputs[0])
+    original = mean.name
+    mean.name = f"{original}__direct"
+    divided.outputs[0].name = original
+    divided.outputs[0].shape = mean.shape
+    if is_output:
+        graph.outputs[list(graph.outputs).index(mean)] = divided.outputs[0]
