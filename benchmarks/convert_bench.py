@@ -81,7 +81,8 @@ def convert_one(name: str, source: Path, target: Path) -> dict:
 
         onnx.save(convert_to_mixed_precision(str(source / "model.fp32.onnx"), keep_io_types=True), str(target))
     seconds = time.perf_counter() - start
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    peak_mb = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"seconds": round(seconds, 2), "peak_rss_mb": peak_mb}
 
 
 def runs_in_ort(path: Path) -> str:
@@ -90,7 +91,8 @@ def runs_in_ort(path: Path) -> str:
     try:
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         ids = np.random.default_rng(1).integers(0, 30000, (2, 128))
-        feeds = {value.name: (ids if value.name == "input_ids" else np.ones_like(ids)) for value in session.get_inputs()}
+        feeds = {value.name: (ids if value.name == "input_ids" else np.ones_like(ids))
+                 for value in session.get_inputs()}
         session.run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - the benchmark reports what failed
         return f"fails: {str(exc).splitlines()[0][:120]}"
@@ -123,7 +125,9 @@ def main() -> None:
     print(f"BERT-base ({args.layers} layers), FP32 ONNX {(source / 'model.fp32.onnx').stat().st_size / 1e6:.0f} MB")
     print(f"{'converter':<22} {'seconds':>8} {'peak RSS MB':>12}  ONNX Runtime")
     for name, seconds, rss, status in rows:
-        print(f"{name:<22} {seconds if seconds is not None else '-':>8} {rss if rss is not None else '-':>12}  {status}")
+        shown_seconds = seconds if seconds is not None else "-"
+        shown_rss = rss if rss is not None else "-"
+        print(f"{name:<22} {shown_seconds:>8} {shown_rss:>12}  {status}")
 
 
 if __name__ == "__main__":
