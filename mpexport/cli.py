@@ -221,6 +221,120 @@ def _print_convert(result: Any) -> None:
 
 
 @main.command()
+@click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=str))
+@click.option("--val-data", type=click.Path(path_type=str),
+              help="Validation data (default: the data convert checked the export on).")
+@click.option("--reference", type=click.Path(dir_okay=False, path_type=str),
+              help="Without DIRECTORY: the PyTorch model to compare --candidate against.")
+@click.option("--candidate", type=click.Path(dir_okay=False, path_type=str),
+              help="Without DIRECTORY: any ONNX file (e.g. made by another tool) to check.")
+@click.option("--factory", metavar="MODULE:FUNCTION", help="With --reference: builds the model for a checkpoint.")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled source model (runs its code).")
+@click.option("--amp-policy", type=click.Choice(POLICY_NAMES), default="cuda-fp16", show_default=True,
+              help="With --reference: the training policy (the noise floor of the budget).")
+@click.option("--low", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True,
+              help="With --candidate: the low type its strict emulation is named after.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--max-samples", type=click.IntRange(1), help="Stop after this many samples.")
+@click.option("--budget-factor", type=click.FloatRange(min=1.0), default=2.0, show_default=True,
+              help="Budget = this x the torch-amp (training) error, with absolute floors.")
+@click.option("--atol", type=float, help="Explicit max abs error (overrides the budget).")
+@click.option("--min-cosine", type=float, help="Explicit minimum cosine similarity (overrides the budget).")
+@click.option("--max-top1-drop", type=float, help="Explicit largest top-1 disagreement share (overrides).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify(directory: str | None, val_data: str | None, reference: str | None, candidate: str | None,
+           factory: str | None, trust_pickle: bool, amp_policy: str, low: str, batch_size: int,
+           max_samples: int | None, budget_factor: float, atol: float | None, min_cosine: float | None,
+           max_top1_drop: float | None, as_json: bool) -> None:
+    """Run the FP32 baseline and every deployable form side by side on the validation set, and gate.
+
+    Backends: torch-fp32 (reference), torch-amp (the training policy: the noise floor), onnx-fp32,
+    onnx-mixed, and strict-fp16/bf16 (true low-precision storage, which ONNX Runtime's CPU kernels
+    would otherwise hide). Writes report.json and report.html into DIRECTORY. Exit 0 pass, 1 fail,
+    2 bad input.
+
+    \b
+    Examples:
+      mpexport verify build/resnet
+      mpexport verify --reference model.pt2 --candidate other_tool.onnx --val-data val.npz
+    """
+    from mpexport.verify import VerifyOptions, verify_candidate
+    from mpexport.verify import verify as run_verify
+
+    options = VerifyOptions(budget_factor=budget_factor, atol=atol, min_cosine=min_cosine,
+                            max_top1_drop=max_top1_drop, batch_size=batch_size, max_samples=max_samples)
+    with _batch_progress(as_json) as on_batch:
+        if directory:
+            if reference or candidate:
+                raise click.UsageError("give DIRECTORY, or --reference and --candidate, not both")
+            report = run_verify(directory, val_data=val_data, options=options, trust_pickle=trust_pickle,
+                                on_batch=on_batch)
+        else:
+            if not (reference and candidate and val_data):
+                raise click.UsageError("without DIRECTORY, give --reference, --candidate and --val-data")
+            report = verify_candidate(reference, candidate, val_data, factory=factory, trust_pickle=trust_pickle,
+                                      policy=amp_policy, low=low, options=options, on_batch=on_batch)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+    else:
+        _print_verify(report, directory)
+    if not report.passed:
+        sys.exit(EXIT_PARITY_FAILED)
+
+
+class _batch_progress:
+    """A progress bar over validation samples on stderr (silent with --json or off a terminal)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet or not stderr.is_terminal
+        self.progress = None
+
+    def __enter__(self) -> Callable[[int, int], None]:
+        if self.quiet:
+            return lambda _done, _total: None
+        from rich.progress import Progress
+
+        self.progress = Progress(console=stderr, transient=True)
+        self.progress.__enter__()
+        task = self.progress.add_task("verifying", total=None)
+        return lambda done, total: self.progress.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(*exc_info)
+
+
+def _print_verify(report: Any, directory: str | None) -> None:
+    colour = "green" if report.passed else "red"
+    stdout.print(f"[bold {colour}]{report.verdict.upper()}[/]: {report.samples} samples from {escape(report.data)}")
+    table = Table(title="parity against torch-fp32", title_justify="left")
+    for column in ("backend", "output", "max abs", "p99 abs", "min cosine", "SNR dB", "non-finite", "top-1",
+                   "accuracy", "budget (atol)"):
+        table.add_column(column, justify="right" if column not in ("backend", "output") else "left")
+    for backend, outputs in report.metrics.items():
+        for name, metric in outputs.items():
+            data = metric.to_json()
+            limits = report.thresholds.get(backend, {}).get(name)
+            table.add_row(backend, name, f"{data['max_abs']:.3g}", f"{data['p99_abs']:.3g}",
+                          f"{data['min_cosine']}", str(data["snr_db"]), str(data["nonfinite"]),
+                          str(data.get("top1_agreement", "")), str(data.get("accuracy", "")),
+                          f"{limits['atol']:.3g}" if limits else "noise floor")
+    stdout.print(table)
+    for name, info in report.backends.items():
+        if not info.get("ran"):
+            stdout.print(f"[yellow]skipped {name}:[/] {escape(info.get('why', ''))}", soft_wrap=True)
+    for failure in report.failures:
+        stdout.print(f"[red]fail:[/] {escape(failure)}", soft_wrap=True)
+    for row in report.localisation:
+        stdout.print(f"[red]first out of budget:[/] {row['node']} ({row['op_type']}, module "
+                     f"{row.get('module')!s}, {row.get('precision')}): {row['nonfinite']} non-finite, relative error "
+                     f"{row['relative_error']}" + (f" — plan: {escape(row['reason'])}" if row.get("reason") else ""),
+                     soft_wrap=True)
+    if directory:
+        stdout.print(f"report: {directory}/report.json, {directory}/report.html")
+
+
+@main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=str),
               help="A plan.json whose precisions the model must realize.")

@@ -212,3 +212,26 @@ def build_gpt2() -> nn.Module:
     config = GPT2Config(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4, use_cache=False,
                         bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(config).eval()
+
+
+class OverflowHazard(nn.Module):
+    """Llama-style RMSNorm over activations in the hundreds: x**2 overflows FP16 (max 65504), which the
+    training policy avoids (autocast runs pow and rsqrt in FP32) and a naive all-FP16 conversion does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 32)
+        self.head = nn.Linear(32, 4)
+        with torch.no_grad():
+            self.up.weight.mul_(120.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        variance = h.pow(2).mean(-1, keepdim=True)
+        return self.head(h * torch.rsqrt(variance + 1e-6))
+
+
+def build_overflow_hazard() -> nn.Module:
+    """An OverflowHazard model, seed 0."""
+    torch.manual_seed(0)
+    return OverflowHazard().eval()

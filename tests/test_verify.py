@@ -1,0 +1,126 @@
+"""verify: backends side by side, the noise-floor gate, the strict emulation that ONNX Runtime's CPU EP
+cannot fool, localisation, reports, bad validation data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+import torch
+
+import mpexport
+from mpexport.plan import PlanOptions
+from mpexport.rewrite import apply_plan
+from mpexport.verify import verify, verify_candidate
+from tests.conftest import MODELS, assert_bad_input
+from tests.toy_models import build_overflow_hazard
+
+
+@pytest.mark.parametrize("example", ["digits_resnet", "digits_transformer"])
+def test_bundled_examples_pass_with_every_backend_here(cli, tmp_path: Path, example: str) -> None:
+    out = tmp_path / example
+    assert cli("convert", MODELS / f"{example}.pt2", "--val-data", MODELS / f"{example}.val.npz",
+               "--out", out).exit_code == 0
+    result = cli("verify", out)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    assert "PASS" in result.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "pass" and report["samples"] == 360
+    ran = {name for name, info in report["backends"].items() if info["ran"]}
+    low = report["backends"].keys() & {"strict-fp16", "strict-bf16"}
+    assert {"torch-fp32", "torch-amp", "onnx-fp32"} <= ran and low <= ran and low
+    assert "onnx-mixed" in report["backends"]  # ran, or skipped with the reason (no BF16 Conv on ORT's CPU EP)
+    accuracy = report["metrics"][next(iter(low))]["output"]["accuracy"]
+    assert abs(accuracy - report["backends"]["torch-fp32"]["accuracy"]) <= 0.01
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifacts"]["report"] == "report.json" and manifest["verify"]["verdict"] == "pass"
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "<svg" in page and "PASS" in page
+
+
+@pytest.fixture(scope="module")
+def hazard(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The overflow-hazard model as .pt2, its data, mpexport's conversion and a naive all-FP16 conversion."""
+    root = tmp_path_factory.mktemp("hazard")
+    model = build_overflow_hazard()
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    program = torch.export.export(model, (x[:2],), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, root / "hazard.pt2")
+    np.savez(root / "val.npz", x=x.numpy())
+    out = root / "mpexport"
+    mpexport.convert(root / "hazard.pt2", out=out, val_data=root / "val.npz",
+                     plan_options=PlanOptions(policy="cuda-fp16"))
+    naive = ir.load(str(out / "model.fp32.onnx"))
+    apply_plan(naive, {node.name: "fp16" for node in naive.graph
+                       if any(v.dtype == ir.DataType.FLOAT for v in node.outputs)})
+    ir.save(naive, root / "naive.onnx")
+    return {"pt2": root / "hazard.pt2", "val": root / "val.npz", "out": out, "naive": root / "naive.onnx"}
+
+
+def test_naive_fp16_fails_through_strict_emulation_though_ort_cpu_agrees(hazard: dict[str, Path]) -> None:
+    report = verify_candidate(hazard["pt2"], hazard["naive"], hazard["val"])
+    assert report.verdict == "fail"
+    plain = report.metrics["onnx-candidate"]["output"]
+    strict = report.metrics["strict-fp16"]["output"]
+    assert plain.nonfinite == 0 and plain.min_cosine > 0.999  # ONNX Runtime's CPU EP hides the overflow
+    assert strict.min_cosine < 0.99  # true FP16 storage does not
+    assert any(failure.startswith("strict-fp16") for failure in report.failures)
+    assert not any(failure.startswith("onnx-candidate") for failure in report.failures)
+    first = report.localisation[0]
+    assert first["op_type"] == "Pow" and first["nonfinite"] > 0, report.localisation
+
+
+def test_policy_plan_of_the_same_model_passes(cli, hazard: dict[str, Path]) -> None:
+    plan = json.loads((hazard["out"] / "plan.json").read_text())
+    assert {n["precision"] for n in plan["nodes"] if n["op_type"] in ("Pow", "ReduceMean", "Sqrt")} == {"fp32"}
+    result = cli("verify", hazard["out"], "--json")
+    assert result.exit_code == 0, result.stdout
+    assert json.loads(result.stdout)["verdict"] == "pass"
+
+
+def test_candidate_cli_exit_code_and_localisation(cli, hazard: dict[str, Path]) -> None:
+    result = cli("verify", "--reference", hazard["pt2"], "--candidate", hazard["naive"], "--val-data", hazard["val"])
+    assert result.exit_code == 1
+    assert "fail: strict-fp16" in result.stdout and "first out of budget" in result.stdout
+
+
+def test_explicit_thresholds_override_the_budget(hazard: dict[str, Path]) -> None:
+    from mpexport.verify import VerifyOptions
+
+    report = verify(hazard["out"], options=VerifyOptions(atol=1e-9), write=False)
+    assert report.verdict == "fail"
+    assert all("explicit thresholds override" in limits["source"]
+               for backend, outputs in report.thresholds.items() if backend != "onnx-fp32"
+               for limits in outputs.values())
+
+
+GOOD = np.zeros((8, 1, 8, 8), np.float32)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "fragment"),
+    [
+        ({"image": GOOD}, "missing pixels"),
+        ({"pixels": np.zeros((8, 1, 8, 9), np.float32)}, "has shape"),
+        ({"pixels": GOOD.astype(np.int32)}, "has dtype int32"),
+        ({"pixels": np.full((8, 1, 8, 8), np.inf, np.float32)}, "NaN/Inf"),
+        ({"pixels": np.zeros((0, 1, 8, 8), np.float32)}, "no samples"),
+    ],
+)
+def test_verify_bad_validation_data(cli, tmp_path: Path, arrays: dict, fragment: str) -> None:
+    out = tmp_path / "m"
+    assert cli("convert", MODELS / "digits_resnet.pt2", "--out", out, "--input", "pixels:batch,1,8,8").exit_code == 0
+    val = tmp_path / "val.npz"
+    np.savez(val, **arrays)
+    assert_bad_input(cli("verify", out, "--val-data", val), fragment)
+    assert not (out / "report.json").exists()
+
+
+def test_verify_without_data_and_usage_errors(cli, tmp_path: Path) -> None:
+    out = tmp_path / "m"
+    assert cli("convert", MODELS / "digits_resnet.pt2", "--out", out, "--input", "pixels:batch,1,8,8").exit_code == 0
+    assert_bad_input(cli("verify", out), "no validation data")
+    assert cli("verify").exit_code == 2
