@@ -7,14 +7,32 @@ The Python API mirrors the CLI::
     print(result.manifest["artifacts"])
 """
 
-from mpexport.convert import ConvertResult, convert
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
 from mpexport.errors import MpexportError
-from mpexport.export import ExportRequest, ExportResult, export_onnx
-from mpexport.loading import LoadedModel, load_model
 from mpexport.specs import TensorSpec, parse_input_option
-from mpexport.valdata import ValidationData, load_validation_data
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "ConvertResult": "mpexport.conversion", "convert": "mpexport.conversion",
+    "ExportRequest": "mpexport.export", "ExportResult": "mpexport.export", "export_onnx": "mpexport.export",
+    "LoadedModel": "mpexport.loading", "load_model": "mpexport.loading",
+    "ValidationData": "mpexport.valdata", "load_validation_data": "mpexport.valdata",
+    "ParityReport": "mpexport.verification", "verify": "mpexport.verification",
+    "verify_candidate": "mpexport.verification",
+    "lint_model": "mpexport.lint", "inspect_plan": "mpexport.inspection",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the stages on first use: planning, rewriting and linting need no torch."""
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mpexport' has no attribute '{name}'")
 
 __all__ = [
     "ConvertResult",
@@ -22,12 +40,17 @@ __all__ = [
     "ExportResult",
     "LoadedModel",
     "MpexportError",
+    "ParityReport",
     "TensorSpec",
     "ValidationData",
     "__version__",
     "convert",
     "export_onnx",
+    "inspect_plan",
+    "lint_model",
     "load_model",
     "load_validation_data",
     "parse_input_option",
+    "verify",
+    "verify_candidate",
 ]

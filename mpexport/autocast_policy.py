@@ -5,8 +5,9 @@ kernel per op under the ``AutocastCPU`` / ``AutocastCUDA`` dispatch keys. :func:
 those registrations from the installed torch and classifies every registered op by *calling its autocast
 wrapper*: a dispatch mode below autocast records which dtypes the wrapper passes on, and aborts before any
 kernel runs. CUDA wrappers are exercised with fake CUDA tensors, so the CUDA policy is read from the binary
-on a machine without a GPU. The tables shipped in ``mpexport/policies/`` were made this way; a test re-extracts
-them from the installed torch so an upgrade cannot silently change the policy.
+on a machine without a GPU. The tables shipped in ``mpexport/policies/`` were made this way (``python -m
+mpexport.autocast_extract``); a test re-extracts them from the installed torch so an upgrade cannot silently
+change the policy. This module only reads the tables and needs no torch.
 
 Classes (``CastPolicy`` in ATen): ``lower_precision_fp``, ``fp32``, ``fp32_set_opt_dtype`` (FP32 unless a
 dtype is given), ``fp32_append_dtype``, ``promote`` (widest floating input), plus ``banned``.
@@ -14,15 +15,11 @@ dtype is given), ``fp32_append_dtype``, ``promote`` (widest floating input), plu
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
-from importlib import resources
+from importlib import metadata, resources
 from typing import Any
-
-import torch
 
 LOWER = "lower_precision_fp"
 FP32 = "fp32"
@@ -34,7 +31,6 @@ FP32_CLASSES = (FP32, FP32_SET_OPT_DTYPE, FP32_APPEND_DTYPE)
 
 DEVICE_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
 POLICY_NAMES = ("cuda-fp16", "cuda-bf16", "cpu-fp16", "cpu-bf16")
-LOW_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -95,7 +91,7 @@ def resolve_policy(name: str, torch_version: str | None = None) -> tuple[Autocas
         raise MpexportError(f"unknown autocast policy '{name}'", stage="plan",
                             hint=f"use one of {', '.join(POLICY_NAMES)}")
     device, low = name.split("-")
-    wanted = torch_minor(torch_version or torch.__version__)
+    wanted = torch_minor(torch_version or metadata.version("torch"))
     versions = available_tables()
     chosen = wanted if wanted in versions else _nearest(wanted, versions)
     note = None if chosen == wanted else (
@@ -110,250 +106,3 @@ def _nearest(wanted: str, versions: list[str]) -> str:
 
     older = [v for v in versions if key(v) <= key(wanted)]
     return max(older, key=key) if older else max(versions, key=key)
-
-
-# --- extraction from the installed torch -------------------------------------------------------------------
-
-
-class _Redispatched(Exception):
-    """Raised by the recorder once the autocast wrapper has passed the call on."""
-
-
-_PASSTHROUGH = (torch.ops.aten._to_copy.default, torch.ops.aten.empty.memory_format)
-"""What an autocast wrapper itself calls (casts; device queries are ``prim`` ops) before it redispatches."""
-
-
-class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Sits below autocast: records the casts the wrapper makes, then the call it redispatches, and aborts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.casts: list[torch.dtype] = []
-        self.call: tuple[Any, list[torch.dtype], Any] | None = None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") is not None:
-            self.casts.append(kwargs["dtype"])
-        if func.namespace == "prim" or func in _PASSTHROUGH:
-            return func(*args, **kwargs)
-        dtypes: list[torch.dtype] = []
-        _collect_dtypes(list(args) + list(kwargs.values()), dtypes)
-        self.call = (func, dtypes, kwargs.get("dtype", next((a for a in args if isinstance(a, torch.dtype)), None)))
-        raise _Redispatched
-
-
-def _collect_dtypes(values: list[Any], found: list[torch.dtype]) -> None:
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            found.append(value.dtype)
-        elif isinstance(value, (list, tuple)):
-            _collect_dtypes(list(value), found)
-
-
-def registered_ops(device: str) -> list[str]:
-    """Names (``aten::op.overload``) of every op with an autocast kernel for ``device`` in the installed torch."""
-    key = DEVICE_KEYS[device]
-    found = []
-    for name in torch._C._dispatch_get_all_op_names():
-        if not name.startswith("aten::"):
-            continue
-        try:
-            if torch._C._dispatch_has_kernel_for_dispatch_key(name, key):
-                found.append(name)
-        except RuntimeError:
-            continue
-    return sorted(found)
-
-
-def _overload(name: str) -> Any:
-    op_name, _, overload = name.removeprefix("aten::").partition(".")
-    return getattr(getattr(torch.ops.aten, op_name), overload or "default")
-
-
-def _dummy_args(schema: Any, make_tensor: Any) -> tuple[list[Any], dict[str, Any]] | None:
-    """Arguments that satisfy ``schema``'s types (values are never computed on). None if unsupported."""
-    args: list[Any] = []
-    kwargs: dict[str, Any] = {}
-    for argument in schema.arguments:
-        value = _dummy_value(argument, make_tensor)
-        if value is _UNSUPPORTED:
-            return None
-        if argument.kwarg_only:
-            kwargs[argument.name] = value
-        else:
-            args.append(value)
-    return args, kwargs
-
-
-_UNSUPPORTED = object()
-
-
-def _dummy_value(argument: Any, make_tensor: Any) -> Any:
-    kind = str(argument.type)
-    optional = kind.endswith("?")
-    base = kind.rstrip("?")
-    if base == "Tensor":
-        return make_tensor()
-    if base in ("Tensor[]", "List[Tensor]", "Tensor?[]", "List[Optional[Tensor]]"):
-        return [make_tensor(), make_tensor()]
-    if optional:
-        return None
-    if base in ("int", "SymInt"):
-        return 1
-    if base in ("int[]", "SymInt[]", "List[int]", "List[SymInt]") or base.startswith(("int[", "SymInt[")):
-        return [1] * (argument.N or 1)
-    if base == "float":
-        return 1.0
-    if base == "float[]":
-        return [1.0]
-    if base == "bool":
-        return False
-    if base.startswith("bool["):
-        return [False, False, False]
-    if base in ("Scalar", "number"):
-        return 1.0
-    if base in ("str",):
-        return "mean" if argument.name == "reduction" else "fro"
-    if base == "ScalarType":
-        return torch.float32
-    if argument.has_default_value():
-        return argument.default_value
-    return _UNSUPPORTED
-
-
-@contextlib.contextmanager
-def _autocast_on(device: str, low: torch.dtype) -> Iterator[Any]:
-    """Autocast enabled for ``device`` (CUDA via the thread-local flags, which need no GPU) plus a tensor maker."""
-    if device == "cpu":
-        with torch.autocast("cpu", dtype=low):
-            yield lambda dtype, shape: torch.zeros(shape, dtype=dtype)
-        return
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    was_enabled, was_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-    torch.set_autocast_enabled("cuda", True)
-    torch.set_autocast_dtype("cuda", low)
-    try:
-        with mode:
-            yield lambda dtype, shape: FakeTensor(mode, torch.empty(shape, dtype=dtype, device="meta"),
-                                                  torch.device("cuda"))
-    finally:
-        torch.set_autocast_enabled("cuda", was_enabled)
-        torch.set_autocast_dtype("cuda", was_dtype)
-
-
-PROBE_SHAPES = ((1, 1, 4, 4), (2, 2), (4,), (1, 2, 2), (1, 1, 2, 2, 2))
-"""Tensor shapes tried in turn: composite ops check ranks before their wrapper's redispatch reaches the mode."""
-
-
-def _probe(name: str, device: str, low: torch.dtype, input_dtype: torch.dtype) -> tuple[Any, list, Any] | str:
-    overload = _overload(name)
-    outcome = "unsupported-signature"
-    for shape in PROBE_SHAPES:
-        with _autocast_on(device, low) as tensor:
-            prepared = _dummy_args(overload._schema, lambda: tensor(input_dtype, shape))  # noqa: B023
-            if prepared is None:
-                return "unsupported-signature"
-            args, kwargs = prepared
-            recorder = _Recorder()
-            try:
-                with recorder:
-                    overload(*args, **kwargs)
-            except _Redispatched:
-                func, _, dtype_arg = recorder.call  # type: ignore[misc]
-                return func, recorder.casts, dtype_arg
-            except Exception as exc:  # noqa: BLE001 - a refusing wrapper (banned op) is a finding
-                if "unsafe to autocast" in str(exc):
-                    return BANNED
-                outcome = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-    return outcome
-
-
-def classify(name: str, device: str, low: torch.dtype = torch.float16) -> str:
-    """The cast class of op ``name`` under ``device`` autocast, read by calling its autocast wrapper: which
-    casts it makes on FP32 inputs, then on low-precision inputs, and which dtype argument it passes on."""
-    on_fp32 = _probe(name, device, low, torch.float32)
-    if isinstance(on_fp32, str):
-        return on_fp32
-    _, casts, _ = on_fp32
-    if low in casts:
-        return LOWER
-    on_low = _probe(name, device, low, low)
-    if isinstance(on_low, str):
-        return on_low
-    func, casts, dtype_arg = on_low
-    if dtype_arg == torch.float32:
-        return FP32_APPEND_DTYPE if func.name() != _overload(name).name() else FP32_SET_OPT_DTYPE
-    if func.name() in _HALF_TO_FLOAT:
-        return FP32_SET_OPT_DTYPE  # softmax(dtype=float) on a CUDA half tensor becomes _softmax(half_to_float)
-    if torch.float32 in casts:
-        return FP32
-    return PROMOTE
-
-
-_HALF_TO_FLOAT = ("aten::_softmax", "aten::_log_softmax")
-
-KNOWN_CLASSES: dict[str, dict[str, str]] = {
-    # Ops whose wrapper cannot be probed with placeholder arguments (their composite checks shapes or
-    # argument values before redispatching); classes as listed in ATen's autocast_mode.h / .cpp.
-    "cuda": {
-        "aten._convolution": LOWER, "aten._convolution.deprecated": LOWER, "aten.convolution": LOWER,
-        "aten.prelu": LOWER, "aten.einsum": LOWER, "aten.lstm_cell": LOWER, "aten.gru_cell": LOWER,
-        "aten.native_layer_norm": FP32, "aten.rms_norm": FP32, "aten.cosine_embedding_loss": FP32,
-        "aten.nuclear_norm.dim": FP32,
-        "aten.linalg_matrix_norm": FP32_SET_OPT_DTYPE, "aten.linalg_matrix_norm.str_ord": FP32_SET_OPT_DTYPE,
-        "aten.sum.dim_IntList": FP32_SET_OPT_DTYPE, "aten.norm.ScalarOpt_dim": FP32_APPEND_DTYPE,
-        "aten.cross": PROMOTE,
-    },
-    "cpu": {
-        "aten._convolution.deprecated": LOWER, "aten.prelu": LOWER,
-        "aten.cosine_embedding_loss": FP32, "aten.cross_entropy_loss": FP32, "aten.linalg_tensorsolve": FP32,
-        "aten.quantile": FP32, "aten.nanquantile": FP32, "aten.stft": FP32, "aten.stft.center": FP32,
-    },
-}
-CLASSES = (LOWER, FP32, FP32_SET_OPT_DTYPE, FP32_APPEND_DTYPE, PROMOTE, BANNED)
-
-
-def extract_policy_table() -> dict[str, Any]:
-    """Classify every op with an autocast kernel, per device, from the installed torch: by probing its
-    wrapper, else from :data:`KNOWN_CLASSES` (listed under ``from_source``); ops neither resolves are listed
-    under ``unresolved`` (none for the shipped tables)."""
-    devices: dict[str, dict[str, str]] = {}
-    from_source: dict[str, list[str]] = {}
-    unresolved: dict[str, dict[str, str]] = {}
-    for device in DEVICE_KEYS:
-        low = torch.float16 if device == "cuda" else torch.bfloat16
-        table: dict[str, str] = {}
-        for name in registered_ops(device):
-            key = op_key(name)
-            found = classify(name, device, low)
-            if found not in CLASSES and key in KNOWN_CLASSES[device]:
-                from_source.setdefault(device, []).append(key)
-                found = KNOWN_CLASSES[device][key]
-            if found not in CLASSES:
-                unresolved.setdefault(device, {})[key] = found
-                continue
-            table[key] = found
-        devices[device] = table
-    return {"torch": torch_minor(torch.__version__), "method": "probe of the autocast kernels registered in torch",
-            "from_source": from_source, "unresolved": unresolved, "devices": devices}
-
-
-def main() -> None:
-    """Write the table for the installed torch into ``mpexport/policies/``."""
-    import warnings
-    from pathlib import Path
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        table = extract_policy_table()
-    path = Path(__file__).parent / "policies" / f"autocast-torch-{table['torch']}.json"
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {path}: " + ", ".join(f"{d} {len(t)} ops" for d, t in table["devices"].items())
-          + (f"; unresolved {table['unresolved']}" if table["unresolved"] else ""))
-
-
-if __name__ == "__main__":
-    main()

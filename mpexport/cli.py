@@ -116,7 +116,7 @@ def convert(model: str, out: str, val_data: str | None, input_options: tuple[str
       mpexport convert models/digits_resnet.pt2 --val-data models/digits_resnet.val.npz --out build/resnet
       mpexport convert ckpt.pt --factory mypkg.models:build --input pixels:batch,3,224,224:float32 --out build/m
     """
-    from mpexport.convert import convert as run_convert
+    from mpexport.conversion import convert as run_convert
     from mpexport.specs import parse_input_option
 
     specs = [parse_input_option(text) for text in input_options]
@@ -258,8 +258,8 @@ def verify(directory: str | None, val_data: str | None, reference: str | None, c
       mpexport verify build/resnet
       mpexport verify --reference model.pt2 --candidate other_tool.onnx --val-data val.npz
     """
-    from mpexport.verify import VerifyOptions, verify_candidate
-    from mpexport.verify import verify as run_verify
+    from mpexport.verification import VerifyOptions, verify_candidate
+    from mpexport.verification import verify as run_verify
 
     options = VerifyOptions(budget_factor=budget_factor, atol=atol, min_cosine=min_cosine,
                             max_top1_drop=max_top1_drop, batch_size=batch_size, max_samples=max_samples)
@@ -381,7 +381,7 @@ def inspect(directory: str, as_json: bool, nodes: bool) -> None:
       mpexport inspect build/resnet
       mpexport inspect build/resnet --json | jq .summary.precision
     """
-    from mpexport.inspect import inspect_plan
+    from mpexport.inspection import inspect_plan
 
     report = inspect_plan(directory)
     if as_json:

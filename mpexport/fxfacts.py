@@ -14,9 +14,10 @@ per FX node of the decomposed program:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 FP32_CAST_TARGETS = ("aten.to.dtype", "aten._to_copy.default", "aten.to.dtype_layout", "aten.to.device")
 WRAP_WITH_AUTOCAST = "wrap_with_autocast"
@@ -63,6 +64,8 @@ def _root_name(sources: Any) -> str | None:
 
 
 def _walk(module: torch.fx.GraphModule, facts: FxFacts, region: dict[str, Any] | None) -> None:
+    import torch
+
     for node in module.graph.nodes:
         if node.op != "call_function":
             continue
@@ -86,6 +89,8 @@ def _walk(module: torch.fx.GraphModule, facts: FxFacts, region: dict[str, Any] |
 
 
 def _op_name(target: Any) -> str:
+    import torch
+
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}.{target._opname}.{target._overloadname}"
     if isinstance(target, torch._ops.HigherOrderOperator):
@@ -94,6 +99,8 @@ def _op_name(target: Any) -> str:
 
 
 def _is_fp32_cast(node: torch.fx.Node, target: str) -> bool:
+    import torch
+
     if target not in FP32_CAST_TARGETS:
         return False
     dtype = node.kwargs.get("dtype", next((a for a in node.args[1:] if isinstance(a, torch.dtype)), None))

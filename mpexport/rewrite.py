@@ -147,8 +147,12 @@ class _Rewriter:
                     self.report.initializers_cast_at_runtime.append(name)
 
     def _converted_tensor(self, value: ir.Value, target: ir.DataType, name: str) -> ir.Tensor:
-        array = value.const_value.numpy().astype(np.float32 if target != ir.DataType.DOUBLE else np.float64)
+        array = value.const_value.numpy()
         limit = LOW_MAX.get(target)
+        peak = float(max(array.max(), -array.min())) if array.size else 0.0
+        if limit is None or peak <= limit:  # the common case: one pass, no temporaries
+            return ir.tensor(array.astype(target.numpy()), name=value.const_value.name)
+        array = array.astype(np.float32 if target != ir.DataType.DOUBLE else np.float64)
         if limit is not None:
             sentinels = np.abs(array) >= MASK_SENTINEL
             if sentinels.any():

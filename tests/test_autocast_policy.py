@@ -7,15 +7,14 @@ import warnings
 import pytest
 import torch
 
+from mpexport.autocast_extract import extract_policy_table, registered_ops
 from mpexport.autocast_policy import (
     FP32,
     FP32_SET_OPT_DTYPE,
     LOWER,
     PROMOTE,
-    extract_policy_table,
     load_table,
     op_key,
-    registered_ops,
     resolve_policy,
     torch_minor,
 )

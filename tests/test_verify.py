@@ -14,7 +14,7 @@ import torch
 import mpexport
 from mpexport.plan import PlanOptions
 from mpexport.rewrite import apply_plan
-from mpexport.verify import verify, verify_candidate
+from mpexport.verification import verify, verify_candidate
 from tests.conftest import MODELS, assert_bad_input
 from tests.toy_models import build_overflow_hazard
 
@@ -88,7 +88,7 @@ def test_candidate_cli_exit_code_and_localisation(cli, hazard: dict[str, Path]) 
 
 
 def test_explicit_thresholds_override_the_budget(hazard: dict[str, Path]) -> None:
-    from mpexport.verify import VerifyOptions
+    from mpexport.verification import VerifyOptions
 
     report = verify(hazard["out"], options=VerifyOptions(atol=1e-9), write=False)
     assert report.verdict == "fail"

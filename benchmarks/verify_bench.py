@@ -1,0 +1,110 @@
+"""Verify overhead and the strict emulation's speed.
+
+    .venv/bin/python benchmarks/verify_bench.py [--samples 512] [--layers 4]
+
+1. A BERT (hidden 256, --layers layers, 128 tokens) converted by mpexport; `verify` on --samples samples.
+   Reports verify's total wall time against the sum of raw backend inference time on the same batches
+   (each backend run alone over the batches, nothing else), i.e. what metrics, batching, emulation
+   building and reporting add.
+2. The strict-fp16 emulation against onnx.reference (ONNX's reference evaluator, faithful but slow) on the
+   bundled digits transformer: time per sample for each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+def overhead(samples: int, layers: int, root: Path) -> None:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import mpexport
+    from mpexport.amp import TorchAmpRunner
+    from mpexport.loading import load_model
+    from mpexport.plan import PlanOptions
+    from mpexport.runners import OrtRunner, TorchRunner
+    from mpexport.specs import TensorSpec
+    from mpexport.valdata import load_validation_data
+    from mpexport.verification import VerifyOptions, _strict_file, verify
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=256, num_hidden_layers=layers,
+                                                     num_attention_heads=4, intermediate_size=1024)).eval()
+    torch.save(model, root / "bert.pt")
+    ids = np.random.default_rng(0).integers(0, 30000, (samples, 128))
+    np.savez(root / "val.npz", input_ids=ids, attention_mask=np.ones_like(ids))
+    out = root / "out"
+    mpexport.convert(root / "bert.pt", out=out, val_data=root / "val.npz", trust_pickle=True,
+                     plan_options=PlanOptions(policy="cuda-fp16"), calibration_samples=64)
+    options = VerifyOptions(batch_size=64)
+    start = time.perf_counter()
+    report = verify(out, options=options, trust_pickle=True)
+    total = time.perf_counter() - start
+
+    loaded = load_model(root / "bert.pt", trust_pickle=True)
+    names = ["input_ids", "attention_mask"]
+    data = load_validation_data(root / "val.npz")
+    specs = [TensorSpec(name, "int64", ("batch", 128)) for name in names]
+    batches = list(data.batches(64, inputs=specs))
+    runners = [TorchRunner(loaded.callable(), names), TorchAmpRunner(loaded, names, "cuda-fp16", batches[0]),
+               OrtRunner(out / "model.fp32.onnx"), OrtRunner(out / "model.mixed.onnx"),
+               OrtRunner(_strict_file(out / "model.mixed.onnx"))]
+    raw = 0.0
+    for runner in runners:
+        start = time.perf_counter()
+        for batch in batches:
+            runner.run(batch)
+        raw += time.perf_counter() - start
+    print(f"verify on {report.samples} samples ({report.verdict}): {total:.1f} s total; raw inference of the "
+          f"{len(runners)} backends on the same batches: {raw:.1f} s; ratio {total / raw:.2f}")
+
+
+def strict_speed(root: Path) -> None:
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+
+    import mpexport
+    from mpexport.emulate import strict_emulation
+
+    models = Path(__file__).resolve().parents[1] / "models"
+    out = root / "digits"
+    mpexport.convert(models / "digits_transformer.pt2", out=out, val_data=models / "digits_transformer.val.npz")
+    pixels = np.load(models / "digits_transformer.val.npz")["pixels"][:8]
+    strict = root / "strict.onnx"
+    ir.save(strict_emulation(ir.load(str(out / "model.mixed.onnx"))), strict)
+    session = ort.InferenceSession(str(strict), providers=["CPUExecutionProvider"])
+    session.run(None, {"pixels": pixels})
+    start = time.perf_counter()
+    for _ in range(20):
+        session.run(None, {"pixels": pixels})
+    emulated = (time.perf_counter() - start) / 20
+    evaluator = ReferenceEvaluator(onnx.load(str(out / "model.mixed.onnx")))
+    start = time.perf_counter()
+    evaluator.run(None, {"pixels": pixels})
+    reference = time.perf_counter() - start
+    print(f"8 samples: strict-fp16 emulation {emulated * 1e3:.2f} ms, onnx.reference on the mixed model "
+          f"{reference * 1e3:.0f} ms: {reference / emulated:.0f}x faster")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    with tempfile.TemporaryDirectory() as folder:
+        strict_speed(Path(folder))
+        overhead(args.samples, args.layers, Path(folder))
+
+
+if __name__ == "__main__":
+    main()
