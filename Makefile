@@ -21,6 +21,8 @@ demo: setup
 	$(BIN)/mpexport convert models/digits_resnet.pt2 --val-data models/digits_resnet.val.npz --out build/digits_resnet --force
 	$(BIN)/mpexport convert models/digits_transformer.pt2 --val-data models/digits_transformer.val.npz --out build/digits_transformer --force
 	$(BIN)/mpexport inspect build/digits_transformer
+	$(BIN)/mpexport verify build/digits_resnet
+	$(BIN)/mpexport verify build/digits_transformer
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -280,6 +280,7 @@ class _Engine:
         self.producer_origin: dict[str, str | None] = {}
         self.rank: dict[str, int | None] = {}
         self.limit = TYPE_MAX[self.low] / options.headroom
+        self.weight_peaks: dict[str, float] = {}
 
     def run(self) -> list[NodePlan]:
         graph = self.model.graph
@@ -404,8 +405,7 @@ class _Engine:
         safe limit on calibration data (when statistics are given)."""
         for value in node.inputs:
             if value is not None and value.const_value is not None and ONNX_FLOAT_TYPES.get(value.dtype):
-                magnitudes = np.abs(value.const_value.numpy())
-                peak = float(magnitudes[magnitudes < MASK_SENTINEL].max(initial=0.0))
+                peak = self._weight_peak(value)
                 if peak > TYPE_MAX[self.low]:
                     return f"range: weight '{value.name}' reaches {peak:.3g}, beyond {self.low.upper()} max " \
                         f"{TYPE_MAX[self.low]:.6g}"
@@ -416,6 +416,17 @@ class _Engine:
                         f"safe limit {self.limit:.3g} (max {TYPE_MAX[self.low]:.6g} / headroom "
                         f"{self.options.headroom:g})")
         return None
+
+    def _weight_peak(self, value: ir.Value) -> float:
+        """Largest |weight| that is not a mask sentinel (cached per initializer: one pass, no temporaries)."""
+        if value.name not in self.weight_peaks:
+            array = value.const_value.numpy()
+            peak = float(max(array.max(), -array.min())) if array.size else 0.0
+            if peak >= MASK_SENTINEL:
+                magnitudes = np.abs(array)
+                peak = float(magnitudes[magnitudes < MASK_SENTINEL].max(initial=0.0))
+            self.weight_peaks[value.name] = peak
+        return self.weight_peaks[value.name]
 
     def _subgraph_plans(self, node: ir.Node, name: str) -> list[NodePlan]:
         plans = []
