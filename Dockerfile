@@ -1,22 +1,40 @@
-# mpexport in a container (CPU). A later revision adds the GPU/TensorRT variant.
+# syntax=docker/dockerfile:1
+# mpexport in a container. CPU image by default; VARIANT=gpu builds on an image with CUDA + TensorRT and
+# installs mpexport[tensorrt].
 #   docker build -t mpexport .
+#   docker build -t mpexport:gpu --build-arg VARIANT=gpu .
 #   docker run --rm -v "$PWD:/work" mpexport convert /work/model.pt2 --val-data /work/val.npz --out /work/build/m
-FROM python:3.11-slim AS build
+ARG VARIANT=cpu
+ARG PYTHON_IMAGE=python:3.11-slim
+ARG GPU_IMAGE=nvcr.io/nvidia/tensorrt:25.10-py3
+
+FROM ${PYTHON_IMAGE} AS base-cpu
+FROM ${GPU_IMAGE} AS base-gpu
+
+# Build stage: a virtual environment with mpexport and its dependencies (no compilers needed: all wheels).
+# On the GPU base the environment sees the image's own TensorRT and CUDA torch (system site packages).
+# hadolint ignore=DL3006
+FROM base-${VARIANT} AS build
+ARG VARIANT
+# TORCH_INDEX: a package index serving CPU-only torch wheels keeps the CPU image small (the default index
+# serves CUDA builds on Linux). TORCH_SPEC pins a torch release.
+ARG TORCH_INDEX=""
+ARG TORCH_SPEC="torch>=2.6"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mpexport ./mpexport
-# TORCH_INDEX: a package index serving CPU-only torch wheels keeps the image small (the default index
-# serves CUDA builds on Linux).
-ARG TORCH_INDEX=""
-RUN python -m venv /opt/mpexport \
- && /opt/mpexport/bin/pip install --no-cache-dir ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch>=2.6" \
- && /opt/mpexport/bin/pip install --no-cache-dir .
+COPY docker/install.sh ./docker/install.sh
+RUN if [ "$VARIANT" = "gpu" ]; then extras=tensorrt; flags=--system-site-packages; else extras=""; flags=""; fi \
+ && VENV_FLAGS="$flags" TORCH_INDEX="$TORCH_INDEX" TORCH_SPEC="$TORCH_SPEC" \
+    sh docker/install.sh /opt/mpexport "$extras"
 
-FROM python:3.11-slim
+# Final stage: the environment only, a non-root user, mpexport as the entry point.
+# hadolint ignore=DL3006
+FROM base-${VARIANT}
 COPY --from=build /opt/mpexport /opt/mpexport
 RUN useradd --create-home --uid 1000 mpexport
-USER mpexport
+USER 1000
 WORKDIR /work
-ENV PATH=/opt/mpexport/bin:$PATH
+ENV PATH=/opt/mpexport/bin:$PATH PYTHONUNBUFFERED=1
 ENTRYPOINT ["mpexport"]
 CMD ["--help"]

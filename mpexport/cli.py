@@ -335,6 +335,36 @@ def _print_verify(report: Any, directory: str | None) -> None:
 
 
 @main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=str))
+@click.option("--format", "repository_format", type=click.Choice(["triton"]), default="triton", show_default=True)
+@click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="Repository directory to write (must not exist unless --force).")
+@click.option("--name", help="Model name in the repository (default: the source model's file name).")
+@click.option("--max-batch-size", type=click.IntRange(1), help="Triton max_batch_size (default 64 when the "
+              "batch dimension is dynamic).")
+@click.option("--allow-unverified", is_flag=True, help="Package even though the last verify did not pass.")
+@click.option("--force", is_flag=True, help="Replace an existing repository directory.")
+def package(directory: str, repository_format: str, out: str, name: str | None, max_batch_size: int | None,
+            allow_unverified: bool, force: bool) -> None:
+    """Write a Triton Inference Server model repository for a converted and verified model.
+
+    \b
+    Example:
+      mpexport package build/resnet --format triton --out triton_repo
+      docker run --rm -p8000:8000 -v $PWD/triton_repo:/models <tritonserver image> \\
+          tritonserver --model-repository=/models
+    """
+    from mpexport.package import package_triton
+
+    result = package_triton(directory, out, name=name, max_batch_size=max_batch_size,
+                            allow_unverified=allow_unverified, force=force)
+    for model_name, platform in result.models.items():
+        stdout.print(f"{result.out}/{model_name}: {platform}")
+    for note in result.notes:
+        stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+
+
+@main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--plan", "plan_path", type=click.Path(dir_okay=False, path_type=str),
               help="A plan.json whose precisions the model must realize.")
