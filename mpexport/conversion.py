@@ -277,8 +277,8 @@ def _check_json(check: Comparison, data: ValidationData | None) -> dict[str, Any
 
 def _check_failure_note(check: Comparison) -> str:
     worst = check.worst()
-    if worst.shape_mismatch:
-        return f"export check FAILED: output '{worst.name}' shape {worst.shape_mismatch}"
-    return (f"export check FAILED: output '{worst.name}' differs by {worst.max_abs_error:.3g} "
-            f"({worst.relative_error:.2e} of its scale {worst.scale:.3g}; tolerance {check.rtol:g}), "
+    if worst.name in check.mismatches:
+        return f"export check FAILED: output '{worst.name}' shape {check.mismatches[worst.name]}"
+    return (f"export check FAILED: output '{worst.name}' differs by {worst.max_abs:.3g} "
+            f"({check.relative_error(worst):.2e} of its scale {worst.scale:.3g}; tolerance {check.rtol:g}), "
             f"{worst.nonfinite} non-finite values")

@@ -12,7 +12,6 @@ Formats, in order of preference:
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import json
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from mpexport.artifacts import sha256_file
 from mpexport.errors import MpexportError, first_line
 from mpexport.specs import Dim, TensorSpec, normalize_dtype
 
@@ -104,7 +104,7 @@ def load_model(
             head = handle.read(16)
     except OSError as exc:
         raise MpexportError(f"cannot read '{path}': {exc.strerror}", stage=STAGE) from None
-    digest = _sha256(path)
+    digest = sha256_file(path)
     kind = _detect_format(path, head)
     if kind == FORMAT_EXPORT:
         loaded = _load_exported_program(path, digest)
@@ -115,14 +115,6 @@ def load_model(
     if factory and loaded.format in (FORMAT_EXPORT, FORMAT_TORCHSCRIPT):
         loaded.notes.append(f"--factory ignored: a {loaded.format} archive carries its own code")
     return loaded
-
-
-def _sha256(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            hasher.update(block)
-    return hasher.hexdigest()
 
 
 def _detect_format(path: Path, head: bytes) -> str:

@@ -192,3 +192,25 @@ def test_force_replaces_an_existing_directory(cli, tmp_path: Path, pixels_npz: P
     assert result.exit_code == 0, result.stderr
     assert not (out / "old.txt").exists() and (out / "manifest.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_export_check_catches_a_trace_that_took_one_branch(cli, tmp_path: Path) -> None:
+    """The TorchScript exporter follows the example's path through data-dependent control flow; validation
+    batches that take the other path make the export check fail (exit 1), with the directory kept."""
+    from tests.toy_models import build_data_dependent
+
+    model = build_data_dependent()
+    path = tmp_path / "ckpt.pt"
+    torch.save(model.state_dict(), path)
+    weight_sum = model.fc.weight.sum(dim=0).detach().numpy()
+    direction = np.sign(weight_sum).astype(np.float32)
+    x = np.concatenate([np.tile(direction * 5, (64, 1)), np.tile(-direction * 5, (64, 1))]).astype(np.float32)
+    val = tmp_path / "val.npz"
+    np.savez(val, x=x)
+    out = tmp_path / "m"
+    result = cli("convert", path, "--factory", "tests.toy_models:build_data_dependent", "--val-data", val,
+                 "--out", out)
+    assert result.exit_code == 1, result.stdout + result.stderr
+    assert "export check FAILED" in result.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["export"]["strategy"] == "legacy-torchscript" and not manifest["export_check"]["passed"]
