@@ -271,7 +271,7 @@ def _check_batches(specs: list[TensorSpec], data: ValidationData | None, example
 
 def _check_json(check: Comparison, data: ValidationData | None) -> dict[str, Any]:
     result = check.to_json()
-    result["data"] = str(data.path) if data is not None else "example inputs (no --val-data)"
+    result["data"] = data.describe() if data is not None else "example inputs (no --val-data)"
     return result
 
 

@@ -106,7 +106,7 @@ def example_inputs(specs: list[TensorSpec], data: ValidationData | None) -> dict
     or, without data, deterministic tensors of each spec's example shape (normal floats, ones for integers)."""
     if data is not None:
         size = _example_batch(specs)
-        batch = next(data.batches(data.num_samples, limit=size, inputs=specs))
+        batch = next(data.batches(size, limit=size, inputs=specs))
         return {spec.name: torch.from_numpy(_tile(batch[spec.name], size)) for spec in specs}
     generator = torch.Generator().manual_seed(0)
     examples = {}

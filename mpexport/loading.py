@@ -346,27 +346,36 @@ def _describe_object(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def build_from_factory(factory: str) -> torch.nn.Module:
-    """Import ``package.module:function`` (the working directory is importable) and call it with no arguments.
+def import_callable(spec: str, *, what: str = "--factory", stage: str = STAGE) -> Any:
+    """Import ``package.module:function`` (the working directory is importable) and return the function.
 
-    Raises :class:`MpexportError` when the spec is malformed, the module does not import, the function is
-    missing or fails, or it returns something other than an ``nn.Module``.
+    Raises :class:`MpexportError` when the spec is malformed, the module does not import or lacks the name.
     """
-    module_name, _, attr = factory.partition(":")
+    module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise MpexportError(f"--factory '{factory}' is not of the form package.module:function", stage=STAGE)
+        raise MpexportError(f"{what} '{spec}' is not of the form package.module:function", stage=stage)
     cwd = str(Path.cwd())
     if cwd not in sys.path:
         sys.path.insert(0, cwd)
     try:
         target: Any = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - user code may fail in any way on import
-        raise MpexportError(f"--factory module '{module_name}' does not import: {first_line(exc)}",
-                            stage=STAGE) from None
+        raise MpexportError(f"{what} module '{module_name}' does not import: {first_line(exc)}",
+                            stage=stage) from None
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise MpexportError(f"--factory: '{module_name}' has no attribute '{attr}'", stage=STAGE)
+            raise MpexportError(f"{what}: '{module_name}' has no attribute '{attr}'", stage=stage)
         target = getattr(target, part)
+    return target
+
+
+def build_from_factory(factory: str) -> torch.nn.Module:
+    """Import ``package.module:function`` (see :func:`import_callable`) and call it with no arguments.
+
+    Raises :class:`MpexportError` when the function cannot be imported or fails, or returns something other
+    than an ``nn.Module``.
+    """
+    target = import_callable(factory)
     try:
         module = target()
     except Exception as exc:  # noqa: BLE001 - user code may fail in any way

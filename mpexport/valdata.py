@@ -1,5 +1,6 @@
-"""Validation data: ``.npz`` files (arrays named after the model inputs, optional ``labels``) or a directory
-of ``.npz`` shards, read shard by shard and checked against the model's input specs.
+"""Validation data: ``.npz`` files (arrays named after the model inputs, optional ``labels``), a directory
+of ``.npz`` shards read shard by shard, or ``module:function`` returning an iterable of batches (e.g. a torch
+DataLoader), all checked against the model's input specs.
 
 Every problem (missing file, wrong names, shapes or dtypes, NaN/Inf, no samples) is a one-line
 :class:`MpexportError` (exit 2).
@@ -7,10 +8,12 @@ Every problem (missing file, wrong names, shapes or dtypes, NaN/Inf, no samples)
 
 from __future__ import annotations
 
+import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,6 +40,10 @@ class ValidationData:
         """One spec per input array (``labels`` excluded), axis 0 a dynamic ``batch``."""
         return [spec_from_array(name, self.first_arrays[name]) for name in self.names]
 
+    def describe(self) -> str:
+        """Where the data comes from, for reports."""
+        return str(self.path)
+
     def batches(self, batch_size: int, *, limit: int | None = None, inputs: list[TensorSpec] | None = None,
                 exact: bool = False) -> Iterator[Batch]:
         """Yield batches of at most ``batch_size`` samples (``exact``: only full batches), at most ``limit``
@@ -57,8 +64,11 @@ class ValidationData:
 
 
 def load_validation_data(path: str | Path) -> ValidationData:
-    """Open an ``.npz`` file or a directory of ``.npz`` shards, checking that it is readable, non-empty and
-    consistent (same arrays in every shard, one sample count per shard)."""
+    """Open an ``.npz`` file, a directory of ``.npz`` shards, or ``module:function`` (see
+    :class:`CallableValidationData`), checking that it is readable, non-empty and consistent."""
+    text = str(path)
+    if not Path(text).exists() and _CALLABLE.match(text):
+        return CallableValidationData.open(text)
     path = Path(path)
     if not path.exists():
         raise MpexportError(f"validation data '{path}' does not exist", stage=STAGE)
@@ -75,6 +85,105 @@ def load_validation_data(path: str | Path) -> ValidationData:
     if total == 0:
         raise MpexportError(f"validation data '{path}' holds no samples", stage=STAGE)
     return ValidationData(path, shards, names, LABELS in first, total, first)
+
+
+_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+class CallableValidationData(ValidationData):
+    """Batches from ``module:function()`` (called anew for every pass, so a DataLoader or a generator function
+    works). A batch is a dict of arrays/tensors named after the inputs (plus optional ``labels``), or a
+    tuple/list with the inputs in the model's order and optionally the labels last."""
+
+    def __init__(self, spec: str, function: Any, first: dict[str, np.ndarray] | list[np.ndarray]) -> None:
+        self.spec = spec
+        self.function = function
+        self.first_raw = first
+        named = first if isinstance(first, dict) else {f"input_{i}": a for i, a in enumerate(first)}
+        super().__init__(Path(spec), [], [n for n in named if n != LABELS], LABELS in named, 0, dict(named))
+
+    @classmethod
+    def open(cls, spec: str) -> CallableValidationData:
+        """Import ``module:function`` (the working directory is importable) and read its first batch."""
+        from mpexport.loading import import_callable
+
+        function = import_callable(spec, what="--val-data", stage=STAGE)
+        first = next(cls._raw_batches(function, spec), None)
+        if first is None:
+            raise MpexportError(f"validation data '{spec}' yielded no batches", stage=STAGE)
+        return cls(spec, function, first)
+
+    @staticmethod
+    def _raw_batches(function: Any, spec: str) -> Iterator[dict[str, np.ndarray] | list[np.ndarray]]:
+        try:
+            source = function()
+            for item in source:
+                yield _to_numpy(item, spec)
+        except MpexportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - user code may fail in any way
+            raise MpexportError(f"validation data '{spec}' failed: {first_line(exc)}", stage=STAGE) from None
+
+    def describe(self) -> str:
+        return self.spec
+
+    def input_specs(self) -> list[TensorSpec]:
+        if not isinstance(self.first_raw, dict):
+            raise MpexportError(f"'{self.spec}' yields tuples; the model must name its inputs", stage=STAGE,
+                                hint="yield dicts named after the inputs, or pass --input")
+        return super().input_specs()
+
+    def bind(self, inputs: list[TensorSpec]) -> None:
+        """Name tuple batches after ``inputs`` (in order; one extra trailing element is the labels)."""
+        if isinstance(self.first_raw, dict):
+            return
+        names = [spec.name for spec in inputs]
+        if len(self.first_raw) not in (len(names), len(names) + 1):
+            raise MpexportError(f"'{self.spec}' yields {len(self.first_raw)} arrays per batch; the model takes "
+                                f"{len(names)} inputs ({', '.join(names)})", stage=STAGE)
+        self.names = names
+        self.has_labels = len(self.first_raw) == len(names) + 1
+        self.first_arrays = self._named(self.first_raw)
+
+    def _named(self, raw: dict[str, np.ndarray] | list[np.ndarray]) -> dict[str, np.ndarray]:
+        if isinstance(raw, dict):
+            return raw
+        named = dict(zip(self.names, raw, strict=False))
+        if len(raw) == len(self.names) + 1:
+            named[LABELS] = raw[-1]
+        return named
+
+    def batches(self, batch_size: int, *, limit: int | None = None, inputs: list[TensorSpec] | None = None,
+                exact: bool = False) -> Iterator[Batch]:
+        produced = 0
+        for raw in self._raw_batches(self.function, self.spec):
+            batch = self._named(raw)
+            count = len(next(iter(batch.values())))
+            for start in range(0, count, batch_size):
+                stop = min(start + batch_size, count)
+                if limit is not None:
+                    stop = min(stop, start + limit - produced)
+                if stop <= start or (exact and stop - start < batch_size):
+                    return
+                yield _prepare({name: array[start:stop] for name, array in batch.items()}, inputs,
+                               Path(self.spec), produced)
+                produced += stop - start
+
+
+def _to_numpy(item: Any, spec: str) -> dict[str, np.ndarray] | list[np.ndarray]:
+    def array(value: Any) -> np.ndarray:
+        if hasattr(value, "detach"):
+            value = value.detach().cpu().numpy()
+        result = np.asarray(value)
+        if result.dtype.kind not in "biuf":
+            raise MpexportError(f"validation data '{spec}' yields a {result.dtype} array, not numbers", stage=STAGE)
+        return result
+
+    if isinstance(item, dict):
+        return {str(name): array(value) for name, value in item.items()}
+    if isinstance(item, (list, tuple)):
+        return [array(value) for value in item]
+    return [array(item)]
 
 
 def _read_shard(shard: Path, names: list[str] | None) -> dict[str, np.ndarray]:
@@ -123,6 +232,8 @@ def _shard_length(shard: Path, arrays: dict[str, np.ndarray] | None, names: list
 def check_against(data: ValidationData, inputs: list[TensorSpec]) -> None:
     """Check that the data's arrays are exactly the model's inputs (plus optional ``labels``), with shapes
     the inputs accept and dtypes of the same kind (float for float inputs, integer for integer inputs)."""
+    if isinstance(data, CallableValidationData):
+        data.bind(inputs)
     wanted = [spec.name for spec in inputs]
     missing = [name for name in wanted if name not in data.names]
     extra = [name for name in data.names if name not in wanted]

@@ -33,7 +33,7 @@ from mpexport.loading import LoadedModel, load_model
 from mpexport.metrics import OutputMetrics
 from mpexport.runners import Batch, OrtRunner, Runner, TorchRunner
 from mpexport.specs import TensorSpec
-from mpexport.valdata import LABELS, ValidationData, check_against, load_validation_data
+from mpexport.valdata import _CALLABLE, LABELS, ValidationData, check_against, load_validation_data
 
 STAGE = "verify"
 REFERENCE = "torch-fp32"
@@ -119,7 +119,7 @@ def verify(directory: str | Path, *, val_data: str | Path | None = None, options
     check_against(data, specs)
     loaded = _source_model(manifest, trust_pickle)
     names = [spec.name for spec in specs]
-    example = next(data.batches(min(options.batch_size, data.num_samples), inputs=specs))
+    example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=specs))
     policy = manifest.get("plan", {}).get("policy", "cuda-fp16")
     runners: list[Runner] = [TorchRunner(loaded.callable(), names, positional=loaded.positional)]
     notes: list[str] = []
@@ -167,7 +167,7 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
     specs = [spec for spec in data.input_specs() if spec.name in graph_inputs]
     check_against(data, specs)
     names = [spec.name for spec in specs]
-    example = next(data.batches(min(options.batch_size, data.num_samples), inputs=specs))
+    example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=specs))
     runners: list[Runner] = [TorchRunner(loaded.callable(), names, positional=loaded.positional)]
     skipped: dict[str, str] = {}
     _add(runners, skipped, AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
@@ -194,7 +194,7 @@ def _add(runners: list[Runner], skipped: dict[str, str], name: str, make: Callab
 def _validation_data(manifest: dict[str, Any], val_data: str | Path | None) -> ValidationData:
     if val_data is None:
         recorded = manifest.get("export_check", {}).get("data", "")
-        if not recorded or not Path(recorded).exists():
+        if not recorded or not (Path(recorded).exists() or _CALLABLE.match(recorded)):
             raise MpexportError("no validation data given and none recorded at convert time", stage=STAGE,
                                 hint="pass --val-data PATH")
         val_data = recorded
@@ -228,7 +228,7 @@ def _run(runners: list[Runner], data: ValidationData, specs: list[TensorSpec], o
     metrics: dict[str, dict[str, OutputMetrics]] = {runner.name: {} for runner in others}
     output_names: list[str] = []
     samples = 0
-    total = min(data.num_samples, options.max_samples or data.num_samples)
+    total = min(data.num_samples, options.max_samples or data.num_samples) if data.num_samples else None
     for batch in data.batches(options.batch_size, limit=options.max_samples, inputs=specs):
         expected = reference.run(batch)
         output_names = output_names or _output_names(runners, len(expected))
@@ -249,7 +249,7 @@ def _run(runners: list[Runner], data: ValidationData, specs: list[TensorSpec], o
     if reference_accuracy is not None:
         backends[REFERENCE]["accuracy"] = reference_accuracy
     return ParityReport("pass" if not failures else "fail", backends, metrics, thresholds, failures,
-                        samples=samples, data=str(data.path))
+                        samples=samples, data=data.describe())
 
 
 def _output_names(runners: list[Runner], count: int) -> list[str]:

@@ -124,3 +124,27 @@ def test_verify_without_data_and_usage_errors(cli, tmp_path: Path) -> None:
     assert cli("convert", MODELS / "digits_resnet.pt2", "--out", out, "--input", "pixels:batch,1,8,8").exit_code == 0
     assert_bad_input(cli("verify", out), "no validation data")
     assert cli("verify").exit_code == 2
+
+
+@pytest.mark.parametrize("source", ["tests.valdata_sources:digits_loader", "tests.valdata_sources:digits_dicts"])
+def test_validation_data_from_a_function(cli, tmp_path: Path, source: str) -> None:
+    out = tmp_path / "m"
+    result = cli("convert", MODELS / "digits_resnet.pt2", "--val-data", source, "--out", out)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "manifest.json").read_text())["export_check"]["samples"] == 360
+    report = cli("verify", out, "--json")
+    assert report.exit_code == 0, report.stdout
+    data = json.loads(report.stdout)
+    assert data["samples"] == 360 and data["data"] == source
+    assert data["backends"]["torch-fp32"]["accuracy"] == pytest.approx(0.9944, abs=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [("tests.valdata_sources:nothing", "yielded no batches"), ("tests.valdata_sources:broken", "unreachable"),
+     ("tests.valdata_sources:missing", "has no attribute"), ("no_such_module:f", "does not import")],
+)
+def test_bad_validation_functions(cli, tmp_path: Path, source: str, fragment: str) -> None:
+    out = tmp_path / "m"
+    assert_bad_input(cli("convert", MODELS / "digits_resnet.pt2", "--val-data", source, "--out", out), fragment)
+    assert not out.exists()
