@@ -66,8 +66,8 @@ def main() -> None:
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Output directory (written atomically; must not exist unless --force).")
 @click.option("--val-data", type=click.Path(path_type=str),
-              help="Validation data: .npz with arrays named after the inputs (+ optional 'labels'), or a "
-              "directory of .npz shards.")
+              help="Validation data: .npz with arrays named after the inputs (+ optional 'labels'), a "
+              "directory of .npz shards, or module:function returning batches (e.g. a DataLoader).")
 @click.option("--input", "input_options", multiple=True, metavar="NAME:SHAPE:DTYPE",
               help="An input's shape and dtype, e.g. pixels:batch,3,224,224:float32 (named dims are dynamic; "
               "seq=128 gives an example size). Repeat for several inputs.")
