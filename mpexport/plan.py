@@ -170,10 +170,6 @@ class PrecisionPlan:
     notes: list[str] = field(default_factory=list)
     calibration_samples: int = 0
 
-    def precision_of(self, name: str) -> str:
-        """The planned precision of node ``name``."""
-        return next(node.precision for node in self.nodes if node.name == name)
-
     def summary(self) -> dict[str, Any]:
         """Counts per precision, per op type, per top-level module, per rule, and the low-precision MAC share."""
         float_nodes = [node for node in self.nodes if node.precision != NONE]

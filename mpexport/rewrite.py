@@ -17,7 +17,6 @@ Rules, in order:
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,8 +275,3 @@ def realized_precisions(model: ir.Model) -> dict[str, str]:
         found[node.name or ""] = TYPE_NAMES[types[0]] if types else "none"
     return found
 
-
-def cast_counts(model: ir.Model) -> Counter:
-    """Casts in the graph by destination type name."""
-    return Counter(TYPE_NAMES.get(ir.DataType(node.attributes["to"].value), "other")
-                   for node in model.graph if node.op_type == "Cast")
