@@ -49,8 +49,7 @@ class ValidationData:
         """Yield batches of at most ``batch_size`` samples (``exact``: only full batches), at most ``limit``
         samples in all, arrays cast to ``inputs``' dtypes when given. Raises on NaN/Inf in an input."""
         produced = 0
-        for shard in self.shards:
-            arrays = self.first_arrays if shard == self.shards[0] else _read_shard(shard, self.names)
+        for source, arrays in self._sources():
             count = len(next(iter(arrays.values())))
             for start in range(0, count, batch_size):
                 stop = min(start + batch_size, count)
@@ -58,9 +57,13 @@ class ValidationData:
                     stop = min(stop, start + limit - produced)
                 if stop <= start or (exact and stop - start < batch_size):
                     return
-                batch = {name: arrays[name][start:stop] for name in arrays}
-                yield _prepare(batch, inputs, shard, start)
+                yield _prepare({name: array[start:stop] for name, array in arrays.items()}, inputs, source, start)
                 produced += stop - start
+
+    def _sources(self) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
+        """(where, named arrays) per shard, read one at a time."""
+        for shard in self.shards:
+            yield shard, self.first_arrays if shard == self.shards[0] else _read_shard(shard, self.names)
 
 
 def load_validation_data(path: str | Path) -> ValidationData:
@@ -153,21 +156,9 @@ class CallableValidationData(ValidationData):
             named[LABELS] = raw[-1]
         return named
 
-    def batches(self, batch_size: int, *, limit: int | None = None, inputs: list[TensorSpec] | None = None,
-                exact: bool = False) -> Iterator[Batch]:
-        produced = 0
+    def _sources(self) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
         for raw in self._raw_batches(self.function, self.spec):
-            batch = self._named(raw)
-            count = len(next(iter(batch.values())))
-            for start in range(0, count, batch_size):
-                stop = min(start + batch_size, count)
-                if limit is not None:
-                    stop = min(stop, start + limit - produced)
-                if stop <= start or (exact and stop - start < batch_size):
-                    return
-                yield _prepare({name: array[start:stop] for name, array in batch.items()}, inputs,
-                               Path(self.spec), produced)
-                produced += stop - start
+            yield Path(self.spec), self._named(raw)
 
 
 def _to_numpy(item: Any, spec: str) -> dict[str, np.ndarray] | list[np.ndarray]:
