@@ -96,13 +96,20 @@ def main() -> None:
 @click.option("--io-types", type=click.Choice(["fp32", "native"]), default="fp32", show_default=True,
               help="Types of the mixed model's inputs and outputs: FP32 as trained, or the type their "
               "nodes compute in.")
+@click.option("--engine", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="TensorRT engine: build where TensorRT and a GPU exist (auto), require one (on), or skip (off).")
+@click.option("--shapes", multiple=True, metavar="NAME:MIN,OPT,MAX",
+              help="Engine optimization profile for an input, e.g. pixels:1x1x8x8,32x1x8x8,64x1x8x8 "
+              "(default: from the validation batches).")
+@click.option("--allow-tf32", is_flag=True, help="Let the engine's FP32 layers use TF32 (off: FP32 means FP32).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 def convert(model: str, out: str, val_data: str | None, input_options: tuple[str, ...], factory: str | None,
             trust_pickle: bool, static_batch: bool, opset: int | None, amp_policy: str | None, target: str | None,
             policy_file: str | None, keep_fp32_module: tuple[str, ...], keep_fp32_op: tuple[str, ...],
             force_low_module: tuple[str, ...], force_low_op: tuple[str, ...], no_range_check: bool,
-            calibration_samples: int, io_types: str, force: bool, as_json: bool) -> None:
+            calibration_samples: int, io_types: str, engine: str, shapes: tuple[str, ...], allow_tf32: bool,
+            force: bool, as_json: bool) -> None:
     """Export MODEL to an FP32 ONNX that records where every node came from, and check it against PyTorch.
 
     MODEL is a torch.export archive (.pt2, recommended), a TorchScript file, a checkpoint with
@@ -116,7 +123,9 @@ def convert(model: str, out: str, val_data: str | None, input_options: tuple[str
       mpexport convert models/digits_resnet.pt2 --val-data models/digits_resnet.val.npz --out build/resnet
       mpexport convert ckpt.pt --factory mypkg.models:build --input pixels:batch,3,224,224:float32 --out build/m
     """
+    from mpexport.conversion import EngineOptions
     from mpexport.conversion import convert as run_convert
+    from mpexport.engine import parse_shapes_option
     from mpexport.specs import parse_input_option
 
     specs = [parse_input_option(text) for text in input_options]
@@ -126,7 +135,9 @@ def convert(model: str, out: str, val_data: str | None, input_options: tuple[str
         result = run_convert(
             model, out=out, val_data=val_data, inputs=specs, factory=factory, trust_pickle=trust_pickle,
             force=force, dynamic_batch=not static_batch, opset=opset, plan_options=options,
-            calibration_samples=calibration_samples, io_types=io_types, on_stage=on_stage,
+            calibration_samples=calibration_samples, io_types=io_types, engine=engine,
+            engine_options=EngineOptions(shapes=parse_shapes_option(shapes), allow_tf32=allow_tf32),
+            on_stage=on_stage,
         )
     if as_json:
         click.echo(json.dumps({"out": str(result.out), "notes": result.notes, "manifest": result.manifest},
@@ -206,6 +217,12 @@ def _print_convert(result: Any) -> None:
         table.add_row("mixed ONNX", f"{'[green]lint pass[/]' if lint['ok'] else '[red]lint FAIL[/]'}: {statuses}; "
                       f"{rewrite['casts_inserted']} casts inserted, {rewrite['initializers_converted']} "
                       "initializers converted")
+    if "engine" in manifest:
+        check = manifest["engine"]["check"]
+        table.add_row("engine", f"TensorRT {manifest['engine']['tensorrt']} on {manifest['engine']['gpu']}: "
+                      f"{check['compared']} layers compared with the plan, {len(check['mismatches'])} disagree")
+    elif "engine" in manifest.get("skipped", {}):
+        table.add_row("engine", f"[yellow]skipped[/]: {escape(manifest['skipped']['engine'])}")
     for key, name in manifest["artifacts"].items():
         table.add_row(f"artifact {key}", name)
     stdout.print(table)
@@ -362,6 +379,39 @@ def package(directory: str, repository_format: str, out: str, name: str | None, 
         stdout.print(f"{result.out}/{model_name}: {platform}")
     for note in result.notes:
         stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+
+
+@main.command()
+def doctor() -> None:
+    """Report what this machine can do: torch and CUDA, ONNX Runtime providers, TensorRT and the GPU, and
+    which stages will run or be skipped, and why.
+
+    \b
+    Example:
+      mpexport doctor
+    """
+    import onnxruntime
+    import torch
+
+    from mpexport.engine import tensorrt_status
+
+    status = tensorrt_status()
+    cuda = torch.cuda.is_available()
+    table = Table(title="mpexport doctor", title_justify="left")
+    for column in ("component", "state"):
+        table.add_column(column, overflow="fold")
+    table.add_row("torch", f"{torch.__version__} (CUDA build: {torch.version.cuda or 'no'}; GPU visible: "
+                  f"{'yes, ' + torch.cuda.get_device_name(0) if cuda else 'no'})")
+    table.add_row("ONNX Runtime", f"{onnxruntime.__version__}: {', '.join(onnxruntime.get_available_providers())}")
+    table.add_row("TensorRT", status.version or "not installed")
+    stages = [("load, export, plan, rewrite, lint", "run"),
+              ("verify: torch-fp32, onnx-fp32, onnx-mixed, strict", "run"),
+              ("verify: torch-amp for cuda-* policies", "real CUDA autocast" if cuda else
+               "emulated on CPU from the CUDA autocast kernels (no GPU)"),
+              ("engine (TensorRT)", "build" if status.available else f"skipped: {status.why}")]
+    for stage, state in stages:
+        table.add_row(stage, escape(state))
+    stdout.print(table)
 
 
 @main.command()

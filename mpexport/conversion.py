@@ -16,6 +16,7 @@ import onnx_ir as ir
 import torch
 
 from mpexport import artifacts, provenance
+from mpexport.engine import DEFAULT_WORKSPACE, ENGINE, TensorRTStatus, build_engine, derive_profiles, tensorrt_status
 from mpexport.errors import MpexportError, first_line
 from mpexport.export import ExportRequest, ExportResult, export_onnx
 from mpexport.inputs import example_inputs, resolve_inputs
@@ -78,6 +79,8 @@ def convert(
     plan_options: PlanOptions | None = None,
     calibration_samples: int = CALIBRATION_SAMPLES,
     io_types: str = "fp32",
+    engine: str = "auto",
+    engine_options: EngineOptions | None = None,
     on_stage: StageCallback | None = None,
 ) -> ConvertResult:
     """Convert a trained model file into ``out``: FP32 ONNX with provenance, checked against PyTorch, and the
@@ -87,11 +90,13 @@ def convert(
     by mpexport's examples), else ``cuda-fp16``. The range rule runs on up to ``calibration_samples`` samples
     of ``val_data`` when given. Raises :class:`MpexportError` (nothing written, an existing ``out`` untouched)
     for bad input or an impossible export. The plan is applied to write ``model.mixed.onnx`` (graph inputs and
-    outputs FP32 unless ``io_types="native"``), which is linted. A failed export check or lint does not raise:
-    the result records it.
+    outputs FP32 unless ``io_types="native"``), which is linted. ``engine``: ``auto`` builds a TensorRT engine
+    where TensorRT and a GPU exist and records why not elsewhere, ``on`` requires one (exit 2 up front when it
+    cannot), ``off`` skips it. A failed export check or lint does not raise: the result records it.
     """
     stage = on_stage or (lambda _name: None)
     artifacts.check_output_dir(out, force=force)
+    engine_status = _engine_status(engine)
     stage("load")
     loaded = load_model(model, factory=factory, trust_pickle=trust_pickle)
     data = load_validation_data(val_data) if val_data is not None else None
@@ -124,6 +129,8 @@ def convert(
                                         if key in ("precision", "rules", "macs")}}
         stage("rewrite")
         _write_mixed(staging, exported.model, plan, io_types, manifest)
+        stage("engine")
+        _engine(staging, manifest, plan, engine, engine_status, specs, data, engine_options or EngineOptions())
         artifacts.write_manifest(staging, manifest)
     notes = loaded.notes + exported.notes + plan.notes
     if not check.passed:
@@ -131,6 +138,47 @@ def convert(
     for failed in (c for c in manifest["lint"]["checks"] if c["status"] == "fail"):
         notes.append(f"lint FAILED: {failed['name']}: {failed['detail']} {'; '.join(failed['findings'][:3])}")
     return ConvertResult(Path(out), manifest, notes)
+
+
+@dataclass
+class EngineOptions:
+    """TensorRT build settings: explicit profiles (``--shapes``), TF32, workspace bytes."""
+
+    shapes: dict[str, Any] = field(default_factory=dict)
+    allow_tf32: bool = False
+    workspace: int = DEFAULT_WORKSPACE
+
+
+def _engine_status(engine: str) -> TensorRTStatus | None:
+    if engine not in ("auto", "on", "off"):
+        raise MpexportError(f"--engine must be auto, on or off, not '{engine}'", stage="engine")
+    if engine == "off":
+        return None
+    status = tensorrt_status()
+    if engine == "on" and not status.available:
+        raise MpexportError(f"--engine on, but no engine can be built here: {status.why}", stage="engine",
+                            hint="use --engine auto to skip it, or run on a machine with TensorRT and a GPU")
+    return status
+
+
+def _engine(staging: Path, manifest: dict[str, Any], plan: PrecisionPlan, engine: str,
+            status: TensorRTStatus | None, specs: list[TensorSpec], data: ValidationData | None,
+            options: EngineOptions) -> None:
+    """Build the engine where possible; otherwise record why it was skipped."""
+    if status is None:
+        manifest["skipped"]["engine"] = "disabled (--engine off)"
+        return
+    if not status.available:
+        manifest["skipped"]["engine"] = status.why
+        return
+    observed = [{name: tuple(array.shape) for name, array in batch.items()}
+                for batch in (data.batches(CHECK_BATCH, limit=CHECK_SAMPLES, inputs=specs) if data else [])]
+    profiles = derive_profiles(manifest["inputs"], observed, options.shapes)
+    result = build_engine(staging / MIXED_ONNX, staging, profiles, {n.name: n.precision for n in plan.nodes},
+                          workspace=options.workspace, allow_tf32=options.allow_tf32,
+                          module_of={n.name: n.module or "" for n in plan.nodes})
+    artifacts.add_artifact(manifest, staging, "engine", ENGINE)
+    manifest["engine"] = result.metadata
 
 
 def _opset_for(options: PlanOptions, opset: int | None) -> int | None:
