@@ -382,6 +382,36 @@ def package(directory: str, repository_format: str, out: str, name: str | None, 
 
 
 @main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=str))
+@click.option("--shapes", multiple=True, metavar="NAME:MIN,OPT,MAX",
+              help="Optimization profile for an input (default: from the recorded validation data).")
+@click.option("--allow-tf32", is_flag=True, help="Let FP32 layers use TF32.")
+@click.option("--workspace-gb", type=click.FloatRange(min=0.1), default=4.0, show_default=True)
+def build(directory: str, shapes: tuple[str, ...], allow_tf32: bool, workspace_gb: float) -> None:
+    """(Re)build the TensorRT engine of a converted model from its mixed-precision ONNX (strongly typed:
+    the ONNX types are the precision contract), and check its layers against the plan.
+
+    \b
+    Example:
+      mpexport build build/resnet --shapes pixels:1x1x8x8,32x1x8x8,256x1x8x8
+    """
+    from pathlib import Path
+
+    from mpexport.engine import parse_shapes_option, rebuild
+
+    result = rebuild(Path(directory), shapes=parse_shapes_option(shapes), allow_tf32=allow_tf32,
+                     workspace=int(workspace_gb * (1 << 30)))
+    check = result.check
+    stdout.print(f"{result.path}: TensorRT {result.metadata['tensorrt']} on {result.metadata['gpu']}; "
+                 f"{check.compared} layers compared with the plan, {len(check.mismatches)} disagree")
+    for mismatch in check.mismatches[:10]:
+        stdout.print(f"[red]{mismatch['kind']}:[/] {escape(str(mismatch['layer']))} planned {mismatch['planned']}, "
+                     f"runs {mismatch['realised']}", soft_wrap=True)
+    if check.mismatches:
+        sys.exit(EXIT_PARITY_FAILED)
+
+
+@main.command()
 def doctor() -> None:
     """Report what this machine can do: torch and CUDA, ONNX Runtime providers, TensorRT and the GPU, and
     which stages will run or be skipped, and why.

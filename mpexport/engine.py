@@ -281,6 +281,38 @@ def _parser_errors(parser: Any, module_of: dict[str, str]) -> str:
     return "TensorRT's ONNX parser failed: " + "; ".join(parts[:5])
 
 
+def rebuild(directory: Path, *, shapes: dict[str, Profile] | None = None, allow_tf32: bool = False,
+            workspace: int = DEFAULT_WORKSPACE) -> EngineResult:
+    """(Re)build the engine of an existing output directory from its mixed ONNX and plan, reusing its timing
+    cache; profiles from ``shapes`` or the validation data recorded at convert time. Updates the manifest."""
+    from mpexport import artifacts
+    from mpexport.specs import TensorSpec
+    from mpexport.valdata import load_validation_data
+
+    status = tensorrt_status()
+    if not status.available:
+        raise MpexportError(f"cannot build a TensorRT engine here: {status.why}", stage=STAGE)
+    manifest = artifacts.read_manifest(directory)
+    mixed = manifest["artifacts"].get("mixed_onnx")
+    if not mixed:
+        raise MpexportError(f"'{directory}' has no mixed-precision model to build from", stage=STAGE)
+    plan = {node["name"]: node["precision"]
+            for node in json.loads((directory / manifest["artifacts"]["plan"]).read_text())["nodes"]}
+    observed: list[dict[str, tuple[int, ...]]] = []
+    recorded = manifest.get("export_check", {}).get("data", "")
+    if not shapes and recorded and Path(recorded).exists():
+        specs = [TensorSpec.from_json(spec) for spec in manifest["inputs"]]
+        observed = [{name: tuple(array.shape) for name, array in batch.items()}
+                    for batch in load_validation_data(recorded).batches(64, limit=1024, inputs=specs)]
+    profiles = derive_profiles(manifest["inputs"], observed, shapes)
+    result = build_engine(directory / mixed, directory, profiles, plan, workspace=workspace, allow_tf32=allow_tf32)
+    artifacts.add_artifact(manifest, directory, "engine", ENGINE)
+    manifest["engine"] = result.metadata
+    manifest["skipped"].pop("engine", None)
+    artifacts.write_manifest(directory, manifest)
+    return result
+
+
 class TensorRTRunner:
     """Runs an engine on torch CUDA tensors (no pycuda): ``run(batch)`` like every other backend."""
 

@@ -135,6 +135,13 @@ def verify(directory: str | Path, *, val_data: str | Path | None = None, options
         _add(runners, skipped, f"strict-{low}", lambda: OrtRunner(strict_path, name=f"strict-{low}"))
     else:
         skipped["onnx-mixed"] = "no mixed-precision model in this directory"
+    engine = manifest["artifacts"].get("engine")
+    if engine:
+        from mpexport.engine import TensorRTRunner
+
+        _add(runners, skipped, "tensorrt", lambda: TensorRTRunner(directory / engine))
+    else:
+        skipped["tensorrt"] = manifest.get("skipped", {}).get("engine", "no engine in this directory")
     report = _run(runners, data, specs, options, on_batch)
     report.backends.update({name: {"ran": False, "why": why} for name, why in skipped.items()})
     if AMP in report.metrics:

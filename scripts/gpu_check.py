@@ -9,9 +9,14 @@ Runs as it is on a machine with CUDA torch (nothing fetched; the project's code 
    with the dtypes ``torch.autocast("cuda", ...)`` produces. Without a GPU the same comparison runs on the
    installed torch's CUDA autocast kernels with fake CUDA tensors (``--cpu-only`` forces that), and the
    summary says which one ran;
-2. TensorRT: reports whether it is importable (engine building is not part of mpexport yet).
+2. numerics: for the bundled examples converted under cuda-fp16, the errors against FP32 of torch-amp (real
+   CUDA autocast on a GPU; the CPU emulation otherwise) next to those of the CPU strict-fp16 emulation, so how
+   well the CPU gate predicts GPU FP16 numerics is a number;
+3. TensorRT: where it imports and a GPU exists, builds each example's engine (`--engine on`) and verifies it
+   (the engine's layers checked against the plan, the engine as a verify backend); else says why it skipped.
 
-Prints a one-screen summary and writes it as JSON. Exit 0 when every comparison agreed, 1 otherwise.
+Prints a one-screen summary and writes it as JSON. Exit 0 when every oracle comparison agreed and every built
+engine matched its plan, 1 otherwise (verify verdicts are reported, not gated: they measure).
 """
 
 from __future__ import annotations
@@ -118,14 +123,35 @@ def oracle_check(cpu_only: bool) -> dict[str, Any]:
             "all_agree": all(r["checked"] == r["agreed"] and not r["unobserved"] for r in results)}
 
 
-def tensorrt_status() -> dict[str, Any]:
-    """Whether TensorRT imports here, and its version."""
-    try:
-        import tensorrt
-    except ImportError as exc:
-        return {"importable": False, "why": str(exc), "engines": "skipped: TensorRT is not installed"}
-    return {"importable": True, "version": tensorrt.__version__,
-            "engines": "skipped: mpexport does not build engines yet"}
+def numerics_and_engines(cpu_only: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per bundled example (cuda-fp16 plan): torch-amp vs strict-fp16 errors, and the engine where possible."""
+    import mpexport
+    from mpexport.engine import tensorrt_status
+    from mpexport.plan import PlanOptions
+    from mpexport.verification import verify
+
+    status = tensorrt_status()
+    build = status.available and not cpu_only
+    rows = []
+    with tempfile.TemporaryDirectory() as folder, _fake_cuda_only(cpu_only):
+        for example in ("digits_resnet", "digits_transformer"):
+            out = Path(folder) / example
+            val = ROOT / "models" / f"{example}.val.npz"
+            result = mpexport.convert(ROOT / "models" / f"{example}.pt2", out=out, val_data=val,
+                                      plan_options=PlanOptions(policy="cuda-fp16"), engine="on" if build else "off")
+            report = verify(out, write=False)
+            metrics = {name: outputs["output"].to_json() for name, outputs in report.metrics.items()}
+            row = {"model": example, "verdict": report.verdict,
+                   "torch_amp": {key: metrics["torch-amp"][key] for key in ("max_abs", "p99_abs", "min_cosine")},
+                   "strict_fp16": {key: metrics["strict-fp16"][key] for key in ("max_abs", "p99_abs", "min_cosine")},
+                   "torch_amp_mode": report.backends["torch-amp"].get("mode")}
+            if build:
+                row["engine"] = result.manifest["engine"]["check"]
+                row["tensorrt"] = {key: metrics["tensorrt"][key] for key in ("max_abs", "min_cosine")}
+            rows.append(row)
+    engines = {"status": status.to_json(),
+               "engines": "built and verified" if build else f"skipped: {status.why or 'CPU-only mode'}"}
+    return rows, engines
 
 
 def main() -> int:
@@ -140,8 +166,8 @@ def main() -> int:
                     "cuda": torch.cuda.is_available(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
         "oracle": oracle_check(args.cpu_only),
-        "tensorrt": tensorrt_status(),
     }
+    summary["numerics"], summary["tensorrt"] = numerics_and_engines(args.cpu_only)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"machine: torch {summary['machine']['torch']}, GPU {summary['machine']['gpu'] or 'none'}")
@@ -150,9 +176,15 @@ def main() -> int:
         verdict = "ok" if row["checked"] == row["agreed"] and not row["unobserved"] else "MISMATCH"
         print(f"  {row['model']:<20} {row['policy']:<10} {row['agreed']}/{row['checked']} nodes agree, "
               f"{row['kernel_internal']} kernel-internal  {verdict}")
+    print("numerics vs FP32 (cuda-fp16 plan): torch-amp | strict-fp16 emulation")
+    for row in summary["numerics"]:
+        amp, strict = row["torch_amp"], row["strict_fp16"]
+        print(f"  {row['model']:<20} max abs {amp['max_abs']} | {strict['max_abs']}, min cosine {amp['min_cosine']} | "
+              f"{strict['min_cosine']}  ({row['torch_amp_mode']}; verify {row['verdict']})")
     print(f"tensorrt: {summary['tensorrt']['engines']}")
     print(f"done in {summary['seconds']} s; summary in {args.out}")
-    return 0 if summary["oracle"]["all_agree"] else 1
+    engines_ok = all(row.get("engine", {}).get("ok", True) for row in summary["numerics"])
+    return 0 if summary["oracle"]["all_agree"] and engines_ok else 1
 
 
 if __name__ == "__main__":

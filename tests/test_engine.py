@@ -126,6 +126,9 @@ def test_no_tensorrt_here_convert_skips_on_auto_and_refuses_on(cli, tmp_path: Pa
     assert_bad_input(cli("convert", MODELS / "digits_resnet.pt2", "--engine", "on", "--out", refused),
                      "--engine on", status.why.split(" (")[0])
     assert not refused.exists()
+    assert_bad_input(cli("build", out), "cannot build a TensorRT engine here")
+    report = cli("verify", out, "--json")
+    assert json.loads(report.stdout)["backends"]["tensorrt"] == {"ran": False, "why": status.why}
 
 
 def test_doctor_says_what_runs_and_why() -> None:

@@ -23,3 +23,7 @@ def test_gpu_check_cpu_only(tmp_path: Path) -> None:
     models = {row["model"] for row in summary["oracle"]["results"]}
     assert models == {"digits_resnet", "digits_transformer", "bert", "llama"}
     assert "nodes agree" in process.stdout
+    assert [row["model"] for row in summary["numerics"]] == ["digits_resnet", "digits_transformer"]
+    for row in summary["numerics"]:  # the CPU emulation stores exactly where autocast stores
+        assert row["strict_fp16"]["max_abs"] <= 2 * row["torch_amp"]["max_abs"]
+    assert summary["tensorrt"]["engines"].startswith("skipped")
