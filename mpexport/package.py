@@ -1,10 +1,10 @@
 """``package``: a Triton Inference Server model repository from a verified output directory.
 
 One model per deployable form: ``<name>`` (``onnxruntime_onnx``, the mixed-precision ONNX; a ``model.onnx/``
-directory when the model has external data) and ``<name>_trt`` (``tensorrt_plan``, per GPU compute capability,
-when an engine was built). Each ``config.pbtxt`` states the model's exact input/output names, data types and
-dims, with dynamic batching when the batch dimension is dynamic; the precision plan and the parity report are
-copied beside it for the record.
+directory when the model has external data) and ``<name>_trt`` (``tensorrt_plan``, the engine named per GPU
+compute capability through ``cc_model_filenames``, when an engine was built). Each ``config.pbtxt`` states
+the model's exact input/output names, data types and dims, with dynamic batching when the batch dimension is
+dynamic; the precision plan and the parity report are copied beside it for the record.
 """
 
 from __future__ import annotations
@@ -78,8 +78,31 @@ def package_triton(directory: str | Path, out: str | Path, *, name: str | None =
         _copy_records(directory, manifest, target)
         result.models[name] = "onnxruntime_onnx"
         if manifest["artifacts"].get("engine"):
-            result.notes.append("a TensorRT engine is recorded, but packaging engines is not supported yet")
+            _package_engine(directory, manifest, staging / f"{name}_trt", f"{name}_trt", model, batch)
+            result.models[f"{name}_trt"] = "tensorrt_plan"
     return result
+
+
+def _package_engine(directory: Path, manifest: dict[str, Any], target: Path, name: str, model: ir.Model,
+                    max_batch_size: int) -> None:
+    """A ``tensorrt_plan`` model: the engine under ``1/`` named by compute capability (plans only run on the
+    GPU architecture and TensorRT version they were built for), with the same I/O as the ONNX model."""
+    engine = manifest["engine"]
+    capability = engine.get("compute_capability")
+    if not capability:
+        raise MpexportError("the engine's compute capability is not recorded; rebuild it with mpexport build",
+                            stage=STAGE)
+    filename = f"model_sm{capability.replace('.', '')}.plan"
+    version = target / "1"
+    version.mkdir(parents=True)
+    shutil.copy2(directory / manifest["artifacts"]["engine"], version / filename)
+    config = onnx_config(name, model, max_batch_size).replace('platform: "onnxruntime_onnx"',
+                                                              'platform: "tensorrt_plan"')
+    config += f'cc_model_filenames [\n  {{\n    key: "{capability}"\n    value: "{filename}"\n  }}\n]\n'
+    trt_version = engine.get("tensorrt", "")
+    config += f'parameters {{\n  key: "tensorrt_version"\n  value: {{ string_value: "{trt_version}" }}\n}}\n'
+    (target / "config.pbtxt").write_text(config)
+    _copy_records(directory, manifest, target)
 
 
 def _model_name(manifest: dict[str, Any]) -> str:

@@ -117,3 +117,24 @@ def test_image_install_steps_in_a_clean_environment(tmp_path: Path) -> None:
     help_text = subprocess.run([str(tmp_path / "venv" / "bin" / "mpexport"), "convert", "--help"],
                                capture_output=True, text=True)
     assert help_text.returncode == 0 and "Example" in help_text.stdout
+
+
+def test_engine_becomes_a_tensorrt_plan_model(cli, verified: Path, tmp_path: Path) -> None:
+    """Packaging logic for an engine (no TensorRT here: the engine file is a stand-in, the manifest entry is what
+    `convert --engine on` records)."""
+    directory = tmp_path / "with_engine"
+    shutil.copytree(verified, directory)
+    (directory / "model.plan").write_bytes(b"stand-in for a serialized engine")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["artifacts"]["engine"] = "model.plan"
+    manifest["engine"] = {"tensorrt": "10.13.0", "gpu": "NVIDIA H200", "compute_capability": "9.0"}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    repo = tmp_path / "repo"
+    assert cli("package", directory, "--out", repo).exit_code == 0
+    config = parse_config(repo / "digits_transformer_trt" / "config.pbtxt")
+    assert config.platform == "tensorrt_plan" and dict(config.cc_model_filenames) == {"9.0": "model_sm90.plan"}
+    assert config.parameters["tensorrt_version"].string_value == "10.13.0"
+    onnx_config = parse_config(repo / "digits_transformer" / "config.pbtxt")
+    assert [i.name for i in config.input] == [i.name for i in onnx_config.input]
+    assert list(config.output[0].dims) == list(onnx_config.output[0].dims)
+    assert (repo / "digits_transformer_trt" / "1" / "model_sm90.plan").read_bytes().startswith(b"stand-in")
