@@ -25,9 +25,9 @@ TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.flo
 class TorchAmpRunner:
     """Runs the source model as training's autocast did (really, or emulated: see the module docstring)."""
 
-    name = "torch-amp"
-
-    def __init__(self, loaded: LoadedModel, input_names: list[str], policy: str, example: Batch) -> None:
+    def __init__(self, loaded: LoadedModel, input_names: list[str], policy: str, example: Batch,
+                 name: str = "torch-amp") -> None:
+        self.name = name
         self.loaded = loaded
         self.input_names = input_names
         self.device, low = policy.split("-")

@@ -125,10 +125,11 @@ def verify(directory: str | Path, *, val_data: str | Path | None = None, options
     notes: list[str] = []
     skipped: dict[str, str] = {}
     _add(runners, skipped, AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
+    low = manifest.get("plan", {}).get("target", "fp16")
+    _add_torch_cuda(runners, skipped, loaded, names, policy, low, example)
     _add(runners, skipped, "onnx-fp32", lambda: OrtRunner(directory / manifest["artifacts"]["fp32_onnx"],
                                                           name="onnx-fp32"))
     mixed = manifest["artifacts"].get("mixed_onnx")
-    low = manifest.get("plan", {}).get("target", "fp16")
     if mixed:
         _add(runners, skipped, "onnx-mixed", lambda: OrtRunner(directory / mixed, name="onnx-mixed"))
         strict_path = _strict_file(directory / mixed)
@@ -187,6 +188,20 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
         report.localisation = localise(None, strict_path, example, {}, reference_runner=runners[0])
     Path(strict_path).unlink(missing_ok=True)
     return report
+
+
+def _add_torch_cuda(runners: list[Runner], skipped: dict[str, str], loaded: LoadedModel, names: list[str],
+                    policy: str, low: str, example: Batch) -> None:
+    """``torch-cuda``: the model under real CUDA autocast where a GPU exists (the training numerics themselves)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        skipped["torch-cuda"] = "no CUDA GPU visible to torch"
+    elif policy.startswith("cuda"):
+        skipped["torch-cuda"] = "torch-amp already runs the model under real CUDA autocast"
+    else:
+        _add(runners, skipped, "torch-cuda",
+             lambda: TorchAmpRunner(loaded, names, f"cuda-{low}", example, name="torch-cuda"))
 
 
 def _add(runners: list[Runner], skipped: dict[str, str], name: str, make: Callable[[], Runner]) -> None:
