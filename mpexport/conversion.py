@@ -130,7 +130,7 @@ def convert(
         stage("rewrite")
         _write_mixed(staging, exported.model, plan, io_types, manifest)
         stage("engine")
-        _engine(staging, manifest, plan, engine, engine_status, specs, data, engine_options or EngineOptions())
+        _engine(staging, manifest, plan, engine_status, specs, data, engine_options or EngineOptions())
         artifacts.write_manifest(staging, manifest)
     notes = loaded.notes + exported.notes + plan.notes
     if not check.passed:
@@ -161,10 +161,9 @@ def _engine_status(engine: str) -> TensorRTStatus | None:
     return status
 
 
-def _engine(staging: Path, manifest: dict[str, Any], plan: PrecisionPlan, engine: str,
-            status: TensorRTStatus | None, specs: list[TensorSpec], data: ValidationData | None,
-            options: EngineOptions) -> None:
-    """Build the engine where possible; otherwise record why it was skipped."""
+def _engine(staging: Path, manifest: dict[str, Any], plan: PrecisionPlan, status: TensorRTStatus | None,
+            specs: list[TensorSpec], data: ValidationData | None, options: EngineOptions) -> None:
+    """Build the engine where possible (``status`` None: --engine off); otherwise record why it was skipped."""
     if status is None:
         manifest["skipped"]["engine"] = "disabled (--engine off)"
         return
