@@ -248,6 +248,7 @@ def _run(runners: list[Runner], data: ValidationData, specs: list[TensorSpec], o
     timed = [_Timed(runner) for runner in runners]
     reference, others = timed[0], timed[1:]
     metrics: dict[str, dict[str, OutputMetrics]] = {runner.name: {} for runner in others}
+    reference_accuracy = OutputMetrics("reference")
     output_names: list[str] = []
     samples = 0
     total = min(data.num_samples, options.max_samples or data.num_samples) if data.num_samples else None
@@ -255,6 +256,8 @@ def _run(runners: list[Runner], data: ValidationData, specs: list[TensorSpec], o
         expected = reference.run(batch)
         output_names = output_names or _output_names(runners, len(expected))
         labels = batch.get(LABELS)
+        if labels is not None:
+            reference_accuracy.update(expected[0], expected[0], labels)
         for runner in others:
             actual = runner.run(batch)
             for name, want, have in zip(output_names, expected, actual, strict=False):
@@ -264,12 +267,11 @@ def _run(runners: list[Runner], data: ValidationData, specs: list[TensorSpec], o
             on_batch(samples, total)
     if samples == 0:
         raise MpexportError("the validation data gave no batches", stage=STAGE)
-    reference_accuracy = _reference_accuracy(reference, data, specs, options) if data.has_labels else None
     thresholds, failures = gate(metrics, options)
     backends: dict[str, dict[str, Any]] = {runner.name: {"ran": True, "seconds": round(runner.seconds, 3)}
                                            for runner in timed}
-    if reference_accuracy is not None:
-        backends[REFERENCE]["accuracy"] = reference_accuracy
+    if reference_accuracy.accuracy is not None:
+        backends[REFERENCE]["accuracy"] = reference_accuracy.accuracy
     return ParityReport("pass" if not failures else "fail", backends, metrics, thresholds, failures,
                         samples=samples, data=data.describe())
 
@@ -280,16 +282,6 @@ def _output_names(runners: list[Runner], count: int) -> list[str]:
         if names and len(names) == count:
             return list(names)
     return [f"output_{index}" for index in range(count)] if count > 1 else ["output"]
-
-
-def _reference_accuracy(reference: _Timed, data: ValidationData, specs: list[TensorSpec],
-                        options: VerifyOptions) -> float | None:
-    """Accuracy of the FP32 reference against the labels (first output, classifier-like only)."""
-    metric = OutputMetrics("reference")
-    for batch in data.batches(options.batch_size, limit=options.max_samples, inputs=specs):
-        first = reference.run(batch)[0]
-        metric.update(first, first, batch.get(LABELS))
-    return metric.accuracy
 
 
 def gate(metrics: dict[str, dict[str, OutputMetrics]], options: VerifyOptions) -> tuple[dict, list[str]]:
