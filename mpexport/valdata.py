@@ -70,7 +70,7 @@ def load_validation_data(path: str | Path) -> ValidationData:
     """Open an ``.npz`` file, a directory of ``.npz`` shards, or ``module:function`` (see
     :class:`CallableValidationData`), checking that it is readable, non-empty and consistent."""
     text = str(path)
-    if not Path(text).exists() and _CALLABLE.match(text):
+    if not Path(text).exists() and is_callable_spec(text):
         return CallableValidationData.open(text)
     path = Path(path)
     if not path.exists():
@@ -91,6 +91,11 @@ def load_validation_data(path: str | Path) -> ValidationData:
 
 
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def is_callable_spec(text: str) -> bool:
+    """True for ``package.module:function`` (a validation-data source to import, not a path)."""
+    return bool(_CALLABLE.match(text))
 
 
 class CallableValidationData(ValidationData):

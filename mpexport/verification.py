@@ -33,7 +33,7 @@ from mpexport.loading import LoadedModel, load_model
 from mpexport.metrics import OutputMetrics
 from mpexport.runners import Batch, OrtRunner, Runner, TorchRunner
 from mpexport.specs import TensorSpec
-from mpexport.valdata import _CALLABLE, LABELS, ValidationData, check_against, load_validation_data
+from mpexport.valdata import LABELS, ValidationData, check_against, is_callable_spec, load_validation_data
 
 STAGE = "verify"
 REFERENCE = "torch-fp32"
@@ -216,7 +216,7 @@ def _add(runners: list[Runner], skipped: dict[str, str], name: str, make: Callab
 def _validation_data(manifest: dict[str, Any], val_data: str | Path | None) -> ValidationData:
     if val_data is None:
         recorded = manifest.get("export_check", {}).get("data", "")
-        if not recorded or not (Path(recorded).exists() or _CALLABLE.match(recorded)):
+        if not recorded or not (Path(recorded).exists() or is_callable_spec(recorded)):
             raise MpexportError("no validation data given and none recorded at convert time", stage=STAGE,
                                 hint="pass --val-data PATH")
         val_data = recorded
