@@ -21,6 +21,7 @@ Explicit ``x.float()`` casts that the FP32 graph dropped as no-ops are honoured 
 from __future__ import annotations
 
 import re
+import tomllib
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import tomllib
 
 from mpexport.autocast_policy import FP32_CLASSES, LOWER, PROMOTE, AutocastPolicy, op_key, resolve_policy
 from mpexport.errors import MpexportError
