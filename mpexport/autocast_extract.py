@@ -143,19 +143,10 @@ def _autocast_on(device: str, low: torch.dtype) -> Iterator[Any]:
         with torch.autocast("cpu", dtype=low):
             yield lambda dtype, shape: torch.zeros(shape, dtype=dtype)
         return
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from mpexport.oracle import fake_cuda_autocast
 
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    was_enabled, was_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
-    torch.set_autocast_enabled("cuda", True)
-    torch.set_autocast_dtype("cuda", low)
-    try:
-        with mode:
-            yield lambda dtype, shape: FakeTensor(mode, torch.empty(shape, dtype=dtype, device="meta"),
-                                                  torch.device("cuda"))
-    finally:
-        torch.set_autocast_enabled("cuda", was_enabled)
-        torch.set_autocast_dtype("cuda", was_dtype)
+    with fake_cuda_autocast(low) as to_fake_cuda:
+        yield lambda dtype, shape: to_fake_cuda(torch.empty(shape, dtype=dtype, device="meta"))
 
 
 PROBE_SHAPES = ((1, 1, 4, 4), (2, 2), (4,), (1, 2, 2), (1, 1, 2, 2, 2))

@@ -66,10 +66,18 @@ def _autocast(device: str, dtype: torch.dtype) -> Iterator[Any]:
         with torch.autocast("cuda", dtype=dtype), torch.no_grad():
             yield lambda t: t.to("cuda") if isinstance(t, torch.Tensor) else t
         return
+    with fake_cuda_autocast(dtype) as to_fake_cuda, torch.no_grad():
+        yield to_fake_cuda
+
+
+@contextlib.contextmanager
+def fake_cuda_autocast(dtype: torch.dtype) -> Iterator[Any]:
+    """CUDA autocast without a GPU: the thread-local autocast flags set directly (the context manager refuses
+    without CUDA) inside a fake-tensor mode; yields a converter that turns any tensor into a fake CUDA tensor of
+    the same shape, stride and dtype, so the installed torch's ``AutocastCUDA`` kernels run on it."""
     from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    was_enabled, was_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
 
     def to_fake_cuda(value: Any) -> Any:
         if not isinstance(value, torch.Tensor) or (isinstance(value, FakeTensor) and value.is_cuda):
@@ -78,14 +86,8 @@ def _autocast(device: str, dtype: torch.dtype) -> Iterator[Any]:
             meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
         return FakeTensor(mode, meta, torch.device("cuda"))
 
-    torch.set_autocast_enabled("cuda", True)
-    torch.set_autocast_dtype("cuda", dtype)
-    try:
-        with mode, torch.no_grad():
-            yield to_fake_cuda
-    finally:
-        torch.set_autocast_enabled("cuda", was_enabled)
-        torch.set_autocast_dtype("cuda", was_dtype)
+    with _region_flags("cuda", dtype, True), mode:
+        yield to_fake_cuda
 
 
 class _Observer(torch.fx.Interpreter):
@@ -141,7 +143,8 @@ def _as_list(value: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def _region_flags(device: str, dtype: torch.dtype | None, enabled: bool) -> Iterator[None]:
-    """A nested autocast region on fake CUDA tensors: flip the thread-local flags directly."""
+    """Autocast state for ``device`` set through the thread-local flags (what works on fake CUDA tensors),
+    restored on exit."""
     was_enabled, was_dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
     torch.set_autocast_enabled(device, enabled)
     if dtype is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -16,15 +17,7 @@ from mpexport.runners import Batch
 def collect_ranges(model_path: str | Path, batches: Iterable[Batch]) -> RangeStats:
     """Run the model in ONNX Runtime with every floating-point intermediate exposed as an output, and keep
     per tensor the running max of |value| (NaN/Inf count as infinite) and its shape on the first batch."""
-    import onnxruntime as ort
-
-    model = ir.load(str(model_path))
-    names = _expose_float_values(model)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    proto = ir.serde.serialize_model(model)
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session, names = intermediates_session(model_path)
     inputs = [value.name for value in session.get_inputs()]
     max_abs: dict[str, float] = {}
     shapes: dict[str, tuple[int, ...]] = {}
@@ -37,6 +30,20 @@ def collect_ranges(model_path: str | Path, batches: Iterable[Batch]) -> RangeSta
             shapes.setdefault(name, tuple(array.shape))
         samples += len(next(iter(batch.values())))
     return RangeStats(max_abs, shapes, samples)
+
+
+def intermediates_session(model_path: str | Path) -> tuple[Any, list[str]]:
+    """An ONNX Runtime CPU session of the model with every floating-point node output of the main graph exposed
+    as a graph output, and those outputs' names in graph order."""
+    import onnxruntime as ort
+
+    model = ir.load(str(model_path))
+    names = _expose_float_values(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    proto = ir.serde.serialize_model(model)
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"]), names
 
 
 def _expose_float_values(model: ir.Model) -> list[str]:

@@ -391,22 +391,10 @@ def _located(origin: str, node: ir.Node, info: dict[str, Any], value: str, broke
 
 
 def _all_values(path: Path, batch: Batch) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+    """Every floating-point intermediate of the model on ``batch``, by value name ({} if it cannot run)."""
+    from mpexport.ranges import intermediates_session
 
-    model = ir.load(str(path))
-    existing = {value.name for value in model.graph.outputs}
-    names = []
-    for node in model.graph:
-        for value in node.outputs:
-            if value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16) and value.name:
-                if value.name not in existing:
-                    model.graph.outputs.append(value)
-                    existing.add(value.name)
-                names.append(value.name)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    session, names = intermediates_session(path)
     feeds = {value.name: batch[value.name].astype(np.float32) if batch[value.name].dtype.kind == "f"
              else batch[value.name] for value in session.get_inputs()}
     try:
