@@ -62,6 +62,7 @@ def convert_one(name: str, source: Path, target: Path) -> dict:
         import onnx_ir as ir
 
         from mpexport import provenance
+        from mpexport.onnxfile import save_model
         from mpexport.plan import PlanOptions, make_plan
         from mpexport.rewrite import apply_plan
 
@@ -70,7 +71,7 @@ def convert_one(name: str, source: Path, target: Path) -> dict:
         records = provenance.from_json(json.loads((source / "provenance.json").read_text()))
         plan = make_plan(model, records, PlanOptions(policy="cuda-fp16", range_check=False))
         apply_plan(model, {node.name: node.precision for node in plan.nodes})
-        ir.save(model, str(target))
+        save_model(model, target)
     elif name == "onnxconverter-common":
         import onnx
         from onnxconverter_common import float16

@@ -1,17 +1,22 @@
-"""``convert``: model file -> output directory with the FP32 ONNX, its provenance and ``manifest.json``.
+"""``convert``: model file -> output directory with the FP32 ONNX and its provenance, the precision plan, the
+mixed-precision ONNX, an engine where TensorRT exists, and ``manifest.json``.
 
-Stages: load -> inputs -> export -> provenance -> export check (ONNX Runtime vs PyTorch FP32 on the
-validation data) -> manifest. Later stages (plan, mixed-precision rewrite, engine) add their own artifacts.
+Stages: load -> inputs -> export -> write (FP32 ONNX + provenance) -> export check (ONNX Runtime vs PyTorch FP32
+on the validation data) -> calibration (the range rule's statistics) -> plan -> rewrite (+ lint) -> engine. The
+PyTorch model is dropped after calibration; plan and rewrite read the FP32 ONNX file back, weights memory-mapped
+one at a time, so a large model's weights are in memory once at most.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 import torch
 
@@ -22,8 +27,9 @@ from mpexport.export import ExportRequest, ExportResult, export_onnx
 from mpexport.inputs import example_inputs, resolve_inputs
 from mpexport.lint import lint_model
 from mpexport.loading import LoadedModel, load_model
+from mpexport.onnxfile import save_model
 from mpexport.parity import Comparison, compare_runners
-from mpexport.plan import DEFAULT_POLICY, PlanOptions, PrecisionPlan, make_plan
+from mpexport.plan import DEFAULT_POLICY, PlanOptions, PrecisionPlan, RangeStats, make_plan
 from mpexport.ranges import collect_ranges
 from mpexport.rewrite import apply_plan
 from mpexport.runners import OrtRunner, TorchRunner, flatten_outputs, output_names
@@ -41,6 +47,10 @@ EXTERNAL_DATA_THRESHOLD = 1536 << 20
 """Initializer bytes above which the ONNX weights go to an external data file (protobuf caps files at 2 GB)."""
 CHECK_SAMPLES = 1024
 CHECK_BATCH = 64
+CHECK_OUTPUT_BUDGET = 256 << 20
+"""Output bytes per backend that one export-check or calibration batch may produce."""
+SHAREABLE_TYPES = tuple(np.dtype(name) for name in ("float32", "float16", "float64", "int64", "int32"))
+"""Weight types ONNX Runtime can use in place from numpy."""
 
 StageCallback = Callable[[str], None]
 
@@ -97,47 +107,98 @@ def convert(
     stage = on_stage or (lambda _name: None)
     artifacts.check_output_dir(out, force=force)
     engine_status = _engine_status(engine)
+    request = _FP32Request(model, val_data, list(inputs), factory, trust_pickle, dynamic_batch, opset, check_samples,
+                           plan_options, calibration_samples)
+    with artifacts.staged_output(out, force=force) as staging:
+        fp32 = _fp32_stage(staging, request, stage)
+        gc.collect()  # the PyTorch model and the in-memory export are gone from here on
+        manifest, options, specs, data = fp32.manifest, fp32.options, fp32.specs, fp32.data
+        stage("plan")
+        model_ir = ir.load(str(staging / FP32_ONNX))  # external weights stay memory-mapped, read one at a time
+        plan = make_plan(model_ir, fp32.records, options, fp32.ranges)
+        artifacts.write_json(staging / PLAN, plan.to_json())
+        artifacts.add_artifact(manifest, staging, "plan", PLAN)
+        manifest["plan"] = {"policy": plan.policy.name, "target": plan.options.low,
+                            "policy_source": fp32.policy_source, "notes": plan.notes,
+                            "summary": {key: value for key, value in plan.summary().items()
+                                        if key in ("precision", "rules", "macs")}}
+        stage("rewrite")
+        _write_mixed(staging, model_ir, plan, io_types, manifest)
+        del model_ir
+        stage("engine")
+        _engine(staging, manifest, plan, engine_status, specs, data, engine_options or EngineOptions())
+        artifacts.write_manifest(staging, manifest)
+    notes = fp32.notes + plan.notes
+    if not fp32.check.passed:
+        notes.append(_check_failure_note(fp32.check))
+    for failed in (c for c in manifest["lint"]["checks"] if c["status"] == "fail"):
+        notes.append(f"lint FAILED: {failed['name']}: {failed['detail']} {'; '.join(failed['findings'][:3])}")
+    return ConvertResult(Path(out), manifest, notes)
+
+
+@dataclass
+class _FP32Request:
+    model: str | Path
+    val_data: str | Path | None
+    inputs: list[TensorSpec]
+    factory: str | None
+    trust_pickle: bool
+    dynamic_batch: bool
+    opset: int | None
+    check_samples: int
+    plan_options: PlanOptions | None
+    calibration_samples: int
+
+
+@dataclass
+class _FP32Stage:
+    """What the export stage leaves behind once the PyTorch model is dropped: no tensors, only records."""
+
+    manifest: dict[str, Any]
+    records: list[provenance.NodeProvenance]
+    check: Comparison
+    ranges: RangeStats | None
+    options: PlanOptions
+    policy_source: str
+    specs: list[TensorSpec]
+    data: ValidationData | None
+    notes: list[str]
+
+
+def _fp32_stage(staging: Path, request: _FP32Request, stage: StageCallback) -> _FP32Stage:
+    """Load, export, write the FP32 ONNX with provenance, check it against PyTorch and collect the range rule's
+    calibration statistics. ONNX Runtime runs the FP32 model on the PyTorch parameters in place, and everything
+    holding the weights (the PyTorch module, the reference runner, the in-memory ONNX) dies with this frame:
+    a large model's FP32 weights are in memory once, and not at all in the later stages."""
     stage("load")
-    loaded = load_model(model, factory=factory, trust_pickle=trust_pickle)
-    data = load_validation_data(val_data) if val_data is not None else None
+    loaded = load_model(request.model, factory=request.factory, trust_pickle=request.trust_pickle)
+    data = load_validation_data(request.val_data) if request.val_data is not None else None
     stage("inputs")
-    specs = resolve_inputs(loaded, data, list(inputs), dynamic_batch=dynamic_batch)
+    specs = resolve_inputs(loaded, data, request.inputs, dynamic_batch=request.dynamic_batch)
     examples = example_inputs(specs, data)
     reference = _reference_runner(loaded, specs)
-    names = _output_names(loaded, specs, examples)
-    options = _plan_options(plan_options, loaded)
-    opset = _opset_for(options, opset)
+    names, output_bytes = _output_names(loaded, specs, examples)
+    options = _plan_options(request.plan_options, loaded)
+    opset = _opset_for(options, request.opset)
     stage("export")
     started = time.perf_counter()
     exported = export_onnx(ExportRequest(loaded, specs, examples, names, opset))
     export_seconds = time.perf_counter() - started
-    with artifacts.staged_output(out, force=force) as staging:
-        stage("write")
-        manifest, records = _write_fp32(staging, loaded, exported, export_seconds)
-        stage("export check")
-        batches = _check_batches(specs, data, examples, check_samples)
-        check = compare_runners(reference, OrtRunner(staging / FP32_ONNX), batches,
-                                [spec["name"] for spec in manifest["outputs"]])
-        manifest["export_check"] = _check_json(check, data)
-        stage("plan")
-        plan = _plan(staging, exported.model, records, options, specs, data, calibration_samples)
-        artifacts.write_json(staging / PLAN, plan.to_json())
-        artifacts.add_artifact(manifest, staging, "plan", PLAN)
-        manifest["plan"] = {"policy": plan.policy.name, "target": plan.options.low,
-                            "policy_source": options_source(plan_options, loaded), "notes": plan.notes,
-                            "summary": {key: value for key, value in plan.summary().items()
-                                        if key in ("precision", "rules", "macs")}}
-        stage("rewrite")
-        _write_mixed(staging, exported.model, plan, io_types, manifest)
-        stage("engine")
-        _engine(staging, manifest, plan, engine_status, specs, data, engine_options or EngineOptions())
-        artifacts.write_manifest(staging, manifest)
-    notes = loaded.notes + exported.notes + plan.notes
-    if not check.passed:
-        notes.append(_check_failure_note(check))
-    for failed in (c for c in manifest["lint"]["checks"] if c["status"] == "fail"):
-        notes.append(f"lint FAILED: {failed['name']}: {failed['detail']} {'; '.join(failed['findings'][:3])}")
-    return ConvertResult(Path(out), manifest, notes)
+    stage("write")
+    manifest, records = _write_fp32(staging, loaded, exported, export_seconds)
+    stage("export check")
+    batches = _check_batches(specs, data, examples, request.check_samples, output_bytes)
+    weights = shareable_weights(exported.model)
+    candidate = OrtRunner(staging / FP32_ONNX, shared_weights=weights)
+    check = compare_runners(reference, candidate, batches, [spec["name"] for spec in manifest["outputs"]])
+    manifest["export_check"] = _check_json(check, data)
+    del candidate
+    ranges = None
+    if options.range_check and data is not None and request.calibration_samples > 0:
+        stage("calibration")
+        ranges = _calibrate(staging, specs, data, request.calibration_samples, output_bytes, weights)
+    return _FP32Stage(manifest, records, check, ranges, options, options_source(request.plan_options, loaded), specs,
+                      data, loaded.notes + exported.notes)
 
 
 @dataclass
@@ -191,12 +252,13 @@ def _opset_for(options: PlanOptions, opset: int | None) -> int | None:
 
 def _write_mixed(staging: Path, model: ir.Model, plan: PrecisionPlan, io_types: str,
                  manifest: dict[str, Any]) -> None:
-    """Apply the plan to the in-memory FP32 model (already written), save, lint, and record both."""
+    """Apply the plan to the FP32 model as read back from its file, save, lint, and record both. Converted weights
+    are computed while saving, one at a time, and a model whose FP32 form has external data keeps it."""
     precisions = {node.name: node.precision for node in plan.nodes}
     report = apply_plan(model, precisions, io_types=io_types)
-    external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    external = (staging / f"{FP32_ONNX}.data").exists() or _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_file = f"{MIXED_ONNX}.data"
-    ir.save(model, staging / MIXED_ONNX, external_data=data_file if external else None)
+    save_model(model, staging / MIXED_ONNX, external_data=data_file if external else None)
     artifacts.add_artifact(manifest, staging, "mixed_onnx", MIXED_ONNX, (data_file,) if external else ())
     manifest["rewrite"] = report.to_json()
     manifest["lint"] = lint_model(staging / MIXED_ONNX, precisions).to_json()
@@ -229,29 +291,21 @@ def _plan_options(options: PlanOptions | None, loaded: LoadedModel) -> PlanOptio
     return options
 
 
-def _plan(staging: Path, model: ir.Model, records: list[provenance.NodeProvenance], options: PlanOptions,
-          specs: list[TensorSpec], data: ValidationData | None, samples: int) -> PrecisionPlan:
-    ranges = None
-    if options.range_check and data is not None and samples > 0 and not _uses_external_data(staging):
-        fixed = next((spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], int)), None)
-        ranges = collect_ranges(staging / FP32_ONNX, data.batches(fixed or CHECK_BATCH, limit=samples, inputs=specs,
-                                                                 exact=fixed is not None))
-    plan = make_plan(model, records, options, ranges)
-    if options.range_check and data is not None and _uses_external_data(staging):
-        plan.notes.append("the range rule does not run on models with external data yet")
-    return plan
-
-
-def _uses_external_data(staging: Path) -> bool:
-    return (staging / f"{FP32_ONNX}.data").exists()
+def _calibrate(staging: Path, specs: list[TensorSpec], data: ValidationData, samples: int, output_bytes: int,
+               weights: dict[str, np.ndarray]) -> RangeStats:
+    fixed = next((spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], int)), None)
+    batches = data.batches(fixed or _batch_size(output_bytes), limit=samples, inputs=specs, exact=fixed is not None)
+    return collect_ranges(staging / FP32_ONNX, batches, shared_weights=weights)
 
 
 def _reference_runner(loaded: LoadedModel, specs: list[TensorSpec]) -> TorchRunner:
     return TorchRunner(loaded.callable(), [spec.name for spec in specs], positional=loaded.positional)
 
 
-def _output_names(loaded: LoadedModel, specs: list[TensorSpec], examples: dict[str, torch.Tensor]) -> list[str]:
-    """Run the model once on the examples (it must work in FP32 before anything else) and name its outputs."""
+def _output_names(loaded: LoadedModel, specs: list[TensorSpec],
+                  examples: dict[str, torch.Tensor]) -> tuple[list[str], int]:
+    """Run the model once on the examples (it must work in FP32 before anything else); name its outputs and
+    measure their bytes per sample."""
     model = loaded.callable()
     try:
         with torch.no_grad():
@@ -261,9 +315,12 @@ def _output_names(loaded: LoadedModel, specs: list[TensorSpec], examples: dict[s
                            for name, t in examples.items())
         raise MpexportError(f"the model fails on example inputs {shapes}: {first_line(exc)}", stage="inputs",
                             hint="check --input shapes and dtypes against what the model expects") from None
-    if not flatten_outputs(result):
+    tensors = flatten_outputs(result)
+    if not tensors:
         raise MpexportError("the model returns no tensors", stage="inputs")
-    return output_names(result)
+    first = next(iter(examples.values()), None)
+    samples = len(first) if first is not None and first.ndim else 1
+    return output_names(result), sum(tensor.nbytes for tensor in tensors) // max(1, samples)
 
 
 def _write_fp32(staging: Path, loaded: LoadedModel, exported: ExportResult,
@@ -271,7 +328,7 @@ def _write_fp32(staging: Path, loaded: LoadedModel, exported: ExportResult,
     model = exported.model
     external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_file = f"{FP32_ONNX}.data"
-    ir.save(model, staging / FP32_ONNX, external_data=data_file if external else None)
+    save_model(model, staging / FP32_ONNX, external_data=data_file if external else None)
     records = provenance.collect_provenance(model, exported.provenance_kind, exported.facts)
     artifacts.write_json(staging / PROVENANCE, provenance.to_json(records))
     manifest = artifacts.new_manifest()
@@ -292,6 +349,21 @@ def _write_fp32(staging: Path, loaded: LoadedModel, exported: ExportResult,
     return manifest, records
 
 
+def shareable_weights(model: ir.Model) -> dict[str, np.ndarray]:
+    """The in-memory model's initializers as arrays that view their data (the PyTorch parameters, for an export),
+    for ONNX Runtime to use in place: checking a large export then holds its weights once, not twice."""
+    shared = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or isinstance(tensor, ir.ExternalTensor) or value.dtype is None or tensor.nbytes < 1 << 20:
+            continue
+        array = tensor.numpy()
+        if array.flags.c_contiguous and array.dtype in SHAREABLE_TYPES and array.dtype == value.dtype.numpy() \
+                and array.shape == tuple(tensor.shape):
+            shared[name] = array
+    return shared
+
+
 def _initializer_bytes(model: ir.Model) -> int:
     return sum(value.const_value.nbytes for value in model.graph.initializers.values()
                if value.const_value is not None)
@@ -309,11 +381,18 @@ def graph_specs(values: Sequence[ir.Value]) -> list[TensorSpec]:
 
 
 def _check_batches(specs: list[TensorSpec], data: ValidationData | None, examples: dict[str, torch.Tensor],
-                   limit: int):
+                   limit: int, output_bytes: int):
+    """Export-check batches: the model's fixed batch, else :func:`_batch_size`."""
     if data is None:
         return [{name: tensor.numpy() for name, tensor in examples.items()}]
     fixed = next((spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], int)), None)
-    return data.batches(fixed or CHECK_BATCH, limit=limit, inputs=specs, exact=fixed is not None)
+    return data.batches(fixed or _batch_size(output_bytes), limit=limit, inputs=specs, exact=fixed is not None)
+
+
+def _batch_size(output_bytes: int) -> int:
+    """Up to CHECK_BATCH samples whose outputs take about CHECK_OUTPUT_BUDGET (a language model's logits are
+    ~25 MB per sample at 128 tokens: 10 samples a batch, not 64)."""
+    return max(1, min(CHECK_BATCH, CHECK_OUTPUT_BUDGET // max(1, output_bytes)))
 
 
 def _check_json(check: Comparison, data: ValidationData | None) -> dict[str, Any]:

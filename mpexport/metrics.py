@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 SUBSAMPLE = 200_000
+CHUNK_ELEMENTS = 1 << 22
+"""Elements of an output folded in at once (float64 temporaries of 32 MB each)."""
 PLOT_POINTS = 3_000
 
 
@@ -41,11 +43,26 @@ class OutputMetrics:
     _rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0), repr=False)
 
     def update(self, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> None:
-        """Fold one batch in (arrays of the same shape, first axis the batch)."""
+        """Fold one batch in (arrays of the same shape, first axis the batch). Large outputs (a language model's
+        logits) are folded in slices of samples, so the float64 temporaries stay small."""
+        reference, candidate = np.asarray(reference), np.asarray(candidate)
+        if reference.shape != candidate.shape:
+            raise ValueError(f"output '{self.name}': shapes {reference.shape} and {candidate.shape} differ")
+        if reference.ndim == 0:
+            self._update(reference, candidate, labels)
+            return
+        rows = max(1, CHUNK_ELEMENTS // max(1, reference[0].size))
+        slices = [slice(start, start + rows) for start in range(0, len(reference), rows)]
+        for part in slices:  # the batch's scale first: the relative-error floor must not depend on the slicing
+            magnitude = np.abs(np.asarray(reference[part], dtype=np.float64))
+            self.scale = max(self.scale, float(magnitude[np.isfinite(magnitude)].max(initial=0.0)))
+        labelled = labels is not None and labels.shape[:1] == reference.shape[:1]
+        for part in slices:
+            self._update(reference[part], candidate[part], labels[part] if labelled else None)
+
+    def _update(self, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> None:
         ref = np.asarray(reference, dtype=np.float64)
         cand = np.asarray(candidate, dtype=np.float64)
-        if ref.shape != cand.shape:
-            raise ValueError(f"output '{self.name}': shapes {ref.shape} and {cand.shape} differ")
         finite_ref = np.isfinite(ref)
         bad = finite_ref & ~np.isfinite(cand)
         self.nonfinite += int(bad.sum())
@@ -72,7 +89,7 @@ class OutputMetrics:
         if ref.ndim == 2 and ref.shape[1] > 1:
             self.classifier = True
             self.top1_agree += int((ref.argmax(axis=1) == cand.argmax(axis=1)).sum())
-            if labels is not None and labels.shape[:1] == ref.shape[:1]:
+            if labels is not None:
                 self.correct += int((cand.argmax(axis=1) == labels).sum())
                 self.labelled += batch
 

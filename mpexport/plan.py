@@ -33,6 +33,7 @@ import onnx_ir as ir
 from mpexport.autocast_policy import FP32_CLASSES, LOWER, PROMOTE, AutocastPolicy, op_key, resolve_policy
 from mpexport.errors import MpexportError
 from mpexport.provenance import NodeProvenance
+from mpexport.weights import max_abs, reduce_tensor
 
 STAGE = "plan"
 FP32, FP16, BF16, FP64, NONE = "fp32", "fp16", "bf16", "fp64", "none"
@@ -416,12 +417,7 @@ class _Engine:
     def _weight_peak(self, value: ir.Value) -> float:
         """Largest |weight| that is not a mask sentinel (cached per initializer: one pass, no temporaries)."""
         if value.name not in self.weight_peaks:
-            array = value.const_value.numpy()
-            peak = float(max(array.max(), -array.min())) if array.size else 0.0
-            if peak >= MASK_SENTINEL:
-                magnitudes = np.abs(array)
-                peak = float(magnitudes[magnitudes < MASK_SENTINEL].max(initial=0.0))
-            self.weight_peaks[value.name] = peak
+            self.weight_peaks[value.name] = reduce_tensor(value.const_value, _peak_ignoring_sentinels)
         return self.weight_peaks[value.name]
 
     def _subgraph_plans(self, node: ir.Node, name: str) -> list[NodePlan]:
@@ -435,6 +431,14 @@ class _Engine:
                     plans.append(NodePlan(inner_name, inner.op_type, None, None, FP32,
                                           f"inside the subgraph of {name}: kept FP32", "subgraph"))
         return plans
+
+
+def _peak_ignoring_sentinels(array: np.ndarray) -> float:
+    peak = max_abs(array)
+    if peak >= MASK_SENTINEL:
+        magnitudes = np.abs(array)
+        peak = float(magnitudes[magnitudes < MASK_SENTINEL].max(initial=0.0))
+    return peak
 
 
 def _macs(node: ir.Node, ranges: RangeStats | None) -> int | None:

@@ -1,9 +1,18 @@
 """Calibration statistics for the range rule: the largest |value| every floating-point tensor of the FP32
-ONNX model reaches on calibration data, and the tensors' shapes (for MAC counts), streamed over batches."""
+ONNX model reaches on calibration data, and the tensors' shapes (for MAC counts), streamed over batches.
+
+The statistics are computed inside the graph, right after each float node output: ``ReduceMax(x)`` and
+``ReduceMin(x)`` (the peak |x| without a temporary), ``ReduceSum(x)`` (not finite when an element is NaN or
+infinite, or when the sum overflows, which needs elements far beyond the FP16 range: a conservative answer) and
+``Shape(x)``. Only these small results leave ONNX Runtime and every intermediate is freed as in plain inference,
+so calibrating a large model costs what running it costs, not the size of all its activations at once.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,58 +20,104 @@ import numpy as np
 import onnx_ir as ir
 
 from mpexport.plan import ONNX_FLOAT_TYPES, RangeStats
-from mpexport.runners import Batch
+from mpexport.runners import Batch, ir_session
 
 
-def collect_ranges(model_path: str | Path, batches: Iterable[Batch]) -> RangeStats:
-    """Run the model in ONNX Runtime with every floating-point intermediate exposed as an output, and keep
-    per tensor the running max of |value| (NaN/Inf count as infinite) and its shape on the first batch."""
-    session, names = intermediates_session(model_path)
+@dataclass(frozen=True)
+class _Probe:
+    """The graph outputs that measure one value: its max, its min, its sum (the non-finite flag), its shape."""
+
+    value: str
+    high: str
+    low: str
+    total: str
+    shape: str
+
+
+def collect_ranges(model_path: str | Path, batches: Iterable[Batch], *,
+                   shared_weights: Mapping[str, np.ndarray] | None = None) -> RangeStats:
+    """Run the model in ONNX Runtime on every batch and keep per floating-point value of the main graph the
+    running max of |value| (infinite once a NaN or infinity appears) and its shape on the first batch.
+    ``shared_weights``: initializers ONNX Runtime uses in place (see :func:`mpexport.runners.session_options`)."""
+    model = ir.load(str(model_path))
+    probes = _add_probes(model)
+    session = ir_session(model, Path(model_path).parent, in_graph_order=True, shared_weights=shared_weights)
     inputs = [value.name for value in session.get_inputs()]
-    max_abs: dict[str, float] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    samples = 0
+    outputs = [value.name for value in session.get_outputs()]
+    stats = RangeStats({}, {}, 0)
     for batch in batches:
-        results = session.run(names, {name: batch[name] for name in inputs})
-        for name, array in zip(names, results, strict=True):
-            peak = _peak(array)
-            max_abs[name] = max(max_abs.get(name, 0.0), peak)
-            shapes.setdefault(name, tuple(array.shape))
-        samples += len(next(iter(batch.values())))
-    return RangeStats(max_abs, shapes, samples)
+        results = dict(zip(outputs, session.run(outputs, {name: batch[name] for name in inputs}), strict=True))
+        for probe in probes:
+            peak = max(float(results[probe.high]), -float(results[probe.low]), 0.0)  # an empty tensor: -inf, inf
+            if not math.isfinite(float(results[probe.total])):
+                peak = math.inf
+            stats.max_abs[probe.value] = max(stats.max_abs.get(probe.value, 0.0), peak)
+            stats.shapes.setdefault(probe.value, tuple(int(dim) for dim in results[probe.shape]))
+        stats.samples += len(next(iter(batch.values())))
+    return stats
+
+
+def _add_probes(model: ir.Model) -> list[_Probe]:
+    """Insert the measuring nodes right after the producer of every float node output of the main graph (so
+    ONNX Runtime can free each value as soon as its own consumers ran) and make their results the graph's only
+    outputs."""
+    graph = model.graph
+    probes, outputs = [], []
+    for producer in list(graph):
+        added: list[ir.Node] = []
+        for value in producer.outputs:
+            if not _is_float(value):
+                continue
+            source = value
+            if value.dtype != ir.DataType.FLOAT:
+                added.append(_node("Cast", source, {"to": ir.DataType.FLOAT}, f"{value.name}__probe_float"))
+                source = added[-1].outputs[0]
+            measures = [_node("ReduceMax", source, {"keepdims": 0}, f"{value.name}__probe_max"),
+                        _node("ReduceMin", source, {"keepdims": 0}, f"{value.name}__probe_min"),
+                        _node("ReduceSum", source, {"keepdims": 0}, f"{value.name}__probe_sum"),
+                        _node("Shape", value, {}, f"{value.name}__probe_shape")]
+            added += measures
+            probes.append(_Probe(value.name or "", *(node.name or "" for node in measures)))
+            outputs += [node.outputs[0] for node in measures]
+        if added:
+            graph.insert_after(producer, added)
+    graph.outputs.clear()
+    graph.outputs.extend(outputs)
+    return probes
+
+
+def _node(op_type: str, source: ir.Value, attributes: dict[str, Any], name: str) -> ir.Node:
+    node = ir.node(op_type, [source], attributes, name=name)
+    node.outputs[0].name = name
+    return node
+
+
+def _is_float(value: ir.Value) -> bool:
+    return bool(value.name and ONNX_FLOAT_TYPES.get(value.dtype) and value.type is not None)
+
+
+def _float_values(graph: ir.Graph) -> list[ir.Value]:
+    """Every typed floating-point node output of the graph, in graph order."""
+    return [value for node in graph for value in node.outputs if _is_float(value)]
+
+
+def _append(graph: ir.Graph, op_type: str, inputs: list[ir.Value], attributes: dict[str, Any], name: str) -> ir.Value:
+    node = ir.node(op_type, inputs, attributes, name=name)
+    node.outputs[0].name = name
+    graph.append(node)
+    return node.outputs[0]
 
 
 def intermediates_session(model_path: str | Path) -> tuple[Any, list[str]]:
     """An ONNX Runtime CPU session of the model with every floating-point node output of the main graph exposed
-    as a graph output, and those outputs' names in graph order."""
-    import onnxruntime as ort
-
+    as a graph output, and those outputs' names in graph order (all of a run's intermediates come back at once:
+    meant for one small batch, as verify's localisation uses it)."""
     model = ir.load(str(model_path))
-    names = _expose_float_values(model)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    proto = ir.serde.serialize_model(model)
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"]), names
-
-
-def _expose_float_values(model: ir.Model) -> list[str]:
-    """Add every float node output of the main graph to the graph outputs; return their names."""
     existing = {value.name for value in model.graph.outputs}
     names = []
-    for node in model.graph:
-        for value in node.outputs:
-            if value.name and ONNX_FLOAT_TYPES.get(value.dtype) and value.type is not None:
-                if value.name not in existing:
-                    model.graph.outputs.append(value)
-                    existing.add(value.name)
-                names.append(value.name)
-    return names
-
-
-def _peak(array: np.ndarray) -> float:
-    """max |value| (infinite when any value is NaN or infinite), without copying the array."""
-    if array.size == 0:
-        return 0.0
-    peak = float(max(np.max(array), -np.min(array)))
-    return peak if np.isfinite(peak) else float("inf")
+    for value in _float_values(model.graph):
+        if value.name not in existing:
+            model.graph.outputs.append(value)
+            existing.add(value.name)
+        names.append(value.name or "")
+    return ir_session(model, Path(model_path).parent), names

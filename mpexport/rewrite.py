@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from mpexport.errors import MpexportError
 from mpexport.plan import MASK_SENTINEL
+from mpexport.weights import converted, max_abs, reduce_tensor
 
 STAGE = "rewrite"
 PRECISION_TYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16, "fp32": ir.DataType.FLOAT,
@@ -145,28 +146,26 @@ class _Rewriter:
                 else:
                     self.report.initializers_cast_at_runtime.append(name)
 
-    def _converted_tensor(self, value: ir.Value, target: ir.DataType, name: str) -> ir.Tensor:
-        array = value.const_value.numpy()
+    def _converted_tensor(self, value: ir.Value, target: ir.DataType, name: str) -> ir.TensorProtocol:
+        source = value.const_value
         limit = LOW_MAX.get(target)
-        peak = float(max(array.max(), -array.min())) if array.size else 0.0
-        if limit is None or peak <= limit:  # the common case: one pass, no temporaries
-            return ir.tensor(array.astype(target.numpy()), name=value.const_value.name)
-        array = array.astype(np.float32 if target != ir.DataType.DOUBLE else np.float64)
-        if limit is not None:
-            sentinels = np.abs(array) >= MASK_SENTINEL
-            if sentinels.any():
-                array = np.where(sentinels, np.sign(array) * limit, array)
-                self.report.saturated_sentinels.append(name)
-            over = np.abs(array) > limit
-            if over.any():
-                consumers = ", ".join(sorted(n.name or n.op_type for n, _ in value.uses()))
-                raise MpexportError(
-                    f"weight '{name}' reaches {float(np.abs(array).max()):.3g}, beyond {TYPE_NAMES[target].upper()} "
-                    f"max {limit:.6g}, but the plan runs its consumer(s) {consumers} in {TYPE_NAMES[target]}",
-                    stage=STAGE, hint="keep those nodes FP32 (--keep-fp32-op / --keep-fp32-module) or let the "
-                    "range rule run",
-                )
-        return ir.tensor(array.astype(target.numpy()), name=value.const_value.name)
+        if limit is None or reduce_tensor(source, max_abs) <= limit:  # the common case: converted when saved
+            return converted(source, target)
+        array = reduce_tensor(source, lambda data: data.astype(np.float32))
+        sentinels = np.abs(array) >= MASK_SENTINEL
+        if sentinels.any():
+            array = np.where(sentinels, np.sign(array) * limit, array)
+            self.report.saturated_sentinels.append(name)
+        over = np.abs(array) > limit
+        if over.any():
+            consumers = ", ".join(sorted(n.name or n.op_type for n, _ in value.uses()))
+            raise MpexportError(
+                f"weight '{name}' reaches {float(np.abs(array).max()):.3g}, beyond {TYPE_NAMES[target].upper()} "
+                f"max {limit:.6g}, but the plan runs its consumer(s) {consumers} in {TYPE_NAMES[target]}",
+                stage=STAGE, hint="keep those nodes FP32 (--keep-fp32-op / --keep-fp32-module) or let the "
+                "range rule run",
+            )
+        return ir.tensor(array.astype(target.numpy()), name=source.name)
 
     def _native_inputs(self) -> None:
         for value in self.graph.inputs:

@@ -6,7 +6,7 @@ Every runner has the same interface, so comparisons do not care which backend th
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -15,6 +15,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 Batch = dict[str, np.ndarray]
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+"""ONNX Runtime's session setting: where a model loaded from bytes finds its external data."""
 
 
 class Runner(Protocol):
@@ -51,11 +53,11 @@ class OrtRunner:
     """An ONNX model in an ONNX Runtime session (CPU unless ``providers`` says otherwise)."""
 
     def __init__(self, path: str | Path, *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 name: str = "onnx-fp32") -> None:
+                 name: str = "onnx-fp32", shared_weights: Mapping[str, np.ndarray] | None = None) -> None:
+        """``shared_weights``: see :func:`session_options`."""
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options, self._shared = session_options(shared_weights)
         self.name = name
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         self.input_names = [value.name for value in self.session.get_inputs()]
@@ -64,6 +66,45 @@ class OrtRunner:
     def run(self, batch: Batch) -> list[np.ndarray]:
         feeds = {name: np.ascontiguousarray(batch[name]) for name in self.input_names}
         return list(self.session.run(None, feeds))
+
+
+def session_options(shared_weights: Mapping[str, np.ndarray] | None = None) -> tuple[Any, list[Any]]:
+    """Quiet ONNX Runtime session options, and the values a session made with them must keep alive.
+    ``shared_weights``: initializers by name that the session uses in place instead of reading them from the
+    file (no copy), e.g. the PyTorch parameters the model was exported from. Weight pre-packing is then off:
+    a packed copy would duplicate them after all."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    values = [ort.OrtValue.ortvalue_from_numpy(array) for array in (shared_weights or {}).values()]
+    for name, value in zip(shared_weights or {}, values, strict=True):
+        options.add_initializer(name, value)
+    if values:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options, values
+
+
+def ir_session(model: Any, base_dir: str | Path, *, optimization: str = "basic", in_graph_order: bool = False,
+               shared_weights: Mapping[str, np.ndarray] | None = None) -> Any:
+    """An ONNX Runtime CPU session of an in-memory onnx-ir model; its external tensors (a model loaded from a
+    file with external data) are read from ``base_dir``, so a model of any size loads without a copy on disk.
+    ``in_graph_order``: run nodes in the graph's order where dependencies allow (ONNX Runtime's default order
+    may run a node placed right after its input's producer much later, keeping that input alive meanwhile).
+    ``shared_weights``: see :func:`session_options`."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    options, shared = session_options(shared_weights)
+    options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+    options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(base_dir).resolve()))
+    if in_graph_order:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+    proto = ir.serde.serialize_model(model)
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.shared_weights = shared  # ONNX Runtime reads them in place: they must live as long as the session
+    return session
 
 
 def flatten_outputs(result: Any) -> list[torch.Tensor]:

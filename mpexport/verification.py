@@ -236,8 +236,15 @@ def _source_model(manifest: dict[str, Any], trust_pickle: bool) -> LoadedModel:
 
 
 def _strict_file(mixed: Path) -> str:
-    model = strict_emulation(ir.load(str(mixed)))
-    handle, path = tempfile.mkstemp(suffix=".strict.onnx")
+    return _save_temporary(strict_emulation(ir.load(str(mixed))), Path(mixed), ".strict.onnx")
+
+
+def _save_temporary(model: ir.Model, source: Path, suffix: str) -> str:
+    """Save a variant of the model loaded from ``source`` to a temporary file; beside ``source`` (hidden) when
+    its weights live in an external data file, whose location is relative to the model file."""
+    external = any(isinstance(value.const_value, ir.ExternalTensor) for value in model.graph.initializers.values())
+    handle, path = tempfile.mkstemp(prefix=".mpexport-" if external else "tmp", suffix=suffix,
+                                    dir=source.parent if external else None)
     os.close(handle)
     ir.save(model, path)
     return path
@@ -410,9 +417,7 @@ def _fp32_twin(strict_path: str, batch: Batch) -> dict[str, np.ndarray]:
         if "__round_" in (node.name or "") and node.op_type == "Cast":
             node.attributes["to"] = ir.AttrInt64("to", ir.DataType.FLOAT)
             node.outputs[0].dtype = ir.DataType.FLOAT
-    handle, path = tempfile.mkstemp(suffix=".twin.onnx")
-    os.close(handle)
-    ir.save(model, path)
+    path = _save_temporary(model, Path(strict_path), ".twin.onnx")
     try:
         return _all_values(Path(path), batch)
     finally:

@@ -82,6 +82,38 @@ def test_output_is_deterministic(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "provenance.json").read_bytes() == (tmp_path / "b" / "provenance.json").read_bytes()
 
 
+class _Wide(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(37, 1291), torch.nn.Linear(1291, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+def test_pytorch_weights_do_not_outlive_the_export_stage(tmp_path: Path) -> None:
+    """From the plan stage on nothing holds the PyTorch weights, so plan, rewrite and lint of a large model do
+    not hold its FP32 weights twice (onnxscript's rewrite rules kept the last exported graph alive)."""
+    import gc
+
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    torch.export.save(torch.export.export(_Wide().eval(), (torch.randn(2, 37),)), tmp_path / "m.pt2")
+    np.savez(tmp_path / "val.npz", x=np.random.default_rng(0).normal(size=(16, 37)).astype(np.float32))
+    alive: dict[str, int] = {}
+
+    def count_weights(stage: str) -> None:
+        gc.collect()
+        alive[stage] = sum(1 for obj in gc.get_objects() if isinstance(obj, torch.Tensor)
+                           and not isinstance(obj, FakeTensor) and tuple(obj.shape) == (1291, 37))
+
+    result = mpexport.convert(tmp_path / "m.pt2", out=tmp_path / "out", val_data=tmp_path / "val.npz",
+                              on_stage=count_weights)
+    assert result.export_check_passed
+    assert alive["export check"] >= 1  # the weight exists while PyTorch is the reference
+    assert alive["plan"] == alive["rewrite"] == 0
+
+
 def test_transformers_bert_pt2(bert_files: dict[str, Path], tmp_path: Path) -> None:
     result = mpexport.convert(bert_files["pt2"], out=tmp_path / "bert", val_data=bert_files["val"])
     manifest = result.manifest

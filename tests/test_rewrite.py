@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,110 @@ def test_lint_cli(cli, tmp_path: Path) -> None:
     assert cli("lint", bad).exit_code == 1
     (tmp_path / "junk.onnx").write_text("not onnx")
     assert_bad_input(cli("lint", tmp_path / "junk.onnx"), "not a readable ONNX model")
+
+
+def test_external_data_path_matches_the_inline_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The large-model path (weights in external data files, read memory-mapped one at a time, range rule on the
+    external model, converted weights computed while saving) gives the same plan and model as the inline path."""
+    from mpexport import conversion, verification
+
+    model, val = MODELS / "digits_transformer.pt2", MODELS / "digits_transformer.val.npz"
+    options = PlanOptions(policy="cuda-fp16")
+    inline = mpexport.convert(model, out=tmp_path / "inline", val_data=val, plan_options=options)
+    monkeypatch.setattr(conversion, "EXTERNAL_DATA_THRESHOLD", 0)
+    external = mpexport.convert(model, out=tmp_path / "external", val_data=val, plan_options=options)
+
+    assert external.manifest["export"]["external_data"] and external.lint_passed
+    fp32_bytes = (external.out / "model.fp32.onnx.data").stat().st_size
+    assert fp32_bytes > 50_000 and (external.out / "model.mixed.onnx.data").stat().st_size < 0.6 * fp32_bytes
+    assert not (inline.out / "model.mixed.onnx.data").exists()
+    assert {"model.fp32.onnx.data", "model.mixed.onnx.data"} <= external.manifest["hashes"].keys()
+    plan_inline, plan_external = (json.loads((r.out / "plan.json").read_text()) for r in (inline, external))
+    assert plan_external["options"]["calibration_samples"] == plan_inline["options"]["calibration_samples"] == 256
+    assert plan_external["nodes"] == plan_inline["nodes"]
+
+    with np.load(val) as data:
+        feeds = {"pixels": data["pixels"]}
+    outputs = [ort.InferenceSession(str(r.out / "model.mixed.onnx"), providers=["CPUExecutionProvider"])
+               .run(None, feeds)[0] for r in (inline, external)]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+    report = verification.verify(external.out)
+    assert report.passed, report.failures
+    assert {"onnx-mixed", "strict-fp16"} <= report.metrics.keys()
+    assert not [path.name for path in external.out.iterdir() if path.name.startswith(".")]
+
+    from mpexport.package import package_triton
+
+    package_triton(external.out, tmp_path / "repo", name="m")
+    packaged = tmp_path / "repo" / "m" / "1" / "model.onnx"
+    assert sorted(path.name for path in packaged.iterdir()) == ["model.mixed.onnx.data", "model.onnx"]
+    session = ort.InferenceSession(str(packaged / "model.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(None, feeds)[0], outputs[1])
+
+
+def test_reading_external_weights_unmaps_them(tmp_path: Path) -> None:
+    """Plan and rewrite read every weight of an external-data model, each unmapped after use, and the converted
+    weights are computed while saving: after saving, no weight of the source is mapped or held."""
+    from mpexport import provenance
+    from mpexport.plan import make_plan
+
+    result = mpexport.convert(MODELS / "digits_resnet.pt2", out=tmp_path / "r", plan_options=PlanOptions(
+        policy="cuda-fp16"), val_data=MODELS / "digits_resnet.val.npz")
+    source = tmp_path / "ext" / "model.onnx"
+    source.parent.mkdir()
+    ir.save(ir.load(str(result.out / "model.fp32.onnx")), source, external_data="model.onnx.data",
+            size_threshold_bytes=0)
+    model = ir.load(str(source))
+    weights = [value.const_value for value in model.graph.initializers.values()]
+    assert weights and all(isinstance(tensor, ir.ExternalTensor) for tensor in weights)
+    records = provenance.from_json(json.loads((result.out / "provenance.json").read_text()))
+    plan = make_plan(model, records, PlanOptions(policy="cuda-fp16", range_check=True))
+    apply_plan(model, {node.name: node.precision for node in plan.nodes})
+    converted = [value.const_value for value in model.graph.initializers.values()
+                 if isinstance(value.const_value, ir.LazyTensor)]
+    assert converted and all(value.dtype == ir.DataType.FLOAT16 for value in converted)
+    ir.save(model, tmp_path / "ext" / "mixed.onnx", external_data="mixed.onnx.data")
+    assert all(tensor.raw is None for tensor in weights)  # every mapping closed again
+    assert lint_model(tmp_path / "ext" / "mixed.onnx", {n.name: n.precision for n in plan.nodes}).ok
+
+
+def test_streamed_single_file_is_the_same_model(tmp_path: Path) -> None:
+    """save_model assembles a single-file model from per-initializer pieces: the same message as onnx-ir's save,
+    and the in-memory model keeps its weights."""
+    from mpexport.onnxfile import save_model
+
+    model = small_graph(RNG.normal(size=(4, 4)).astype(np.float32))
+    model.graph.register_initializer(ir.Value(name="big", const_value=ir.tensor(RNG.normal(size=(300, 700)))))
+    apply_plan(model, {"mm_low": "fp16", "mm_fp32": "fp32", "add": "fp32"})  # converted weights are lazy
+    save_model(model, tmp_path / "streamed.onnx")
+    ir.save(model, tmp_path / "whole.onnx")
+    streamed, whole = onnx.load(str(tmp_path / "streamed.onnx")), onnx.load(str(tmp_path / "whole.onnx"))
+    assert streamed == whole and len(streamed.graph.initializer) == 3
+    assert all(value.const_value is not None for value in model.graph.initializers.values())
+    onnx.checker.check_model(streamed, full_check=True)
+
+
+def test_calibration_statistics_equal_the_intermediates_themselves(tmp_path: Path) -> None:
+    """The in-graph statistics (ReduceMax(Abs), a non-finite flag, Shape) equal what the full intermediates say."""
+    from mpexport.ranges import collect_ranges, intermediates_session
+
+    result = mpexport.convert(MODELS / "digits_transformer.pt2", out=tmp_path / "t", plan_options=PlanOptions(
+        range_check=False))
+    path = result.out / "model.fp32.onnx"
+    with np.load(MODELS / "digits_transformer.val.npz") as data:
+        batches = [{"pixels": data["pixels"][start:start + 64]} for start in range(0, 192, 64)]
+    stats = collect_ranges(path, batches)
+    session, names = intermediates_session(path)
+    expected: dict[str, float] = {}
+    for batch in batches:
+        for name, array in zip(names, session.run(names, batch), strict=True):
+            expected[name] = max(expected.get(name, 0.0), float(np.abs(array).max(initial=0.0)))
+            if batch is batches[0]:
+                assert stats.shapes[name] == array.shape
+    assert stats.samples == 192 and stats.max_abs.keys() == expected.keys()
+    np.testing.assert_allclose([stats.max_abs[name] for name in expected], list(expected.values()), rtol=1e-6)
+
+    nan_input = {"pixels": np.full((2, 1, 8, 8), np.nan, np.float32)}
+    poisoned = collect_ranges(path, [nan_input])
+    assert all(math.isinf(peak) for peak in poisoned.max_abs.values())
