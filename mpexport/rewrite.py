@@ -11,6 +11,9 @@ Rules, in order:
 * values a low type cannot hold are handled by meaning, never clamped silently: mask sentinels (the
   ``finfo(float32).min/max`` or infinities a model fills attention masks with) saturate to the low type's
   max, keeping ``x - max`` finite; any other out-of-range weight in a low-precision node is an error;
+* nodes holding subgraphs (If/Loop/Scan) stay FP32 with their bodies (the plan's ``subgraph`` rule): an outer
+  value a body reads that became low precision is cast back before the holder, and an initializer a body reads
+  keeps its type there;
 * the model's own Casts keep their type; a Cast that became a no-op is removed;
 * graph inputs and outputs keep their FP32 types unless ``io_types="native"``.
 """
@@ -83,6 +86,7 @@ class _Rewriter:
         self.report = RewriteReport(io_types=io_types)
         self.casts: dict[tuple[str, ir.DataType], ir.Value] = {}
         self.original_outputs = {value.name: value.dtype for value in self.graph.outputs}
+        self.original_types = {value.name: value.dtype for node in self.graph for value in node.outputs}
 
     def run(self) -> RewriteReport:
         wanted = self._initializer_demand()
@@ -121,7 +125,24 @@ class _Rewriter:
         for value in self.graph.outputs:
             if value.name in initializers:
                 demand.setdefault(value.name, set()).add(value.dtype)
+        for node in self.graph:
+            for _, _, value in self._captured(node):
+                if value.name in initializers and value.dtype in FLOAT_TYPES:
+                    demand.setdefault(value.name, set()).add(value.dtype)  # subgraphs keep their types
         return demand
+
+    def _captured(self, holder: ir.Node) -> list[tuple[ir.Node, int, ir.Value]]:
+        """(inner node, input index, value) for every main-graph value that ``holder``'s subgraphs (If/Loop/Scan
+        bodies, at any depth) read from the outer scope."""
+        found = []
+        for attribute in holder.attributes.values():
+            graphs = [attribute.value] if attribute.type == ir.AttributeType.GRAPH else (
+                list(attribute.value) if attribute.type == ir.AttributeType.GRAPHS else [])
+            for graph in graphs:
+                for inner in ir.traversal.RecursiveGraphIterator(graph):
+                    found += [(inner, index, value) for index, value in enumerate(inner.inputs)
+                              if value is not None and value.graph is self.graph]
+        return found
 
     def _convert_initializers(self, demand: dict[str, set[ir.DataType]]) -> None:
         for name in sorted(demand):
@@ -177,6 +198,7 @@ class _Rewriter:
 
     # -- node rewriting ------------------------------------------------------------------------------------
     def _retype(self, node: ir.Node) -> None:
+        self._keep_captured_types(node)
         if node.op_type == "Cast":
             return
         target = self._target(node)
@@ -192,6 +214,14 @@ class _Rewriter:
         for output in node.outputs:
             if output.dtype in FLOAT_TYPES:
                 output.dtype = target
+
+    def _keep_captured_types(self, holder: ir.Node) -> None:
+        """Subgraphs stay as exported: an outer value they read that became low precision is cast back to its
+        original type before the node that holds them."""
+        for inner, index, value in self._captured(holder):
+            original = self.original_types.get(value.name)
+            if original is not None and value.dtype != original and value.dtype in FLOAT_TYPES:
+                inner.replace_input_with(index, self._cast(value, original, holder))
 
     def _align_untyped(self, node: ir.Node) -> None:
         """A node that computes no floats but compares several (Equal, Less...): give them one type."""

@@ -253,6 +253,68 @@ def test_reading_external_weights_unmaps_them(tmp_path: Path) -> None:
     assert lint_model(tmp_path / "ext" / "mixed.onnx", {n.name: n.precision for n in plan.nodes}).ok
 
 
+class _Branchy(torch.nn.Module):
+    """torch.cond exports to an ONNX If whose branches read the FP16 Linear output from the outer scope."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        h = torch.cond(h.sum() > 0, lambda t: torch.softmax(t, -1) * 2.0, lambda t: t.exp(), (h,))
+        return self.head(h)
+
+
+def test_subgraphs_stay_fp32_and_read_their_outer_values_in_fp32(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    torch.export.save(torch.export.export(_Branchy().eval(), (torch.randn(4, 8),)), tmp_path / "b.pt2")
+    x = RNG.normal(size=(32, 8)).astype(np.float32)
+    np.savez(tmp_path / "val.npz", x=x)
+    result = mpexport.convert(tmp_path / "b.pt2", out=tmp_path / "out", val_data=tmp_path / "val.npz",
+                              plan_options=PlanOptions(policy="cuda-fp16"))
+    assert result.export_check_passed and result.lint_passed, result.manifest["lint"]
+    nodes = json.loads((result.out / "plan.json").read_text())["nodes"]
+    inner = [node for node in nodes if "/then_branch/" in node["name"] or "/else_branch/" in node["name"]]
+    assert inner and all(node["precision"] == "fp32" and node["rule"] == "subgraph" for node in inner)
+    assert {node["precision"] for node in nodes if node["op_type"] == "Gemm"} == {"fp16"}
+    model = onnx.load(str(result.out / "model.mixed.onnx"))
+    order = [node.op_type for node in model.graph.node]
+    back_to_fp32 = [index for index, node in enumerate(model.graph.node)
+                    if node.op_type == "Cast" and node.attribute[0].i == onnx.TensorProto.FLOAT]
+    assert back_to_fp32 and back_to_fp32[0] < order.index("If"), order  # the FP16 Linear output, for the branches
+    session = ort.InferenceSession(str(result.out / "model.mixed.onnx"), providers=["CPUExecutionProvider"])
+    for sign in (1.0, -1.0):  # both branches
+        batch = np.abs(x[:4]) * sign
+        (mixed,) = session.run(None, {"x": batch})
+        reference = torch.export.load(tmp_path / "b.pt2").module()(torch.from_numpy(batch)).detach().numpy()
+        np.testing.assert_allclose(mixed, reference, atol=2e-2 * np.abs(reference).max())
+
+
+def test_initializer_read_by_a_subgraph_keeps_its_type_there(tmp_path: Path) -> None:
+    weight = RNG.normal(size=(4, 4)).astype(np.float32)
+    branch = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["inner"], name="inner_mm")], "then",
+                               [], [helper.make_tensor_value_info("inner", TensorProto.FLOAT, ["n", 4])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["other"], name="inner_id")], "else",
+                              [], [helper.make_tensor_value_info("other", TensorProto.FLOAT, ["n", 4])])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="mm"),
+             helper.make_node("If", ["flag"], ["b"], name="branch", then_branch=branch, else_branch=other),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4]),
+                                           helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+                              [onnx.numpy_helper.from_array(weight, "W")])
+    model = ir.from_proto(onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])))
+    report = apply_plan(model, {"mm": "fp16", "branch": "fp32", "add": "fp32"})
+    assert report.initializers_duplicated == ["W"]  # FP16 for mm, FP32 as the branch reads it
+    x = RNG.normal(size=(3, 4)).astype(np.float32)
+    for flag, expected in ((True, x @ weight + x @ weight), (False, x @ weight + x)):
+        (y,) = run(model, tmp_path, {"x": x, "flag": np.array(flag)})
+        np.testing.assert_allclose(y, expected, rtol=1e-2, atol=1e-2)
+    onnx.checker.check_model(str(tmp_path / "m.onnx"), full_check=True)
+
+
 def test_streamed_single_file_is_the_same_model(tmp_path: Path) -> None:
     """save_model assembles a single-file model from per-initializer pieces: the same message as onnx-ir's save,
     and the in-memory model keeps its weights."""
