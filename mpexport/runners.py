@@ -85,7 +85,7 @@ def session_options(shared_weights: Mapping[str, np.ndarray] | None = None) -> t
     return options, values
 
 
-def ir_session(model: Any, base_dir: str | Path, *, optimization: str = "basic", in_graph_order: bool = False,
+def ir_session(model: Any, base_dir: str | Path, *, in_graph_order: bool = False,
                shared_weights: Mapping[str, np.ndarray] | None = None) -> Any:
     """An ONNX Runtime CPU session of an in-memory onnx-ir model; its external tensors (a model loaded from a
     file with external data) are read from ``base_dir``, so a model of any size loads without a copy on disk.
@@ -96,8 +96,7 @@ def ir_session(model: Any, base_dir: str | Path, *, optimization: str = "basic",
     import onnxruntime as ort
 
     options, shared = session_options(shared_weights)
-    options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[optimization]
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(base_dir).resolve()))
     if in_graph_order:
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
