@@ -63,6 +63,16 @@ def digits_val() -> Path:
 
 
 @pytest.fixture
+def cnn_checkpoint(tmp_path: Path) -> Path:
+    """``ckpt.pt``: a state-dict checkpoint of ``tests.toy_models:build_cnn`` (load it with that factory)."""
+    from tests.toy_models import build_cnn
+
+    path = tmp_path / "ckpt.pt"
+    torch.save(build_cnn().state_dict(), path)
+    return path
+
+
+@pytest.fixture
 def pixels_npz(tmp_path: Path) -> Path:
     """A small validation set for 1x8x8 models: the first 24 bundled digits."""
     with np.load(MODELS / "digits_resnet.val.npz") as data:

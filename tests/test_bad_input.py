@@ -72,11 +72,10 @@ def test_untrusted_pickle(cli, tmp_path: Path, pixels_npz: Path) -> None:
     assert_nothing_written(out)
 
 
-def test_factory_that_does_not_import(cli, tmp_path: Path, pixels_npz: Path) -> None:
-    model = tmp_path / "ckpt.pt"
-    torch.save(build_cnn().state_dict(), model)
+def test_factory_that_does_not_import(cli, tmp_path: Path, pixels_npz: Path, cnn_checkpoint: Path) -> None:
     out = tmp_path / "out"
-    result = cli("convert", model, "--factory", "no_such_pkg.models:build", "--val-data", pixels_npz, "--out", out)
+    result = cli("convert", cnn_checkpoint, "--factory", "no_such_pkg.models:build", "--val-data", pixels_npz,
+                 "--out", out)
     assert_bad_input(result, "does not import", "no_such_pkg")
     assert_nothing_written(out)
 
@@ -96,11 +95,9 @@ def test_input_option_that_contradicts_the_model(cli, tmp_path: Path, option: st
     assert_nothing_written(out)
 
 
-def test_input_shape_the_module_cannot_run(cli, tmp_path: Path) -> None:
-    model = tmp_path / "ckpt.pt"
-    torch.save(build_cnn().state_dict(), model)
+def test_input_shape_the_module_cannot_run(cli, tmp_path: Path, cnn_checkpoint: Path) -> None:
     out = tmp_path / "out"
-    result = cli("convert", model, "--factory", "tests.toy_models:build_cnn", "--input", "pixels:batch,3,8,8",
+    result = cli("convert", cnn_checkpoint, "--factory", "tests.toy_models:build_cnn", "--input", "pixels:batch,3,8,8",
                  "--out", out)
     assert_bad_input(result, "fails on example inputs")
     assert_nothing_written(out)

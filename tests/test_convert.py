@@ -174,21 +174,17 @@ def test_torchscript_input(cli, tmp_path: Path, pixels_npz: Path) -> None:
     assert provenance["with_aten"] >= 0.95 * provenance["nodes"], provenance
 
 
-def test_input_option_without_validation_data(cli, tmp_path: Path) -> None:
-    path = tmp_path / "ckpt.pt"
-    torch.save(build_cnn().state_dict(), path)
-    result = cli("convert", path, "--factory", "tests.toy_models:build_cnn", "--input", "pixels:batch,1,8,8:float32",
-                 "--out", tmp_path / "m", "--json")
+def test_input_option_without_validation_data(cli, tmp_path: Path, cnn_checkpoint: Path) -> None:
+    result = cli("convert", cnn_checkpoint, "--factory", "tests.toy_models:build_cnn", "--input",
+                 "pixels:batch,1,8,8:float32", "--out", tmp_path / "m", "--json")
     assert result.exit_code == 0, result.stderr
     manifest = json.loads(result.stdout)["manifest"]
     assert manifest["inputs"] == [{"name": "pixels", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
     assert manifest["export_check"]["data"].startswith("example inputs")
 
 
-def test_static_batch(cli, tmp_path: Path, pixels_npz: Path) -> None:
-    path = tmp_path / "ckpt.pt"
-    torch.save(build_cnn().state_dict(), path)
-    result = cli("convert", path, "--factory", "tests.toy_models:build_cnn", "--val-data", pixels_npz,
+def test_static_batch(cli, tmp_path: Path, pixels_npz: Path, cnn_checkpoint: Path) -> None:
+    result = cli("convert", cnn_checkpoint, "--factory", "tests.toy_models:build_cnn", "--val-data", pixels_npz,
                  "--static-batch", "--out", tmp_path / "m", "--json")
     assert result.exit_code == 0, result.stderr
     manifest = json.loads(result.stdout)["manifest"]

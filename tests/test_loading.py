@@ -59,11 +59,9 @@ def test_checkpoint_with_factory(tmp_path: Path, wrap: str) -> None:
         assert loaded.training == {"grad_scaler_state": True}
 
 
-def test_checkpoint_without_factory_asks_for_one(tmp_path: Path) -> None:
-    path = tmp_path / "ckpt.pt"
-    torch.save(build_cnn().state_dict(), path)
+def test_checkpoint_without_factory_asks_for_one(cnn_checkpoint: Path) -> None:
     with pytest.raises(MpexportError, match="--factory"):
-        load_model(path)
+        load_model(cnn_checkpoint)
 
 
 def test_checkpoint_that_does_not_fit_the_factory(tmp_path: Path) -> None:
@@ -94,11 +92,9 @@ def test_pickled_module_needs_trust(tmp_path: Path) -> None:
         ("tests.toy_models:build_not_a_module", "not a torch.nn.Module"),
     ],
 )
-def test_bad_factories(tmp_path: Path, factory: str, message: str) -> None:
-    path = tmp_path / "ckpt.pt"
-    torch.save(build_cnn().state_dict(), path)
+def test_bad_factories(cnn_checkpoint: Path, factory: str, message: str) -> None:
     with pytest.raises(MpexportError, match=message):
-        load_model(path, factory=factory)
+        load_model(cnn_checkpoint, factory=factory)
 
 
 def test_unreadable_files(tmp_path: Path) -> None:

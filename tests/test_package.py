@@ -66,15 +66,10 @@ def model_config_type(entry) -> str:
     return model_config_pb2.DataType.Name(entry.data_type)
 
 
-def test_static_batch_model_has_no_batching(cli, tmp_path: Path) -> None:
+def test_static_batch_model_has_no_batching(cli, tmp_path: Path, cnn_checkpoint: Path) -> None:
     """A model exported with --static-batch gets max_batch_size 0 and full dims."""
     out = tmp_path / "static"
-    import torch
-
-    from tests.toy_models import build_cnn
-
-    torch.save(build_cnn().state_dict(), tmp_path / "ckpt.pt")
-    assert cli("convert", tmp_path / "ckpt.pt", "--factory", "tests.toy_models:build_cnn", "--input",
+    assert cli("convert", cnn_checkpoint, "--factory", "tests.toy_models:build_cnn", "--input",
                "pixels:batch,1,8,8", "--static-batch", "--out", out).exit_code == 0
     repo = tmp_path / "repo"
     assert cli("package", out, "--out", repo, "--allow-unverified").exit_code == 0
