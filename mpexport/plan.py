@@ -423,14 +423,19 @@ class _Engine:
     def _subgraph_plans(self, node: ir.Node, name: str) -> list[NodePlan]:
         plans = []
         for attribute in node.attributes.values():
-            graphs = [attribute.value] if attribute.type == ir.AttributeType.GRAPH else (
-                list(attribute.value) if attribute.type == ir.AttributeType.GRAPHS else [])
-            for graph in graphs:
+            for graph in attribute_graphs(attribute):
                 for index, inner in enumerate(ir.traversal.RecursiveGraphIterator(graph)):
                     inner_name = f"{name}/{attribute.name}/{inner.name or f'{inner.op_type}_{index}'}"
                     plans.append(NodePlan(inner_name, inner.op_type, None, None, FP32,
                                           f"inside the subgraph of {name}: kept FP32", "subgraph"))
         return plans
+
+
+def attribute_graphs(attribute: ir.Attr) -> list[ir.Graph]:
+    """The subgraphs an attribute holds (If branches, Loop/Scan bodies); none for other attributes."""
+    if attribute.type == ir.AttributeType.GRAPH:
+        return [attribute.value]
+    return list(attribute.value) if attribute.type == ir.AttributeType.GRAPHS else []
 
 
 def _peak_ignoring_sentinels(array: np.ndarray) -> float:

@@ -27,7 +27,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mpexport.errors import MpexportError
-from mpexport.plan import MASK_SENTINEL
+from mpexport.plan import MASK_SENTINEL, attribute_graphs
 from mpexport.weights import converted, max_abs, reduce_tensor
 
 STAGE = "rewrite"
@@ -136,9 +136,7 @@ class _Rewriter:
         bodies, at any depth) read from the outer scope."""
         found = []
         for attribute in holder.attributes.values():
-            graphs = [attribute.value] if attribute.type == ir.AttributeType.GRAPH else (
-                list(attribute.value) if attribute.type == ir.AttributeType.GRAPHS else [])
-            for graph in graphs:
+            for graph in attribute_graphs(attribute):
                 for inner in ir.traversal.RecursiveGraphIterator(graph):
                     found += [(inner, index, value) for index, value in enumerate(inner.inputs)
                               if value is not None and value.graph is self.graph]
