@@ -61,16 +61,16 @@ def convert_one(name: str, source: Path, target: Path) -> dict:
     if name == "mpexport":
         import onnx_ir as ir
 
-        from mpexport import provenance
+        from mpexport.bundle import FP32_ONNX, Bundle
         from mpexport.onnxfile import save_model
         from mpexport.plan import PlanOptions, make_plan
         from mpexport.rewrite import apply_plan
 
         start = time.perf_counter()
-        model = ir.load(str(source / "model.fp32.onnx"))
-        records = provenance.from_json(json.loads((source / "provenance.json").read_text()))
-        plan = make_plan(model, records, PlanOptions(policy="cuda-fp16", range_check=False))
-        apply_plan(model, {node.name: node.precision for node in plan.nodes})
+        bundle = Bundle.open(source)
+        model = ir.load(str(bundle.path(FP32_ONNX)))
+        plan = make_plan(model, bundle.provenance(), PlanOptions(policy="cuda-fp16", range_check=False))
+        apply_plan(model, plan.precisions())
         save_model(model, target)
     elif name == "onnxconverter-common":
         import onnx

@@ -6,9 +6,9 @@ config (36 layers, hidden 1280, 20 heads, vocabulary 50,257: 774 M parameters, 3
 Each step runs in its own process, and peak RSS is that process's own (``ru_maxrss``):
 
 1. prepare: the model with random weights, saved as a pickled module, and 8 sequences of 128 tokens;
-2. convert: ``mpexport.convert`` end to end (load, export, FP32 ONNX with external data, export check against
-   PyTorch, range rule on the validation data, plan, mixed-precision rewrite, lint). Peak RSS is also given per
-   stage: Linux resets a process's high-water mark when "5" is written to ``/proc/self/clear_refs``;
+2. convert: ``mpexport.convert`` end to end (load, export, FP32 ONNX with external data, the data pass - export
+   check against PyTorch and the range rule's statistics -, plan, mixed-precision rewrite, lint). Seconds and
+   peak RSS per stage are the manifest's own record (``timings.convert``);
 3. writer: the mixed-precision writer alone on the FP32 ONNX that step 2 wrote (read with external data, plan
    without calibration, rewrite, save with external data, lint), in a fresh process.
 
@@ -46,73 +46,48 @@ def prepare(workdir: Path, layers: int, hidden: int, heads: int) -> None:
     np.savez(workdir / "val.npz", input_ids=ids)
 
 
-class StagePeaks:
-    """Peak RSS per convert stage: the high-water mark is read and reset whenever a stage starts."""
-
-    def __init__(self) -> None:
-        self.peaks: dict[str, int] = {}
-        self.at_start: dict[str, int] = {}
-        self.current = "start"
-        self.resettable = _reset_peak()
-
-    def __call__(self, stage: str) -> None:
-        self.close()
-        self.current = stage
-        self.at_start[stage] = _status_kb("VmRSS") // 1024
-        _reset_peak()
-
-    def close(self) -> None:
-        self.peaks[self.current] = max(self.peaks.get(self.current, 0), _status_kb("VmHWM") // 1024)
-
-
 def convert(workdir: Path) -> dict:
-    """``mpexport.convert`` of the prepared model; seconds, peak RSS overall and per stage."""
+    """``mpexport.convert`` of the prepared model; seconds and peak RSS overall and per stage, as the manifest
+    records them (``timings.convert``)."""
     import mpexport
     from mpexport.plan import PlanOptions
 
-    peaks = StagePeaks()
     started = time.perf_counter()
     result = mpexport.convert(workdir / "model.pt", out=workdir / "build", val_data=workdir / "val.npz",
-                              trust_pickle=True, force=True, plan_options=PlanOptions(policy="cuda-fp16"),
-                              on_stage=peaks)
-    peaks.close()
+                              trust_pickle=True, force=True, plan_options=PlanOptions(policy="cuda-fp16"))
     manifest = result.manifest
-    plan = json.loads((workdir / "build" / "plan.json").read_text())
-    return {"seconds": round(time.perf_counter() - started, 1),
-            # ru_maxrss forgets what came before a reset: the stages' own peaks are the record then
-            "peak_rss_mb": max(peaks.peaks.values()) if peaks.resettable else _peak_mb(),
-            "stage_peak_rss_mb": peaks.peaks if peaks.resettable else "not available",
-            "stage_start_rss_mb": peaks.at_start,
+    stages = {stage.stage: stage.peak_rss_mb for stage in manifest.timings["convert"]}
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": max(stages.values()),
+            "stage_peak_rss_mb": stages,
+            "stage_seconds": {stage.stage: stage.seconds for stage in manifest.timings["convert"]},
             "export_check_passed": result.export_check_passed, "lint_passed": result.lint_passed,
-            "external_data": manifest["export"]["external_data"],
-            "calibration_samples": plan["options"]["calibration_samples"],
-            "precision": manifest["plan"]["summary"]["precision"]}
+            "external_data": manifest.export.external_data,
+            "precision": manifest.plan.summary["precision"]}
 
 
 def writer(workdir: Path) -> dict:
     """Plan + rewrite + save + lint from the FP32 ONNX in ``workdir/build`` into ``workdir/writer``."""
     import onnx_ir as ir
 
-    from mpexport import provenance
+    from mpexport.bundle import FP32_ONNX, PROVENANCE, Bundle
     from mpexport.lint import lint_model
     from mpexport.onnxfile import save_model
     from mpexport.plan import PlanOptions, make_plan
     from mpexport.rewrite import apply_plan
 
-    source, target = workdir / "build", workdir / "writer"
+    target = workdir / "writer"
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir()
+    bundle = Bundle.open(workdir / "build", uses=(PROVENANCE,))
     baseline = _status_kb("VmRSS") // 1024
     started = time.perf_counter()
-    model = ir.load(str(source / "model.fp32.onnx"))
-    records = provenance.from_json(json.loads((source / "provenance.json").read_text()))
-    plan = make_plan(model, records, PlanOptions(policy="cuda-fp16"))
-    precisions = {node.name: node.precision for node in plan.nodes}
-    apply_plan(model, precisions)
+    model = ir.load(str(bundle.path(FP32_ONNX)))
+    plan = make_plan(model, bundle.provenance(), PlanOptions(policy="cuda-fp16"))
+    apply_plan(model, plan.precisions())
     save_model(model, target / "model.mixed.onnx", external_data="model.mixed.onnx.data")
     rewrite_seconds = time.perf_counter() - started
     rewrite_peak = _peak_mb()
-    lint = lint_model(target / "model.mixed.onnx", precisions)
+    lint = lint_model(target / "model.mixed.onnx", plan)
     return {"seconds": round(rewrite_seconds, 1), "peak_rss_mb": rewrite_peak, "rss_after_imports_mb": baseline,
             "with_lint_seconds": round(time.perf_counter() - started, 1), "with_lint_peak_rss_mb": _peak_mb(),
             "lint_ok": lint.ok, "mixed_data_mb": round((target / "model.mixed.onnx.data").stat().st_size / MB)}
@@ -122,7 +97,9 @@ def fp32_weight_bytes(build: Path) -> int:
     """Bytes of the FP32 ONNX's initializers (its external data file and the inline ones)."""
     import onnx_ir as ir
 
-    model = ir.load(str(build / "model.fp32.onnx"))
+    from mpexport.bundle import FP32_ONNX, Bundle
+
+    model = ir.load(str(Bundle.open(build).path(FP32_ONNX)))
     return sum(value.const_value.nbytes for value in model.graph.initializers.values()
                if value.const_value is not None and value.dtype == ir.DataType.FLOAT)
 
@@ -132,14 +109,6 @@ def _status_kb(field: str) -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def _peak_mb() -> int:
@@ -183,9 +152,8 @@ def main() -> None:
             ("writer + lint (ORT loads the mixed model)", results["writer"]["with_lint_seconds"],
              results["writer"]["with_lint_peak_rss_mb"]),
             ("convert end to end", results["convert"]["seconds"], results["convert"]["peak_rss_mb"])]
-    stages = results["convert"]["stage_peak_rss_mb"]
-    rows += [(f"- convert stage '{stage}'", "", peak) for stage, peak in (stages.items() if isinstance(stages, dict)
-                                                                          else ())]
+    rows += [(f"- convert stage '{stage}'", results["convert"]["stage_seconds"][stage], peak)
+             for stage, peak in results["convert"]["stage_peak_rss_mb"].items()]
     print("| step | seconds | peak RSS MB | / FP16 size |\n| --- | --- | --- | --- |")
     for name, seconds, peak in rows:
         print(f"| {name} | {seconds} | {peak:,} | {peak / fp16_mb:.2f} |")

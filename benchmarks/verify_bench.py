@@ -27,12 +27,13 @@ def overhead(samples: int, layers: int, root: Path) -> None:
 
     import mpexport
     from mpexport.amp import TorchAmpRunner
+    from mpexport.bundle import FP32_ONNX, MIXED_ONNX, Bundle
     from mpexport.loading import load_model
     from mpexport.plan import PlanOptions
     from mpexport.runners import OrtRunner, TorchRunner
     from mpexport.specs import TensorSpec
     from mpexport.valdata import load_validation_data
-    from mpexport.verification import VerifyOptions, _strict_file, verify
+    from mpexport.verification import VerifyOptions, _strict_model, verify
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(hidden_size=256, num_hidden_layers=layers,
@@ -53,9 +54,10 @@ def overhead(samples: int, layers: int, root: Path) -> None:
     data = load_validation_data(root / "val.npz")
     specs = [TensorSpec(name, "int64", ("batch", 128)) for name in names]
     batches = list(data.batches(64, inputs=specs))
+    bundle = Bundle.open(out)
     runners = [TorchRunner(loaded.callable(), names), TorchAmpRunner(loaded, names, "cuda-fp16", batches[0]),
-               OrtRunner(out / "model.fp32.onnx"), OrtRunner(out / "model.mixed.onnx"),
-               OrtRunner(_strict_file(out / "model.mixed.onnx"))]
+               OrtRunner(bundle.path(FP32_ONNX)), OrtRunner(bundle.path(MIXED_ONNX)),
+               OrtRunner.from_model(_strict_model(bundle.path(MIXED_ONNX)), out, name="strict-fp16")]
     raw = 0.0
     for runner in runners:
         start = time.perf_counter()
@@ -85,17 +87,19 @@ def _time_strict(example: str, out: Path, feeds: dict[str, np.ndarray], root: Pa
     import onnxruntime as ort
     from onnx.reference import ReferenceEvaluator
 
+    from mpexport.bundle import MIXED_ONNX, Bundle
     from mpexport.emulate import strict_emulation
 
+    mixed = Bundle.open(out).path(MIXED_ONNX)
     strict = root / "strict.onnx"
-    ir.save(strict_emulation(ir.load(str(out / "model.mixed.onnx"))), strict)
+    ir.save(strict_emulation(ir.load(str(mixed))), strict)
     session = ort.InferenceSession(str(strict), providers=["CPUExecutionProvider"])
     session.run(None, feeds)
     start = time.perf_counter()
     for _ in range(10):
         session.run(None, feeds)
     emulated = (time.perf_counter() - start) / 10
-    evaluator = ReferenceEvaluator(onnx.load(str(out / "model.mixed.onnx")))
+    evaluator = ReferenceEvaluator(onnx.load(str(mixed)))
     start = time.perf_counter()
     evaluator.run(None, feeds)
     reference = time.perf_counter() - start

@@ -4,7 +4,9 @@ The Python API mirrors the CLI::
 
     import mpexport
     result = mpexport.convert("model.pt2", val_data="val.npz", out="build/m")
-    print(result.manifest["artifacts"])
+    report = mpexport.verify("build/m")
+    bundle = mpexport.Bundle.open("build/m")       # the typed record every command reads and commits
+    print(bundle.manifest.verify.verdict, bundle.plan().summary()["macs"])
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from mpexport.specs import TensorSpec, parse_input_option
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Bundle": "mpexport.bundle", "Manifest": "mpexport.bundle",
+    "PlanOptions": "mpexport.plan", "PrecisionPlan": "mpexport.plan", "Overrides": "mpexport.plan",
+    "VerifyOptions": "mpexport.verification", "EngineOptions": "mpexport.conversion",
     "ConvertResult": "mpexport.conversion", "convert": "mpexport.conversion",
     "ExportRequest": "mpexport.export", "ExportResult": "mpexport.export", "export_onnx": "mpexport.export",
     "LoadedModel": "mpexport.loading", "load_model": "mpexport.loading",
@@ -35,14 +40,21 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mpexport' has no attribute '{name}'")
 
 __all__ = [
+    "Bundle",
     "ConvertResult",
+    "EngineOptions",
     "ExportRequest",
     "ExportResult",
     "LoadedModel",
+    "Manifest",
     "MpexportError",
+    "Overrides",
     "ParityReport",
+    "PlanOptions",
+    "PrecisionPlan",
     "TensorSpec",
     "ValidationData",
+    "VerifyOptions",
     "__version__",
     "convert",
     "export_onnx",

@@ -14,12 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from mpexport.dtypes import PRECISIONS, torch_dtype
 from mpexport.fxfacts import WRAP_WITH_AUTOCAST, _op_name
 from mpexport.loading import LoadedModel
 from mpexport.oracle import observe_autocast
 from mpexport.runners import Batch, flatten_outputs
-
-TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
 
 
 class TorchAmpRunner:
@@ -31,7 +30,7 @@ class TorchAmpRunner:
         self.loaded = loaded
         self.input_names = input_names
         self.device, low = policy.split("-")
-        self.dtype = TORCH_DTYPES[low]
+        self.dtype = torch_dtype(low)
         self.emulated = self.device == "cuda" and not torch.cuda.is_available()
         self.mode = ("emulated on CPU from the CUDA autocast kernels" if self.emulated
                      else f"torch.autocast('{self.device}')")
@@ -40,8 +39,10 @@ class TorchAmpRunner:
             args, kwargs = _split(self.program, input_names, _tensors(example, input_names))
             self.dtypes = observe_autocast(self.program, args, kwargs, "cuda", self.dtype)
             self.module = self.program.module()
-        elif self.device == "cuda":
-            self.model = loaded.callable().to("cuda")
+        else:
+            self.model = loaded.callable()  # once: a .pt2's module() is rebuilt on every call of callable()
+            if self.device == "cuda":
+                self.model = self.model.to("cuda")
 
     def run(self, batch: Batch) -> list[np.ndarray]:
         tensors = _tensors(batch, self.input_names)
@@ -50,7 +51,7 @@ class TorchAmpRunner:
                 args, kwargs = _split(self.program, self.input_names, tensors)
                 result = _Emulator(self.module, self.dtypes).run(*args, *kwargs.values())
             else:
-                model = self.model if self.device == "cuda" else self.loaded.callable()
+                model = self.model
                 if self.device == "cuda":
                     tensors = {name: tensor.to("cuda") for name, tensor in tensors.items()}
                 with torch.autocast(self.device, dtype=self.dtype):
@@ -92,21 +93,24 @@ class _Emulator(torch.fx.Interpreter):
         if node.op != "call_function":
             return super().run_node(node)
         if _op_name(node.target).endswith(WRAP_WITH_AUTOCAST):
-            args = self.map_nodes_to_values(node.args, node)
-            inner = self.fetch_attr(node.args[4].target)
+            args: Any = self.map_nodes_to_values(node.args, node)  # FX arguments: too wide a union to narrow
+            region: Any = node.args[4]
+            inner = self.fetch_attr(region.target)
             result = _Emulator(inner, self.dtypes).run(*args[5:])
             return tuple(result) if isinstance(result, (list, tuple)) else (result,)
-        dtype = TORCH_DTYPES.get(self.dtypes.get(node.name, ""))
-        if dtype is None:
+        precision = self.dtypes.get(node.name, "")
+        if precision not in PRECISIONS:
             return super().run_node(node)
+        dtype = torch_dtype(precision)
         args, kwargs = self.fetch_args_kwargs_from_env(node)
         cast = _caster(dtype)
+        function: Any = node.target  # a call_function node's target: the op (callable) itself
         try:
-            result = node.target(*torch.utils._pytree.tree_map(cast, args),
+            result = function(*torch.utils._pytree.tree_map(cast, args),
                                  **torch.utils._pytree.tree_map(cast, kwargs))
         except (RuntimeError, NotImplementedError):  # no CPU kernel for this type: compute FP32, store low
             to_fp32 = _caster(torch.float32)
-            result = node.target(*torch.utils._pytree.tree_map(to_fp32, args),
+            result = function(*torch.utils._pytree.tree_map(to_fp32, args),
                                  **torch.utils._pytree.tree_map(to_fp32, kwargs))
         return torch.utils._pytree.tree_map(cast, result)
 

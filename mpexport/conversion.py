@@ -1,10 +1,12 @@
-"""``convert``: model file -> output directory with the FP32 ONNX and its provenance, the precision plan, the
-mixed-precision ONNX, an engine where TensorRT exists, and ``manifest.json``.
+"""``convert``: model file -> a new bundle (output directory) with the FP32 ONNX and its provenance, the
+precision plan, the mixed-precision ONNX, an engine where TensorRT exists, and the manifest.
 
-Stages: load -> inputs -> export -> write (FP32 ONNX + provenance) -> export check (ONNX Runtime vs PyTorch FP32
-on the validation data) -> calibration (the range rule's statistics) -> plan -> rewrite (+ lint) -> engine. The
-PyTorch model is dropped after calibration; plan and rewrite read the FP32 ONNX file back, weights memory-mapped
-one at a time, so a large model's weights are in memory once at most.
+Stages: load -> inputs -> export -> write (FP32 ONNX + provenance) -> data pass -> plan -> rewrite -> lint ->
+engine. The data pass runs the validation samples once: PyTorch FP32 (on the GPU where one exists) against the
+FP32 ONNX in ONNX Runtime with the range rule's probes attached, so one ONNX Runtime pass serves both the export
+check and the calibration statistics. The PyTorch model is dropped after it; plan and rewrite read the FP32 ONNX
+file back, weights memory-mapped one at a time, so a large model's weights are in memory once at most. Every
+stage's seconds and peak memory land in the manifest (``timings.convert``).
 """
 
 from __future__ import annotations
@@ -21,38 +23,65 @@ import onnx_ir as ir
 import torch
 
 from mpexport import artifacts, provenance
-from mpexport.engine import DEFAULT_WORKSPACE, ENGINE, TensorRTStatus, build_engine, derive_profiles, tensorrt_status
+from mpexport.bundle import (
+    FILE_NAMES,
+    FP32_ONNX,
+    MIXED_ONNX,
+    PLAN,
+    PROVENANCE,
+    Bundle,
+    EngineRecord,
+    ExportCheckRecord,
+    ExportRecord,
+    LintRecord,
+    Manifest,
+    PlanRecord,
+    ValidationRecord,
+    portable_paths,
+)
+from mpexport.dtypes import CANONICAL_NAMES, LOW_PRECISIONS
+from mpexport.engine import (
+    DEFAULT_WORKSPACE,
+    ENGINE,
+    PROFILE_BATCH,
+    PROFILE_SAMPLES,
+    TensorRTStatus,
+    build_engine,
+    derive_profiles,
+    tensorrt_status,
+)
 from mpexport.errors import MpexportError, first_line
 from mpexport.export import ExportRequest, ExportResult, export_onnx
 from mpexport.inputs import example_inputs, resolve_inputs
 from mpexport.lint import lint_model
 from mpexport.loading import LoadedModel, load_model
 from mpexport.onnxfile import save_model
-from mpexport.parity import Comparison, compare_runners
+from mpexport.parity import Comparison, batch_samples
 from mpexport.plan import DEFAULT_POLICY, PlanOptions, PrecisionPlan, RangeStats, make_plan
-from mpexport.ranges import collect_ranges
+from mpexport.ranges import ProbedRunner
 from mpexport.rewrite import apply_plan
-from mpexport.runners import OrtRunner, TorchRunner, flatten_outputs, output_names
+from mpexport.runners import TorchRunner, best_device, flatten_outputs, output_names
 from mpexport.specs import TensorSpec, normalize_dtype
-from mpexport.valdata import ValidationData, load_validation_data
+from mpexport.timing import StageClock
+from mpexport.valdata import ValidationData, is_callable_spec, load_validation_data
 
-FP32_ONNX = "model.fp32.onnx"
-PROVENANCE = "provenance.json"
-PLAN = "plan.json"
-MIXED_ONNX = "model.mixed.onnx"
 BF16_MIN_OPSET = 22
 """ONNX admits bfloat16 for Conv, MatMul, Gemm and the norms from opset 22 on."""
 CALIBRATION_SAMPLES = 256
+CHECK_SAMPLES = 256
+"""Samples of the data pass. The export check is a check of the exporter (verify covers the whole set); 256
+samples cost one ONNX Runtime and one PyTorch pass over them (BERT-base, 64 tokens: ~35 s on 2 CPU cores)."""
 EXTERNAL_DATA_THRESHOLD = 1536 << 20
 """Initializer bytes above which the ONNX weights go to an external data file (protobuf caps files at 2 GB)."""
-CHECK_SAMPLES = 1024
 CHECK_BATCH = 64
 CHECK_OUTPUT_BUDGET = 256 << 20
-"""Output bytes per backend that one export-check or calibration batch may produce."""
+"""Output bytes per backend that one data-pass batch may produce."""
 SHAREABLE_TYPES = tuple(np.dtype(name) for name in ("float32", "float16", "float64", "int64", "int32"))
 """Weight types ONNX Runtime can use in place from numpy."""
 
 StageCallback = Callable[[str], None]
+ProgressCallback = Callable[[int, int | None], None]
+"""Hears (samples done, samples in all or None) during the data pass."""
 
 
 @dataclass
@@ -60,18 +89,27 @@ class ConvertResult:
     """What ``convert`` wrote: the output directory, its manifest, and notes for the user."""
 
     out: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     notes: list[str] = field(default_factory=list)
 
     @property
     def export_check_passed(self) -> bool:
         """True when ONNX Runtime reproduced the PyTorch FP32 outputs within tolerance."""
-        return bool(self.manifest.get("export_check", {}).get("passed"))
+        return self.manifest.export_check is not None and self.manifest.export_check.passed
 
     @property
     def lint_passed(self) -> bool:
         """True when the mixed-precision model passed every lint check."""
-        return bool(self.manifest.get("lint", {}).get("ok"))
+        return self.manifest.lint is not None and self.manifest.lint.ok
+
+
+@dataclass
+class EngineOptions:
+    """TensorRT build settings: explicit profiles (``--shapes``), TF32, workspace bytes."""
+
+    shapes: dict[str, Any] = field(default_factory=dict)
+    allow_tf32: bool = False
+    workspace: int = DEFAULT_WORKSPACE
 
 
 def convert(
@@ -87,53 +125,80 @@ def convert(
     opset: int | None = None,
     check_samples: int = CHECK_SAMPLES,
     plan_options: PlanOptions | None = None,
+    policy_file: str | Path | None = None,
     calibration_samples: int = CALIBRATION_SAMPLES,
     io_types: str = "fp32",
     engine: str = "auto",
     engine_options: EngineOptions | None = None,
+    custom_translation_table: dict[Any, Any] | None = None,
     on_stage: StageCallback | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> ConvertResult:
-    """Convert a trained model file into ``out``: FP32 ONNX with provenance, checked against PyTorch, and the
-    precision plan (``plan.json``) for the training autocast policy.
+    """Convert a trained model file into a new bundle at ``out``: FP32 ONNX with provenance, checked against
+    PyTorch, the precision plan for the training autocast policy, and the mixed-precision model, linted.
 
-    ``plan_options.policy`` defaults to what the model file records about its training (a ``.pt2`` written
-    by mpexport's examples), else ``cuda-fp16``. The range rule runs on up to ``calibration_samples`` samples
-    of ``val_data`` when given. Raises :class:`MpexportError` (nothing written, an existing ``out`` untouched)
-    for bad input or an impossible export. The plan is applied to write ``model.mixed.onnx`` (graph inputs and
-    outputs FP32 unless ``io_types="native"``), which is linted. ``engine``: ``auto`` builds a TensorRT engine
-    where TensorRT and a GPU exist and records why not elsewhere, ``on`` requires one (exit 2 up front when it
-    cannot), ``off`` skips it. A failed export check or lint does not raise: the result records it.
+    The plan's options are ``policy_file`` (TOML, see :meth:`PlanOptions.from_file`) with ``plan_options`` on
+    top; the policy defaults to what the model file records about its training, else ``cuda-fp16``. The data
+    pass compares PyTorch and ONNX Runtime on up to ``check_samples`` samples of ``val_data`` (the examples
+    without it) and collects the range rule's statistics on up to ``calibration_samples``. ``io_types="native"``
+    gives the mixed model inputs and outputs in the type their nodes compute in. ``engine``: ``auto`` builds a
+    TensorRT engine where TensorRT and a GPU exist and records why not elsewhere, ``on`` requires one (exit 2 up
+    front when it cannot), ``off`` skips it. ``custom_translation_table`` gives the exporter ONNX translations
+    for ops it lacks.
+
+    Raises :class:`MpexportError` (nothing written, an existing ``out`` untouched) for bad input or an
+    impossible export. A failed export check or lint does not raise: the result records it.
     """
-    stage = on_stage or (lambda _name: None)
     artifacts.check_output_dir(out, force=force)
+    options = _requested_options(plan_options, policy_file)
+    if io_types not in ("fp32", "native"):
+        raise MpexportError(f"unknown io types '{io_types}'", stage="rewrite", hint="use fp32 or native")
     engine_status = _engine_status(engine)
     request = _FP32Request(model, val_data, list(inputs), factory, trust_pickle, dynamic_batch, opset, check_samples,
-                           plan_options, calibration_samples)
+                           options, calibration_samples, custom_translation_table)
+    clock = StageClock(on_stage)
     with artifacts.staged_output(out, force=force) as staging:
-        fp32 = _fp32_stage(staging, request, stage)
+        bundle = Bundle.create(staging)
+        fp32 = _fp32_stage(bundle, request, clock, on_progress)
         gc.collect()  # the PyTorch model and the in-memory export are gone from here on
-        manifest, options, specs, data = fp32.manifest, fp32.options, fp32.specs, fp32.data
-        stage("plan")
-        model_ir = ir.load(str(staging / FP32_ONNX))  # external weights stay memory-mapped, read one at a time
-        plan = make_plan(model_ir, fp32.records, options, fp32.ranges)
-        artifacts.write_json(staging / PLAN, plan.to_json())
-        artifacts.add_artifact(manifest, staging, "plan", PLAN)
-        manifest["plan"] = {"policy": plan.policy.name, "target": plan.options.low,
-                            "policy_source": fp32.policy_source, "notes": plan.notes,
-                            "summary": {key: value for key, value in plan.summary().items()
-                                        if key in ("precision", "rules", "macs")}}
-        stage("rewrite")
-        _write_mixed(staging, model_ir, plan, io_types, manifest)
-        del model_ir
-        stage("engine")
-        _engine(staging, manifest, plan, engine_status, specs, data, engine_options or EngineOptions())
-        artifacts.write_manifest(staging, manifest)
+        manifest = bundle.manifest
+        with clock.stage("plan"):
+            model_ir = ir.load(str(staging / FILE_NAMES[FP32_ONNX]))  # external weights memory-mapped
+            plan = make_plan(model_ir, fp32.records, fp32.options, fp32.ranges)
+            artifacts.write_json(staging / FILE_NAMES[PLAN], plan.to_json())
+            bundle.record_artifact(PLAN, FILE_NAMES[PLAN], command="convert")
+            manifest.plan = PlanRecord(plan.policy.name, plan.options.low, fp32.policy_source, plan.notes,
+                                       {key: value for key, value in plan.summary().items()
+                                        if key in ("precision", "rules", "macs")})
+        with clock.stage("rewrite"):
+            _write_mixed(bundle, model_ir, plan, io_types)
+            del model_ir
+        with clock.stage("lint"):
+            result = lint_model(bundle.path(MIXED_ONNX), plan)
+            manifest.lint = LintRecord(result.ok, result.to_json()["checks"], FILE_NAMES[MIXED_ONNX],
+                                       bundle.digests(MIXED_ONNX, PLAN))
+        with clock.stage("engine"):
+            _engine(bundle, plan, engine_status, fp32.specs, fp32.data, engine_options or EngineOptions())
+        manifest.timings["convert"] = clock.stages
+        bundle.commit("convert")
+    return ConvertResult(Path(out), bundle.manifest, _notes(fp32, plan, bundle.manifest))
+
+
+def _requested_options(plan_options: PlanOptions | None, policy_file: str | Path | None) -> PlanOptions | None:
+    """The plan options the caller asked for: the policy file's, with ``plan_options`` on top."""
+    if policy_file is None:
+        return plan_options
+    return PlanOptions.from_file(policy_file).overlaid(plan_options)
+
+
+def _notes(fp32: _FP32Stage, plan: PrecisionPlan, manifest: Manifest) -> list[str]:
     notes = fp32.notes + plan.notes
     if not fp32.check.passed:
         notes.append(_check_failure_note(fp32.check))
-    for failed in (c for c in manifest["lint"]["checks"] if c["status"] == "fail"):
+    lint = manifest.lint
+    for failed in (check for check in (lint.checks if lint else []) if check["status"] == "fail"):
         notes.append(f"lint FAILED: {failed['name']}: {failed['detail']} {'; '.join(failed['findings'][:3])}")
-    return ConvertResult(Path(out), manifest, notes)
+    return notes
 
 
 @dataclass
@@ -148,13 +213,13 @@ class _FP32Request:
     check_samples: int
     plan_options: PlanOptions | None
     calibration_samples: int
+    custom_translation_table: dict[Any, Any] | None
 
 
 @dataclass
 class _FP32Stage:
     """What the export stage leaves behind once the PyTorch model is dropped: no tensors, only records."""
 
-    manifest: dict[str, Any]
     records: list[provenance.NodeProvenance]
     check: Comparison
     ranges: RangeStats | None
@@ -165,49 +230,83 @@ class _FP32Stage:
     notes: list[str]
 
 
-def _fp32_stage(staging: Path, request: _FP32Request, stage: StageCallback) -> _FP32Stage:
-    """Load, export, write the FP32 ONNX with provenance, check it against PyTorch and collect the range rule's
-    calibration statistics. ONNX Runtime runs the FP32 model on the PyTorch parameters in place, and everything
-    holding the weights (the PyTorch module, the reference runner, the in-memory ONNX) dies with this frame:
-    a large model's FP32 weights are in memory once, and not at all in the later stages."""
-    stage("load")
-    loaded = load_model(request.model, factory=request.factory, trust_pickle=request.trust_pickle)
-    data = load_validation_data(request.val_data) if request.val_data is not None else None
-    stage("inputs")
-    specs = resolve_inputs(loaded, data, request.inputs, dynamic_batch=request.dynamic_batch)
-    examples = example_inputs(specs, data)
-    reference = _reference_runner(loaded, specs)
-    names, output_bytes = _output_names(loaded, specs, examples)
-    options = _plan_options(request.plan_options, loaded)
-    opset = _opset_for(options, request.opset)
-    stage("export")
-    started = time.perf_counter()
-    exported = export_onnx(ExportRequest(loaded, specs, examples, names, opset))
-    export_seconds = time.perf_counter() - started
-    stage("write")
-    manifest, records = _write_fp32(staging, loaded, exported, export_seconds)
-    stage("export check")
-    batches = _check_batches(specs, data, examples, request.check_samples, output_bytes)
-    weights = shareable_weights(exported.model)
-    candidate = OrtRunner(staging / FP32_ONNX, shared_weights=weights)
-    check = compare_runners(reference, candidate, batches, [spec["name"] for spec in manifest["outputs"]])
-    manifest["export_check"] = _check_json(check, data)
-    del candidate
-    ranges = None
-    if options.range_check and data is not None and request.calibration_samples > 0:
-        stage("calibration")
-        ranges = _calibrate(staging, specs, data, request.calibration_samples, output_bytes, weights)
-    return _FP32Stage(manifest, records, check, ranges, options, options_source(request.plan_options, loaded), specs,
-                      data, loaded.notes + exported.notes)
+def _fp32_stage(bundle: Bundle, request: _FP32Request, clock: StageClock,
+                on_progress: ProgressCallback | None) -> _FP32Stage:
+    """Load, export, write the FP32 ONNX with provenance, and run the data pass (export check + calibration).
+    ONNX Runtime runs the FP32 model on the PyTorch parameters in place, and everything holding the weights (the
+    PyTorch module, the reference runner, the in-memory ONNX) dies with this frame: a large model's FP32 weights
+    are in memory once, and not at all in the later stages."""
+    with clock.stage("load"):
+        loaded = load_model(request.model, factory=request.factory, trust_pickle=request.trust_pickle)
+        data = load_validation_data(request.val_data) if request.val_data is not None else None
+    with clock.stage("inputs"):
+        specs = resolve_inputs(loaded, data, request.inputs, dynamic_batch=request.dynamic_batch)
+        examples = example_inputs(specs, data)
+        names, output_bytes = _output_names(loaded, specs, examples)
+        options = _plan_options(request.plan_options, loaded)
+        opset = _opset_for(options, request.opset)
+    with clock.stage("export"):
+        started = time.perf_counter()
+        exported = export_onnx(ExportRequest(loaded, specs, examples, names, opset,
+                                             request.custom_translation_table))
+        export_seconds = time.perf_counter() - started
+    with clock.stage("write"):
+        records = _write_fp32(bundle, loaded, exported, export_seconds, request.val_data, data)
+    calibrate = options.range_check and data is not None and request.calibration_samples > 0
+    with clock.stage("data pass"):
+        check, ranges, device_note = _data_pass(bundle, loaded, specs, data, examples, request, output_bytes,
+                                                shareable_weights(exported.model), calibrate, on_progress)
+        bundle.manifest.export_check = ExportCheckRecord(check.passed, check.to_json(), _data_description(data),
+                                                         bundle.digests(FP32_ONNX))
+    notes = loaded.notes + exported.notes + ([device_note] if device_note else [])
+    return _FP32Stage(records, check, ranges, options, options_source(request.plan_options, loaded), specs,
+                      data, notes)
 
 
-@dataclass
-class EngineOptions:
-    """TensorRT build settings: explicit profiles (``--shapes``), TF32, workspace bytes."""
+def _data_pass(bundle: Bundle, loaded: LoadedModel, specs: list[TensorSpec], data: ValidationData | None,
+               examples: dict[str, torch.Tensor], request: _FP32Request, output_bytes: int,
+               weights: dict[str, np.ndarray], calibrate: bool,
+               on_progress: ProgressCallback | None) -> tuple[Comparison, RangeStats | None, str | None]:
+    """One pass over the validation samples: PyTorch FP32 against the FP32 ONNX in ONNX Runtime on the first
+    ``check_samples`` (whole batches), the range probes folded on the first ``calibration_samples``."""
+    reference = TorchRunner(loaded.callable(), [spec.name for spec in specs], positional=loaded.positional,
+                            device=best_device())
+    candidate = ProbedRunner(bundle.path(FP32_ONNX), shared_weights=weights, probe=calibrate)
+    comparison = Comparison.of("torch-fp32", "onnx-fp32", candidate.output_names)
+    check_limit = request.check_samples if data is not None else None
+    calibration_limit = request.calibration_samples if calibrate else 0
+    batches, total = _data_batches(specs, data, examples, max(check_limit or 0, calibration_limit), output_bytes)
+    done = 0
+    for batch in batches:
+        samples = batch_samples(batch)
+        candidate.calibrating = calibrate and done < calibration_limit
+        compare = check_limit is None or done < check_limit
+        if not compare and not candidate.calibrating:
+            break
+        actual = candidate.run(batch)
+        if compare:
+            comparison.fold(reference.run(batch), actual, samples=samples)
+        done += samples
+        if on_progress:
+            on_progress(done, total)
+    comparison.reference = f"torch-fp32 ({reference.device})"
+    return comparison, candidate.stats if calibrate else None, reference.note
 
-    shapes: dict[str, Any] = field(default_factory=dict)
-    allow_tf32: bool = False
-    workspace: int = DEFAULT_WORKSPACE
+
+def _data_batches(specs: list[TensorSpec], data: ValidationData | None, examples: dict[str, torch.Tensor],
+                  limit: int, output_bytes: int) -> tuple[Any, int | None]:
+    """The data pass's batches (the model's fixed batch size, else :func:`_batch_size`) and how many samples
+    they hold in all (None when the data does not say)."""
+    if data is None:
+        batch = {name: tensor.numpy() for name, tensor in examples.items()}
+        return [batch], batch_samples(batch)
+    fixed = _fixed_batch(specs)
+    total = min(limit, data.num_samples) if data.num_samples else None
+    return data.batches(fixed or _batch_size(output_bytes), limit=limit, inputs=specs, exact=fixed is not None), total
+
+
+def _fixed_batch(specs: list[TensorSpec]) -> int | None:
+    return next((spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], int)), None)
 
 
 def _engine_status(engine: str) -> TensorRTStatus | None:
@@ -222,23 +321,24 @@ def _engine_status(engine: str) -> TensorRTStatus | None:
     return status
 
 
-def _engine(staging: Path, manifest: dict[str, Any], plan: PrecisionPlan, status: TensorRTStatus | None,
-            specs: list[TensorSpec], data: ValidationData | None, options: EngineOptions) -> None:
+def _engine(bundle: Bundle, plan: PrecisionPlan, status: TensorRTStatus | None, specs: list[TensorSpec],
+            data: ValidationData | None, options: EngineOptions) -> None:
     """Build the engine where possible (``status`` None: --engine off); otherwise record why it was skipped."""
+    manifest = bundle.manifest
     if status is None:
-        manifest["skipped"]["engine"] = "disabled (--engine off)"
+        manifest.skipped["engine"] = "disabled (--engine off)"
         return
     if not status.available:
-        manifest["skipped"]["engine"] = status.why
+        manifest.skipped["engine"] = status.why or "TensorRT is not available"
         return
     observed = [{name: tuple(array.shape) for name, array in batch.items()}
-                for batch in (data.batches(CHECK_BATCH, limit=CHECK_SAMPLES, inputs=specs) if data else [])]
-    profiles = derive_profiles(manifest["inputs"], observed, options.shapes)
-    result = build_engine(staging / MIXED_ONNX, staging, profiles, {n.name: n.precision for n in plan.nodes},
+                for batch in (data.batches(PROFILE_BATCH, limit=PROFILE_SAMPLES, inputs=specs) if data else [])]
+    profiles = derive_profiles([spec.to_json() for spec in manifest.inputs], observed, options.shapes)
+    result = build_engine(bundle.path(MIXED_ONNX), bundle.directory, profiles, plan.precisions(),
                           workspace=options.workspace, allow_tf32=options.allow_tf32,
                           module_of={n.name: n.module or "" for n in plan.nodes})
-    artifacts.add_artifact(manifest, staging, "engine", ENGINE)
-    manifest["engine"] = result.metadata
+    bundle.record_artifact(ENGINE, result.path.name, result.companions, command="convert")
+    manifest.engine = EngineRecord.from_build(result.metadata, bundle.digests(ENGINE, PLAN))
 
 
 def _opset_for(options: PlanOptions, opset: int | None) -> int | None:
@@ -250,19 +350,18 @@ def _opset_for(options: PlanOptions, opset: int | None) -> int | None:
     return BF16_MIN_OPSET
 
 
-def _write_mixed(staging: Path, model: ir.Model, plan: PrecisionPlan, io_types: str,
-                 manifest: dict[str, Any]) -> None:
-    """Apply the plan to the FP32 model as read back from its file, save, lint, and record both. Converted weights
-    are computed while saving, one at a time, and a model whose FP32 form has external data keeps it."""
-    precisions = {node.name: node.precision for node in plan.nodes}
-    report = apply_plan(model, precisions, io_types=io_types)
-    external = (staging / f"{FP32_ONNX}.data").exists() or _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_file = f"{MIXED_ONNX}.data"
-    save_model(model, staging / MIXED_ONNX, external_data=data_file if external else None)
-    artifacts.add_artifact(manifest, staging, "mixed_onnx", MIXED_ONNX, (data_file,) if external else ())
-    manifest["rewrite"] = report.to_json()
-    manifest["lint"] = lint_model(staging / MIXED_ONNX, precisions).to_json()
-    manifest["lint"]["model"] = MIXED_ONNX
+def _write_mixed(bundle: Bundle, model: ir.Model, plan: PrecisionPlan, io_types: str) -> None:
+    """Apply the plan to the FP32 model as read back from its file, save, and record it. Converted weights are
+    computed while saving, one at a time, and a model whose FP32 form has external data keeps it."""
+    staging = bundle.directory
+    report = apply_plan(model, plan.precisions(), io_types=io_types)
+    name = FILE_NAMES[MIXED_ONNX]
+    fp32_external = len(bundle.manifest.artifacts[FP32_ONNX].sha256) > 1
+    external = fp32_external or _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_file = f"{name}.data"
+    save_model(model, staging / name, external_data=data_file if external else None)
+    bundle.record_artifact(MIXED_ONNX, name, (data_file,) if external else (), command="convert")
+    bundle.manifest.rewrite = report.to_json()
 
 
 def training_policy(loaded: LoadedModel) -> str | None:
@@ -270,9 +369,9 @@ def training_policy(loaded: LoadedModel) -> str | None:
     autocast = loaded.training.get("autocast") if loaded.training else None
     if not isinstance(autocast, dict):
         return None
-    low = {"float16": "fp16", "bfloat16": "bf16"}.get(str(autocast.get("dtype")))
+    low = CANONICAL_NAMES.get(str(autocast.get("dtype")).removeprefix("torch."))
     device = autocast.get("device_type")
-    return f"{device}-{low}" if device in ("cpu", "cuda") and low else None
+    return f"{device}-{low}" if device in ("cpu", "cuda") and low in LOW_PRECISIONS else None
 
 
 def options_source(options: PlanOptions | None, loaded: LoadedModel) -> str:
@@ -289,17 +388,6 @@ def _plan_options(options: PlanOptions | None, loaded: LoadedModel) -> PlanOptio
     if options.torch_version is None and loaded.training.get("torch"):
         options.torch_version = str(loaded.training["torch"])
     return options
-
-
-def _calibrate(staging: Path, specs: list[TensorSpec], data: ValidationData, samples: int, output_bytes: int,
-               weights: dict[str, np.ndarray]) -> RangeStats:
-    fixed = next((spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], int)), None)
-    batches = data.batches(fixed or _batch_size(output_bytes), limit=samples, inputs=specs, exact=fixed is not None)
-    return collect_ranges(staging / FP32_ONNX, batches, shared_weights=weights)
-
-
-def _reference_runner(loaded: LoadedModel, specs: list[TensorSpec]) -> TorchRunner:
-    return TorchRunner(loaded.callable(), [spec.name for spec in specs], positional=loaded.positional)
 
 
 def _output_names(loaded: LoadedModel, specs: list[TensorSpec],
@@ -323,30 +411,45 @@ def _output_names(loaded: LoadedModel, specs: list[TensorSpec],
     return output_names(result), sum(tensor.nbytes for tensor in tensors) // max(1, samples)
 
 
-def _write_fp32(staging: Path, loaded: LoadedModel, exported: ExportResult,
-                seconds: float) -> tuple[dict[str, Any], list[provenance.NodeProvenance]]:
+def _write_fp32(bundle: Bundle, loaded: LoadedModel, exported: ExportResult, seconds: float,
+                val_data: str | Path | None, data: ValidationData | None) -> list[provenance.NodeProvenance]:
+    """Save the FP32 ONNX and its provenance into the bundle and fill the manifest's source, validation, I/O
+    and export records."""
+    staging = bundle.directory
     model = exported.model
     external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
-    data_file = f"{FP32_ONNX}.data"
-    save_model(model, staging / FP32_ONNX, external_data=data_file if external else None)
+    name = FILE_NAMES[FP32_ONNX]
+    data_file = f"{name}.data"
+    save_model(model, staging / name, external_data=data_file if external else None)
     records = provenance.collect_provenance(model, exported.provenance_kind, exported.facts)
-    artifacts.write_json(staging / PROVENANCE, provenance.to_json(records))
-    manifest = artifacts.new_manifest()
-    artifacts.add_artifact(manifest, staging, "fp32_onnx", FP32_ONNX, (data_file,) if external else ())
-    artifacts.add_artifact(manifest, staging, "provenance", PROVENANCE)
-    manifest["source"] = loaded.source_json()
-    manifest["inputs"] = [spec.to_json() for spec in graph_specs(model.graph.inputs)]
-    manifest["outputs"] = [spec.to_json() for spec in graph_specs(model.graph.outputs)]
-    manifest["export"] = {
-        "strategy": exported.strategy,
-        "attempts": [attempt.to_json() for attempt in exported.attempts],
-        "seconds": round(seconds, 2),
-        "opset": model.opset_imports.get("", None),
-        "external_data": external,
-        "provenance": exported.provenance_kind,
-    }
-    manifest["provenance"] = provenance.summarize(records)
-    return manifest, records
+    artifacts.write_json(staging / FILE_NAMES[PROVENANCE], provenance.to_json(records))
+    bundle.record_artifact(FP32_ONNX, name, (data_file,) if external else (), command="convert")
+    bundle.record_artifact(PROVENANCE, FILE_NAMES[PROVENANCE], command="convert")
+    manifest = bundle.manifest
+    manifest.source = loaded.source_record(staging)
+    manifest.validation = _validation_record(val_data, data, staging)
+    manifest.inputs = graph_specs(model.graph.inputs)
+    manifest.outputs = graph_specs(model.graph.outputs)
+    manifest.export = ExportRecord(exported.strategy, [attempt.to_json() for attempt in exported.attempts],
+                                   round(seconds, 2), model.opset_imports.get("", None), external,
+                                   exported.provenance_kind, exported.renamed_nodes)
+    manifest.provenance = provenance.summarize(records)
+    return records
+
+
+def _validation_record(val_data: str | Path | None, data: ValidationData | None,
+                       bundle_directory: Path) -> ValidationRecord | None:
+    """Where the validation data is, recorded so that ``verify`` finds it from any working directory."""
+    if val_data is None or data is None:
+        return None
+    if not Path(val_data).exists() and is_callable_spec(str(val_data)):
+        return ValidationRecord(str(val_data), "callable", import_path=getattr(data, "import_path", None))
+    absolute, relative = portable_paths(Path(val_data), bundle_directory)
+    return ValidationRecord(absolute, "files", relative, samples=data.num_samples or None)
+
+
+def _data_description(data: ValidationData | None) -> str:
+    return data.describe() if data is not None else "example inputs (no --val-data)"
 
 
 def shareable_weights(model: ir.Model) -> dict[str, np.ndarray]:
@@ -380,31 +483,17 @@ def graph_specs(values: Sequence[ir.Value]) -> list[TensorSpec]:
     return specs
 
 
-def _check_batches(specs: list[TensorSpec], data: ValidationData | None, examples: dict[str, torch.Tensor],
-                   limit: int, output_bytes: int):
-    """Export-check batches: the model's fixed batch, else :func:`_batch_size`."""
-    if data is None:
-        return [{name: tensor.numpy() for name, tensor in examples.items()}]
-    fixed = next((spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], int)), None)
-    return data.batches(fixed or _batch_size(output_bytes), limit=limit, inputs=specs, exact=fixed is not None)
-
-
 def _batch_size(output_bytes: int) -> int:
     """Up to CHECK_BATCH samples whose outputs take about CHECK_OUTPUT_BUDGET (a language model's logits are
     ~25 MB per sample at 128 tokens: 10 samples a batch, not 64)."""
     return max(1, min(CHECK_BATCH, CHECK_OUTPUT_BUDGET // max(1, output_bytes)))
 
 
-def _check_json(check: Comparison, data: ValidationData | None) -> dict[str, Any]:
-    result = check.to_json()
-    result["data"] = data.describe() if data is not None else "example inputs (no --val-data)"
-    return result
-
-
 def _check_failure_note(check: Comparison) -> str:
     worst = check.worst()
     if worst.name in check.mismatches:
-        return f"export check FAILED: output '{worst.name}' shape {check.mismatches[worst.name]}"
+        return f"export check FAILED: output '{worst.name}' {check.mismatches[worst.name]}"
     return (f"export check FAILED: output '{worst.name}' differs by {worst.max_abs:.3g} "
             f"({check.relative_error(worst):.2e} of its scale {worst.scale:.3g}; tolerance {check.rtol:g}), "
             f"{worst.nonfinite} non-finite values")
+

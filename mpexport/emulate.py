@@ -3,8 +3,8 @@ tensor exactly as the low type would (a Cast to the low type and back after it),
 cannot hide overflow by computing low-precision chains in FP32.
 
 * every node whose outputs are FP16/BF16 computes in FP32 and rounds each output through the low type;
-* the model's own casts to a low type round the same way; low-precision initializers become their exact
-  FP32 values;
+* the model's own casts to a low type round the same way; low-precision initializers stay as they are (in
+  the model's external data file, if it has one) and are cast to FP32 once, where the graph starts;
 * pessimistic reductions: a low-precision ReduceMean also rounds the sum it divides (what a kernel that
   accumulates in the low type computes), so a sum that overflows shows as infinity.
 
@@ -16,16 +16,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-LOW_TYPES = (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+from mpexport.dtypes import LOW_ONNX_TYPES as LOW_TYPES
 
 
 def strict_emulation(model: ir.Model) -> ir.Model:
     """Turn ``model`` (in place) into its FP32 strict emulation and return it."""
     graph = model.graph
-    for value in list(graph.initializers.values()):
-        if value.dtype in LOW_TYPES and value.const_value is not None:
-            value.const_value = ir.tensor(value.const_value.numpy().astype(np.float32), name=value.name)
-            value.dtype = ir.DataType.FLOAT
+    _widen_initializers(graph)
     for value in graph.inputs:
         if value.dtype in LOW_TYPES:
             value.dtype = ir.DataType.FLOAT
@@ -48,6 +45,28 @@ def strict_emulation(model: ir.Model) -> ir.Model:
             _pessimistic_mean(graph, node, lows[0])
         _round_outputs(graph, node, lows[0])
     return model
+
+
+def _widen_initializers(graph: ir.Graph) -> None:
+    """Every use of a low-precision initializer reads it through one Cast to FP32 at the top of the graph (the
+    exact values; ONNX Runtime folds the Cast when the session is made), so the weights are not copied here."""
+    first = graph.node(0) if len(graph) else None
+    for value in list(graph.initializers.values()):
+        if value.dtype not in LOW_TYPES or value.const_value is None or value in graph.outputs:
+            continue
+        uses = list(value.uses())
+        if not uses:
+            continue
+        cast = ir.node("Cast", [value], {"to": ir.DataType.FLOAT}, name=f"{value.name}__widen")
+        cast.outputs[0].name = f"{value.name}__fp32"
+        cast.outputs[0].dtype = ir.DataType.FLOAT
+        cast.outputs[0].shape = value.shape
+        for user, index in uses:
+            user.replace_input_with(index, cast.outputs[0])
+        if first is None:
+            graph.append(cast)
+        else:
+            graph.insert_before(first, cast)
 
 
 def _round_outputs(graph: ir.Graph, node: ir.Node, low: ir.DataType) -> None:
@@ -97,9 +116,10 @@ def _pessimistic_mean(graph: ir.Graph, node: ir.Node, low: ir.DataType) -> None:
                                  (divided.outputs[0], "mean", ir.DataType.FLOAT)):
         value.name = f"{mean.name}__{suffix}"
         value.dtype = dtype
-    for value in (size_in.outputs[0], size_out.outputs[0], count.outputs[0]):
+    for value, suffix in ((size_in.outputs[0], "count_in"), (size_out.outputs[0], "count_out"),
+                          (count.outputs[0], "count")):  # the suffixes of their nodes' names
         value.dtype = ir.DataType.INT64
-        value.name = f"{name}__{value.producer().name.rsplit('__', 1)[1]}"
+        value.name = f"{name}__{suffix}"
     count_float.outputs[0].dtype = ir.DataType.FLOAT
     count_float.outputs[0].name = f"{name}__count_float"
     graph.insert_after(node, [size_in, size_out, count, count_float, total, down, up, divided])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,11 @@ MIN_VERSION = (10, 12)
 STRONGLY_TYPED_BUILTIN = (11, 0)
 ENGINE = "model.plan"
 TIMING_CACHE = "timing.cache"
+ENGINE_LAYERS = "engine_layers.json"
 DEFAULT_WORKSPACE = 4 << 30
+PROFILE_BATCH = 64
+PROFILE_SAMPLES = 1024
+"""Validation batches and samples read to derive optimization profiles when no ``--shapes`` are given."""
 
 Profile = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
 """(min, opt, max) shapes of one input."""
@@ -209,23 +214,25 @@ def compare_engine_with_plan(layers: list[dict[str, Any]], plan: dict[str, str])
 # -- build (needs TensorRT and a GPU) -----------------------------------------------------------------------
 @dataclass
 class EngineResult:
-    """The built engine: file, metadata for the manifest, and the plan check."""
+    """The built engine: file, the files written beside it, metadata for the manifest, and the plan check."""
 
     path: Path
     metadata: dict[str, Any]
     check: EngineCheck
+    companions: tuple[str, ...] = (ENGINE_LAYERS, TIMING_CACHE)
 
 
 def build_engine(onnx_path: Path, out_dir: Path, profiles: dict[str, Profile], plan: dict[str, str], *,
                  workspace: int = DEFAULT_WORKSPACE, allow_tf32: bool = False,
                  timing_cache: Path | None = None, module_of: dict[str, str] | None = None) -> EngineResult:
-    """Build a strongly typed engine from ``onnx_path`` into ``out_dir/model.plan`` (timing cache beside it,
-    reused when present), read its layers back and compare them with ``plan``."""
-    import tensorrt as trt
-
+    """Build a strongly typed engine from ``onnx_path`` into ``out_dir/model.plan`` (timing cache beside it;
+    ``timing_cache``, else the one in ``out_dir``, is reused when present), read its layers back and compare them
+    with ``plan``. A one-line error where TensorRT or a GPU is missing."""
     status = tensorrt_status()
     if not status.available:
-        raise MpexportError(f"cannot build a TensorRT engine: {status.why}", stage=STAGE)
+        raise MpexportError(f"cannot build a TensorRT engine here: {status.why}", stage=STAGE)
+    import tensorrt as trt
+
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -248,9 +255,10 @@ def build_engine(onnx_path: Path, out_dir: Path, profiles: dict[str, Profile], p
         low, opt, high = profiles[tensor.name]
         profile.set_shape(tensor.name, low, opt, high)
     config.add_optimization_profile(profile)
-    cache_path = timing_cache or out_dir / TIMING_CACHE
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+    previous = timing_cache or out_dir / TIMING_CACHE
+    cache = config.create_timing_cache(previous.read_bytes() if previous.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_path = out_dir / TIMING_CACHE
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise MpexportError("TensorRT could not build the engine (see its log above)", stage=STAGE)
@@ -261,7 +269,7 @@ def build_engine(onnx_path: Path, out_dir: Path, profiles: dict[str, Profile], p
     engine = runtime.deserialize_cuda_engine(bytes(serialized))
     inspector = engine.create_engine_inspector()
     listing = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
-    (out_dir / "engine_layers.json").write_text(listing)
+    (out_dir / ENGINE_LAYERS).write_text(listing)
     check = compare_engine_with_plan(engine_layers(listing), plan)
     metadata = {"tensorrt": trt.__version__, "gpu": status.gpu, "compute_capability": status.compute_capability,
                 "profiles": {name: [list(shape) for shape in shapes] for name, shapes in profiles.items()},
@@ -282,35 +290,43 @@ def _parser_errors(parser: Any, module_of: dict[str, str]) -> str:
 
 
 def rebuild(directory: Path, *, shapes: dict[str, Profile] | None = None, allow_tf32: bool = False,
-            workspace: int = DEFAULT_WORKSPACE) -> EngineResult:
-    """(Re)build the engine of an existing output directory from its mixed ONNX and plan, reusing its timing
-    cache; profiles from ``shapes`` or the validation data recorded at convert time. Updates the manifest."""
-    from mpexport import artifacts
-    from mpexport.specs import TensorSpec
+            workspace: int = DEFAULT_WORKSPACE, builder: Callable[..., EngineResult] | None = None) -> EngineResult:
+    """(Re)build the engine of a bundle from its mixed ONNX and plan, reusing its timing cache; profiles from
+    ``shapes`` or the validation data recorded at convert time. The new engine replaces the old one atomically,
+    and every verdict that covered the old engine (verify's included) turns stale. ``builder`` takes
+    :func:`build_engine`'s arguments (default: it; tests without a GPU give a stand-in to exercise the bundle)."""
+    from mpexport.bundle import ENGINE as ENGINE_KEY
+    from mpexport.bundle import MIXED_ONNX, PLAN, Bundle, EngineRecord
+
+    bundle = Bundle.open(directory, uses=(MIXED_ONNX, PLAN))
+    builder = builder or build_engine
+    if builder is build_engine and not (status := tensorrt_status()).available:
+        raise MpexportError(f"cannot build a TensorRT engine here: {status.why}", stage=STAGE)
+    plan = bundle.plan()
+    profiles = derive_profiles([spec.to_json() for spec in bundle.manifest.inputs], _observed_shapes(bundle, shapes),
+                               shapes)
+    with bundle.transaction("build") as transaction:
+        result = builder(bundle.path(MIXED_ONNX), transaction.staging, profiles, plan.precisions(),
+                         workspace=workspace, allow_tf32=allow_tf32, timing_cache=bundle.directory / TIMING_CACHE,
+                         module_of={node.name: node.module or "" for node in plan.nodes})
+        transaction.put(ENGINE_KEY, ENGINE, result.companions)
+        bundle.manifest.engine = EngineRecord.from_build(result.metadata, bundle.digests(ENGINE_KEY, PLAN))
+        bundle.manifest.skipped.pop("engine", None)
+    result.path = bundle.directory / ENGINE
+    return result
+
+
+def _observed_shapes(bundle: Any, shapes: dict[str, Profile] | None) -> list[dict[str, tuple[int, ...]]]:
+    """Input shapes of the validation batches recorded at convert time (none when ``shapes`` are given)."""
     from mpexport.valdata import load_validation_data
 
-    status = tensorrt_status()
-    if not status.available:
-        raise MpexportError(f"cannot build a TensorRT engine here: {status.why}", stage=STAGE)
-    manifest = artifacts.read_manifest(directory)
-    mixed = manifest["artifacts"].get("mixed_onnx")
-    if not mixed:
-        raise MpexportError(f"'{directory}' has no mixed-precision model to build from", stage=STAGE)
-    plan = {node["name"]: node["precision"]
-            for node in json.loads((directory / manifest["artifacts"]["plan"]).read_text())["nodes"]}
-    observed: list[dict[str, tuple[int, ...]]] = []
-    recorded = manifest.get("export_check", {}).get("data", "")
-    if not shapes and recorded and Path(recorded).exists():
-        specs = [TensorSpec.from_json(spec) for spec in manifest["inputs"]]
-        observed = [{name: tuple(array.shape) for name, array in batch.items()}
-                    for batch in load_validation_data(recorded).batches(64, limit=1024, inputs=specs)]
-    profiles = derive_profiles(manifest["inputs"], observed, shapes)
-    result = build_engine(directory / mixed, directory, profiles, plan, workspace=workspace, allow_tf32=allow_tf32)
-    artifacts.add_artifact(manifest, directory, "engine", ENGINE)
-    manifest["engine"] = result.metadata
-    manifest["skipped"].pop("engine", None)
-    artifacts.write_manifest(directory, manifest)
-    return result
+    source = None if shapes else bundle.validation_source()
+    if source is None:
+        return []
+    record = bundle.manifest.validation
+    data = load_validation_data(source, import_path=record.import_path if record else None)
+    return [{name: tuple(array.shape) for name, array in batch.items()}
+            for batch in data.batches(PROFILE_BATCH, limit=PROFILE_SAMPLES, inputs=bundle.manifest.inputs)]
 
 
 class TensorRTRunner:

@@ -22,7 +22,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import onnx
 import onnx_ir as ir
@@ -30,6 +30,7 @@ import torch
 
 from mpexport.errors import MpexportError, first_line
 from mpexport.fxfacts import FxFacts, collect_fx_facts
+from mpexport.graphs import name_nodes_uniquely, walk
 from mpexport.loading import FORMAT_TORCHSCRIPT, LoadedModel
 from mpexport.specs import TensorSpec
 
@@ -57,6 +58,9 @@ class ExportRequest:
     examples: dict[str, torch.Tensor]
     output_names: list[str]
     opset: int | None = None
+    custom_translation_table: dict[Any, Any] | None = None
+    """Translations for ops the exporter lacks (``torch.onnx.export``'s ``custom_translation_table``: an op
+    overload such as ``torch.ops.mylib.op.default`` -> an onnxscript function); dynamo strategies only."""
 
     def example_args(self) -> tuple[torch.Tensor, ...]:
         """Example tensors in input order."""
@@ -105,6 +109,8 @@ class ExportResult:
     notes: list[str] = field(default_factory=list)
     provenance_kind: str = "exporter"
     """``exporter``: per-node metadata from the dynamo exporter; ``scope``: module scopes in node names only."""
+    renamed_nodes: int = 0
+    """Nodes given a (unique) name: every stage keys on node names (:mod:`mpexport.graphs`)."""
 
     @property
     def fell_back(self) -> bool:
@@ -148,8 +154,9 @@ class DynamoStrategy:
             program = self._capture(request)
         onnx_program = torch.onnx.export(
             program, dynamo=True, output_names=request.output_names, opset_version=request.opset,
-            verbose=False, optimize=False,
+            verbose=False, optimize=False, custom_translation_table=request.custom_translation_table,
         )
+        assert onnx_program is not None  # the dynamo exporter returns its ONNXProgram
         optimize_keeping_provenance(onnx_program.model)
         return Captured(onnx_program.model, program, onnx_program.exported_program)
 
@@ -158,11 +165,13 @@ class DynamoStrategy:
         dynamic = {spec.name: ({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamic_dims()} or None)
                    for spec in request.inputs}
         kwargs = dict(request.examples)
+        module = request.model.module
+        assert module is not None  # a model without a program is a module
         try:
-            return torch.export.export(request.model.module, (), kwargs,
+            return torch.export.export(module, (), kwargs,
                                        dynamic_shapes=None if self.static else dynamic, strict=False)
         except Exception:  # noqa: BLE001 - strict tracing is the documented second try
-            return torch.export.export(request.model.module, (), kwargs,
+            return torch.export.export(module, (), kwargs,
                                        dynamic_shapes=None if self.static else dynamic, strict=True)
 
 
@@ -178,7 +187,8 @@ class TorchScriptConverterStrategy:
     def run(self, request: ExportRequest) -> Captured:
         from torch._export.converter import TS2EPConverter
 
-        converted = TS2EPConverter(request.model.module, request.example_args()).convert()
+        module = cast(torch.jit.ScriptModule, request.model.module)  # a TorchScript file loads as one
+        converted = TS2EPConverter(module, request.example_args()).convert()
         # The converter makes every dim dynamic; re-export with the requested dims so fixed sizes stay fixed
         # (no shape arithmetic in the graph).
         dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamic_dims()} or None
@@ -188,7 +198,9 @@ class TorchScriptConverterStrategy:
         onnx_program = torch.onnx.export(
             program, dynamo=True, input_names=names, output_names=request.output_names,
             opset_version=request.opset, verbose=False, optimize=False,
+            custom_translation_table=request.custom_translation_table,
         )
+        assert onnx_program is not None  # the dynamo exporter returns its ONNXProgram
         optimize_keeping_provenance(onnx_program.model)
         return Captured(onnx_program.model, program, onnx_program.exported_program)
 
@@ -208,7 +220,8 @@ class LegacyTorchScriptStrategy:
         dynamic_axes = {spec.name: spec.dynamic_dims() for spec in request.inputs if spec.dynamic_dims()}
         positional = request.model.positional
         torch.onnx.export(
-            request.model.callable(), request.example_args() if positional else (), buffer,
+            request.model.callable(), request.example_args() if positional else (),
+            buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to file objects too
             kwargs=None if positional else dict(request.examples), dynamo=False, input_names=names,
             output_names=request.output_names, dynamic_axes=dynamic_axes or None,
             opset_version=min(request.opset or 18, 18),
@@ -241,7 +254,7 @@ def _forget_matched_graphs(rules: list[Any]) -> None:
     matched (onnxscript 0.7): left alone, the exported model and the PyTorch weights it wraps outlive convert's
     export stage, and a large model is held twice from then on."""
     for rule in rules:
-        matcher = getattr(rule, "_matcher", None)
+        matcher: Any = getattr(rule, "_matcher", None)
         if hasattr(matcher, "_init_match"):
             matcher._init_match(0)  # a fresh, empty match result
         for attribute in ("_graph", "_current_node", "_tracer"):
@@ -307,8 +320,10 @@ def export_onnx(request: ExportRequest, strategies: list[CaptureStrategy] | None
         model = captured.model
         model.producer_name = "mpexport"
         rename_symbolic_dims(model, request.inputs)
+        renamed = name_nodes_uniquely(model)
         facts = collect_fx_facts(captured.source, captured.decomposed)
-        result = ExportResult(model, strategy.name, attempts, facts, provenance_kind=strategy.provenance_kind)
+        result = ExportResult(model, strategy.name, attempts, facts, provenance_kind=strategy.provenance_kind,
+                              renamed_nodes=renamed)
         result.notes.extend(_export_notes(request, result))
         return result
     raise _export_failure(attempts)
@@ -410,9 +425,9 @@ def _hint_for(attempt: Attempt) -> str:
         return "make the model traceable by torch.export (no data-dependent Python control flow), " \
             "or save it with torch.export.save yourself"
     if attempt.op:
-        return f"{attempt.op} has no ONNX translation; pass a custom_translation_table via the Python API " \
-            "or replace the op"
-    return "run with --debug for the full exporter error"
+        return f"{attempt.op} has no ONNX translation; give one with mpexport.convert(..., " \
+            "custom_translation_table={op: onnxscript_function}) or replace the op"
+    return "set MPEXPORT_DEBUG=1 for the full exporter error"
 
 
 def _export_notes(request: ExportRequest, result: ExportResult) -> list[str]:
@@ -426,7 +441,7 @@ def _export_notes(request: ExportRequest, result: ExportResult) -> list[str]:
         notes.append("the TorchScript exporter follows the path the example inputs take through data-dependent "
                      "control flow (the export check on the validation data is the guard) and records module "
                      "scopes but no aten ops")
-    wanted = {spec.name: spec for spec in request.inputs}
+    wanted: dict[str | None, TensorSpec] = {spec.name: spec for spec in request.inputs}  # looked up by value name
     for value in result.model.graph.inputs:
         spec = wanted.get(value.name)
         if spec is None or value.shape is None:
@@ -444,7 +459,7 @@ def rename_symbolic_dims(model: ir.Model, specs: list[TensorSpec]) -> None:
     """Give the exporter's symbolic dims (``s77``) the names of the input specs (``batch``), everywhere in
     the graph: a symbol found at the same axis of a graph input as a named spec dim takes that name."""
     renames: dict[str, str] = {}
-    by_name = {spec.name: spec for spec in specs}
+    by_name: dict[str | None, TensorSpec] = {spec.name: spec for spec in specs}  # looked up by value name
     for value in model.graph.inputs:
         spec = by_name.get(value.name)
         if spec is None or value.shape is None or len(value.shape) != len(spec.shape):
@@ -465,5 +480,5 @@ def rename_symbolic_dims(model: ir.Model, specs: list[TensorSpec]) -> None:
 
 def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
     yield from graph.inputs
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        yield from node.outputs
+    for visited in walk(graph):
+        yield from visited.node.outputs

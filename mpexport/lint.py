@@ -8,7 +8,7 @@ precision equals the planned one.
 
 from __future__ import annotations
 
-import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,10 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from mpexport.dtypes import FLOAT_ONNX_TYPES, PRECISION_OF_ONNX
 from mpexport.errors import MpexportError, first_line
-from mpexport.rewrite import FLOAT_TYPES, TYPE_NAMES, realized_precisions
+from mpexport.plan import PrecisionPlan
+from mpexport.rewrite import UNKNOWN, realized_precisions
 
 PASS, FAIL, SKIPPED = "pass", "fail", "skipped"
 
@@ -51,8 +53,11 @@ class LintResult:
                            for c in self.checks]}
 
 
-def lint_model(path: str | Path, plan: dict[str, str] | None = None) -> LintResult:
-    """Run every check on the ONNX file ``path``; ``plan`` maps node names to planned precisions."""
+def lint_model(path: str | Path, plan: PrecisionPlan | Mapping[str, str] | None = None) -> LintResult:
+    """Run every check on the ONNX file ``path``. Given a ``plan`` (a :class:`PrecisionPlan`, or node name ->
+    precision), every node of the model, subgraph bodies included, must realize its planned precision; a
+    planned node missing from the model fails unless it is a Cast the writer removed as a no-op (known from a
+    :class:`PrecisionPlan` only), and a node neither planned nor added by mpexport fails."""
     path = Path(path)
     if not path.is_file():
         raise MpexportError(f"'{path}' does not exist", stage="lint")
@@ -64,15 +69,6 @@ def lint_model(path: str | Path, plan: dict[str, str] | None = None) -> LintResu
     if plan is not None:
         checks.append(_plan_match(model, plan))
     return LintResult(path, checks)
-
-
-def load_plan_precisions(plan_path: str | Path) -> dict[str, str]:
-    """Node name -> precision from a ``plan.json``."""
-    try:
-        data = json.loads(Path(plan_path).read_text())
-        return {node["name"]: node["precision"] for node in data["nodes"]}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise MpexportError(f"'{plan_path}' is not an mpexport plan: {first_line(exc)}", stage="lint") from None
 
 
 def _checker(path: Path) -> Check:
@@ -126,16 +122,39 @@ def _rounding_chains(model: ir.Model) -> Check:
             continue
         origin = producer.inputs[0].dtype
         middle = ir.DataType(producer.attributes["to"].value)
-        if origin == to and to in FLOAT_TYPES and middle == ir.DataType.FLOAT and to != ir.DataType.FLOAT:
-            findings.append(f"{producer.name} -> {node.name}: {TYPE_NAMES[to]} -> fp32 -> {TYPE_NAMES[to]}")
+        if origin == to and to in FLOAT_ONNX_TYPES and middle == ir.DataType.FLOAT and to != ir.DataType.FLOAT:
+            low = PRECISION_OF_ONNX[to]
+            findings.append(f"{producer.name} -> {node.name}: {low} -> fp32 -> {low}")
     return Check("no rounding chains", FAIL if findings else PASS, f"{len(findings)} chains", findings)
 
 
-def _plan_match(model: ir.Model, plan: dict[str, str]) -> Check:
+def _plan_match(model: ir.Model, plan: PrecisionPlan | Mapping[str, str]) -> Check:
+    """Every node against the plan, by name (names are unique across the main graph and every body)."""
+    planned = plan.precisions() if isinstance(plan, PrecisionPlan) else dict(plan)
+    casts = {node.name for node in plan.nodes if node.op_type == "Cast"} if isinstance(plan, PrecisionPlan) else set()
     realized = realized_precisions(model)
-    findings = [f"{name}: planned {precision}, realized {realized[name]}" for name, precision in plan.items()
-                if name in realized and "/" not in name and realized[name] != precision]
-    missing = [name for name in plan if name not in realized and "/" not in name]
-    findings += [f"{name}: planned, but not in the model" for name in missing]
-    return Check("realized precision = plan", FAIL if findings else PASS,
-                 f"{sum(1 for n in plan if n in realized)} nodes compared", findings)
+    findings: list[str] = []
+    removed: list[str] = []
+    untyped: list[str] = []
+    compared = 0
+    for name, precision in planned.items():
+        if name not in realized:
+            (removed if name in casts else findings).append(name if name in casts else
+                                                            f"{name}: planned {precision}, not in the model")
+            continue
+        got, _ = realized[name]
+        if got == UNKNOWN:
+            untyped.append(name)
+            continue
+        compared += 1
+        if got != precision:
+            findings.append(f"{name}: planned {precision}, realized {got}")
+    findings += [f"{name}: in the model but not in the plan" for name, (_, role) in realized.items()
+                 if name not in planned and role is None]
+    added = sum(1 for name, (_, role) in realized.items() if name not in planned and role is not None)
+    detail = f"{compared} of {len(realized)} nodes compared ({added} added by the writer"
+    detail += f", {len(removed)} no-op Casts removed" if removed else ""
+    detail += f", {len(untyped)} with untyped outputs not compared)" if untyped else ")"
+    if compared == 0:
+        findings.append("no node of the model could be compared with the plan")
+    return Check("realized precision = plan", FAIL if findings else PASS, detail, findings)

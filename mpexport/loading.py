@@ -12,20 +12,21 @@ Formats, in order of preference:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
 import pickle
 import sys
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mpexport.artifacts import sha256_file
+from mpexport.bundle import SourceRecord, portable_paths, sha256_file
 from mpexport.errors import MpexportError, first_line
 from mpexport.specs import Dim, TensorSpec, normalize_dtype
 
@@ -64,35 +65,35 @@ class LoadedModel:
     required_inputs: list[str] = field(default_factory=list)
     training: dict[str, Any] = field(default_factory=dict)
     factory: str | None = None
+    import_path: str | None = None
+    """Where the factory's (or a pickled module's) code was imported from (None: the working directory)."""
     notes: list[str] = field(default_factory=list)
 
-    def callable(self) -> Callable[..., Any]:
+    def callable(self) -> torch.nn.Module:
         """The FP32 model as a function of its inputs: by name, or in input order when ``positional``."""
         if self.program is not None:
             return self.program.module()
         assert self.module is not None
         return self.module
 
-    def source_json(self) -> dict[str, Any]:
-        """What ``manifest.json`` records under ``source``."""
-        data: dict[str, Any] = {"path": str(self.path), "format": self.format, "sha256": self.sha256}
-        if self.factory:
-            data["factory"] = self.factory
-        if self.training:
-            data["training"] = self.training
-        if self.notes:
-            data["notes"] = list(self.notes)
-        return data
+    def source_record(self, bundle_directory: Path) -> SourceRecord:
+        """What the manifest records under ``source``: paths that work from any working directory."""
+        absolute, relative = portable_paths(self.path, bundle_directory)
+        import_path = str(Path(self.import_path or Path.cwd()).absolute()) if self.factory else None
+        return SourceRecord(absolute, self.format, self.sha256, relative, self.factory, import_path,
+                            dict(self.training), list(self.notes))
 
 
 def load_model(
-    path: str | Path, *, factory: str | None = None, trust_pickle: bool = False
+    path: str | Path, *, factory: str | None = None, trust_pickle: bool = False,
+    import_path: str | Path | None = None,
 ) -> LoadedModel:
     """Load ``path`` by its content (not its extension) into a :class:`LoadedModel`, in eval mode, on CPU.
 
     Raises :class:`MpexportError` with one line for a missing, unreadable, corrupt or unsupported file, for an
     untrusted pickle (unless ``trust_pickle``), for a checkpoint without ``factory``, and for a factory that
-    does not import or whose model does not accept the checkpoint.
+    does not import or whose model does not accept the checkpoint. ``import_path``: where the factory's or a
+    pickled module's code is imported from (default: the working directory).
     """
     path = Path(path)
     if not path.exists():
@@ -111,7 +112,8 @@ def load_model(
     elif kind == FORMAT_TORCHSCRIPT:
         loaded = _load_torchscript(path, digest)
     else:
-        loaded = _load_pickled(path, digest, factory=factory, trust_pickle=trust_pickle)
+        loaded = _load_pickled(path, digest, factory=factory, trust_pickle=trust_pickle, import_path=import_path)
+    loaded.import_path = str(import_path) if import_path is not None else None
     if factory and loaded.format in (FORMAT_EXPORT, FORMAT_TORCHSCRIPT):
         loaded.notes.append(f"--factory ignored: a {loaded.format} archive carries its own code")
     return loaded
@@ -251,7 +253,8 @@ def _load_torchscript(path: Path, digest: str) -> LoadedModel:
 
 def _torchscript_signature(module: torch.jit.ScriptModule) -> tuple[list[str], list[str], bool]:
     try:
-        arguments = module.forward.schema.arguments[1:]
+        forward: Any = module.forward  # a ScriptMethod: torch's stubs type it as a plain callable
+        arguments = forward.schema.arguments[1:]
     except (AttributeError, RuntimeError):
         return [], [], True
     names = [arg.name for arg in arguments]
@@ -259,7 +262,8 @@ def _torchscript_signature(module: torch.jit.ScriptModule) -> tuple[list[str], l
     return names, required, False
 
 
-def _load_pickled(path: Path, digest: str, *, factory: str | None, trust_pickle: bool) -> LoadedModel:
+def _load_pickled(path: Path, digest: str, *, factory: str | None, trust_pickle: bool,
+                  import_path: str | Path | None) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -270,7 +274,8 @@ def _load_pickled(path: Path, digest: str, *, factory: str | None, trust_pickle:
                 hint="pass --trust-pickle only if you trust where the file came from, "
                 "or save a state dict and use --factory",
             ) from None
-        obj = _load_trusted_pickle(path)
+        with importable_from(import_path):
+            obj = _load_trusted_pickle(path)
     except Exception as exc:  # noqa: BLE001 - any failure to read the file is bad input
         raise MpexportError(f"'{path}' cannot be read as a PyTorch file: {first_line(exc)}", stage=STAGE,
                             hint="the file may be truncated or corrupt") from None
@@ -286,7 +291,7 @@ def _load_pickled(path: Path, digest: str, *, factory: str | None, trust_pickle:
             f"'{path}' is a checkpoint ({len(state_dict)} tensors) and needs the code that builds the model",
             stage=STAGE, hint="pass --factory package.module:function returning the nn.Module",
         )
-    module = build_from_factory(factory)
+    module = build_from_factory(factory, import_path)
     _load_state_dict(module, state_dict, factory)
     model = _module_model(FORMAT_CHECKPOINT, path, digest, module, factory=factory)
     if isinstance(obj, Mapping) and "scaler" in obj:
@@ -346,19 +351,34 @@ def _describe_object(obj: Any) -> str:
     return f"a {type(obj).__name__}"
 
 
-def import_callable(spec: str, *, what: str = "--factory", stage: str = STAGE) -> Any:
-    """Import ``package.module:function`` (the working directory is importable) and return the function.
+@contextlib.contextmanager
+def importable_from(directory: str | Path | None) -> Iterator[None]:
+    """Make ``directory`` (default: the working directory) importable for the body; ``sys.path`` is restored
+    afterwards, so importing a user's factory or data function leaves no trace on the interpreter's path."""
+    entry = str(Path(directory) if directory is not None else Path.cwd())
+    added = entry not in sys.path
+    if added:
+        sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if added and entry in sys.path:
+            sys.path.remove(entry)
+
+
+def import_callable(spec: str, *, what: str = "--factory", stage: str = STAGE,
+                    import_path: str | Path | None = None) -> Any:
+    """Import ``package.module:function`` from ``import_path`` (default: the working directory) and return the
+    function (``sys.path`` restored afterwards, see :func:`importable_from`).
 
     Raises :class:`MpexportError` when the spec is malformed, the module does not import or lacks the name.
     """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise MpexportError(f"{what} '{spec}' is not of the form package.module:function", stage=stage)
-    cwd = str(Path.cwd())
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
     try:
-        target: Any = importlib.import_module(module_name)
+        with importable_from(import_path):
+            target: Any = importlib.import_module(module_name)
     except Exception as exc:  # noqa: BLE001 - user code may fail in any way on import
         raise MpexportError(f"{what} module '{module_name}' does not import: {first_line(exc)}",
                             stage=stage) from None
@@ -369,15 +389,17 @@ def import_callable(spec: str, *, what: str = "--factory", stage: str = STAGE) -
     return target
 
 
-def build_from_factory(factory: str) -> torch.nn.Module:
-    """Import ``package.module:function`` (see :func:`import_callable`) and call it with no arguments.
+def build_from_factory(factory: str, import_path: str | Path | None = None) -> torch.nn.Module:
+    """Import ``package.module:function`` from ``import_path`` (see :func:`import_callable`) and call it with no
+    arguments.
 
     Raises :class:`MpexportError` when the function cannot be imported or fails, or returns something other
     than an ``nn.Module``.
     """
-    target = import_callable(factory)
+    target = import_callable(factory, import_path=import_path)
     try:
-        module = target()
+        with importable_from(import_path):
+            module = target()
     except Exception as exc:  # noqa: BLE001 - user code may fail in any way
         raise MpexportError(f"--factory '{factory}' failed: {first_line(exc)}", stage=STAGE) from None
     if not isinstance(module, torch.nn.Module):

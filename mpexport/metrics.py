@@ -56,9 +56,9 @@ class OutputMetrics:
         for part in slices:  # the batch's scale first: the relative-error floor must not depend on the slicing
             magnitude = np.abs(np.asarray(reference[part], dtype=np.float64))
             self.scale = max(self.scale, float(magnitude[np.isfinite(magnitude)].max(initial=0.0)))
-        labelled = labels is not None and labels.shape[:1] == reference.shape[:1]
+        matching = labels if labels is not None and labels.shape[:1] == reference.shape[:1] else None
         for part in slices:
-            self._update(reference[part], candidate[part], labels[part] if labelled else None)
+            self._update(reference[part], candidate[part], matching[part] if matching is not None else None)
 
     def _update(self, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None) -> None:
         ref = np.asarray(reference, dtype=np.float64)

@@ -32,6 +32,7 @@ def save_model(model: ir.Model, path: str | Path, *, external_data: str | None =
     head.ClearField("graph")
     pieces = []
     for value in values:
+        assert value.const_value is not None  # kept only initializers with a tensor above
         tensor = ir.serde.serialize_tensor(value.const_value)
         tensor.name = value.name or ""
         pieces.append(tensor.SerializeToString())

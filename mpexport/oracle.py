@@ -14,9 +14,8 @@ from typing import Any
 
 import torch
 
+from mpexport.dtypes import precision_of_torch
 from mpexport.fxfacts import WRAP_WITH_AUTOCAST, _op_name
-
-DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 
 def observe_autocast(program: torch.export.ExportedProgram, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -130,8 +129,10 @@ class _Observer(torch.fx.Interpreter):
         return self._on_cuda
 
     def _run_region(self, node: torch.fx.Node) -> Any:
-        device, dtype, enabled, cache_enabled, submodule, *operands = self.map_nodes_to_values(node.args, node)
-        inner = submodule if isinstance(submodule, torch.fx.GraphModule) else self.fetch_attr(node.args[4].target)
+        values: Any = self.map_nodes_to_values(node.args, node)  # FX arguments: too wide a union to narrow
+        device, dtype, enabled, cache_enabled, submodule, *operands = values
+        region: Any = node.args[4]
+        inner = submodule if isinstance(submodule, torch.fx.GraphModule) else self.fetch_attr(region.target)
         with torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled) \
                 if device == "cpu" or torch.cuda.is_available() else _region_flags(device, dtype, enabled):
             return tuple(_as_list(_Observer(inner, self.observed, self.convert, self._on_cuda).run(*operands)))
@@ -159,7 +160,7 @@ def _region_flags(device: str, dtype: torch.dtype | None, enabled: bool) -> Iter
 def _dtype_of(result: Any) -> str:
     for leaf in torch.utils._pytree.tree_leaves(result):
         if isinstance(leaf, torch.Tensor) and leaf.dtype.is_floating_point:
-            return DTYPE_NAMES.get(leaf.dtype, str(leaf.dtype))
+            return precision_of_torch(leaf.dtype) or str(leaf.dtype)
     return "none"
 
 

@@ -13,11 +13,11 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import onnx_ir as ir
 
 from mpexport import artifacts
+from mpexport.bundle import ENGINE, MIXED_ONNX, PLAN, REPORT, REPORT_HTML, Bundle
 from mpexport.errors import MpexportError
 
 STAGE = "package"
@@ -42,71 +42,90 @@ class PackageResult:
 def package_triton(directory: str | Path, out: str | Path, *, name: str | None = None,
                    max_batch_size: int | None = None, allow_unverified: bool = False,
                    force: bool = False) -> PackageResult:
-    """Write a Triton model repository for ``directory`` into ``out`` (atomically; an existing ``out`` only
-    with ``force``). Refuses a directory whose last ``verify`` did not pass unless ``allow_unverified``."""
-    directory = Path(directory)
-    manifest = artifacts.read_manifest(directory)
-    verdict = manifest.get("verify", {}).get("verdict")
-    if verdict != "pass" and not allow_unverified:
-        state = "was never verified" if verdict is None else "failed verify"
-        raise MpexportError(f"'{directory}' {state}", stage=STAGE,
+    """Write a Triton model repository for the bundle ``directory`` into ``out`` (atomically; an existing ``out``
+    only with ``force``). The files copied are checked against the manifest first. Refuses, unless
+    ``allow_unverified``, a bundle whose last verify did not pass or is stale (an artifact it covered changed
+    since), and an engine that verify did not cover."""
+    bundle = Bundle.open(directory, uses=(MIXED_ONNX, PLAN, REPORT, REPORT_HTML, ENGINE))
+    result = PackageResult(Path(out))
+    problem = unverified(bundle)
+    if problem and not allow_unverified:
+        raise MpexportError(f"'{bundle.directory}' {problem}", stage=STAGE,
                             hint="run mpexport verify first, or pass --allow-unverified")
-    mixed = manifest["artifacts"].get("mixed_onnx")
-    if not mixed:
-        raise MpexportError(f"'{directory}' has no mixed-precision model to package", stage=STAGE)
-    name = name or _model_name(manifest)
+    if problem:
+        result.notes.append(f"packaged although the bundle {problem} (--allow-unverified)")
+    mixed = bundle.path(MIXED_ONNX)
+    name = name or _model_name(bundle)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise MpexportError(f"model name '{name}' is not valid for Triton", stage=STAGE,
                             hint="use letters, digits, '_', '.', '-'")
-    result = PackageResult(Path(out))
-    with artifacts.staged_output(out, force=force) as staging:
-        model = ir.load(str(directory / mixed))
+    with artifacts.staged_output(out, force=force, marker=artifacts.REPOSITORY_MARKER) as staging:
+        (staging / artifacts.REPOSITORY_MARKER).write_text(f"Triton model repository written by mpexport from "
+                                                           f"{bundle.directory.absolute()}\n")
+        model = ir.load(str(mixed))
         target = staging / name
         version = target / "1"
         version.mkdir(parents=True)
-        external = sorted(p.name for p in directory.glob(f"{mixed}.data*"))
-        if external:
+        files = sorted(bundle.manifest.artifacts[MIXED_ONNX].sha256)
+        if len(files) > 1:
             folder = version / "model.onnx"
             folder.mkdir()
-            shutil.copy2(directory / mixed, folder / "model.onnx")
-            for data in external:
-                shutil.copy2(directory / data, folder / data)
+            shutil.copy2(mixed, folder / "model.onnx")
+            for data in files:
+                if data != mixed.name:
+                    shutil.copy2(bundle.directory / data, folder / data)
         else:
-            shutil.copy2(directory / mixed, version / "model.onnx")
+            shutil.copy2(mixed, version / "model.onnx")
         batch = _batch_size(model, max_batch_size, result)
         (target / "config.pbtxt").write_text(onnx_config(name, model, batch))
-        _copy_records(directory, manifest, target)
+        _copy_records(bundle, target)
         result.models[name] = "onnxruntime_onnx"
-        if manifest["artifacts"].get("engine"):
-            _package_engine(directory, manifest, staging / f"{name}_trt", f"{name}_trt", model, batch)
+        if bundle.has(ENGINE):
+            _package_engine(bundle, staging / f"{name}_trt", f"{name}_trt", model, batch)
             result.models[f"{name}_trt"] = "tensorrt_plan"
     return result
 
 
-def _package_engine(directory: Path, manifest: dict[str, Any], target: Path, name: str, model: ir.Model,
-                    max_batch_size: int) -> None:
+def unverified(bundle: Bundle) -> str | None:
+    """Why the bundle's deployable forms are not verified as they are now (None when they are): never verified,
+    verify failed, its verdict is stale, or the engine was not covered by it."""
+    record = bundle.manifest.verify
+    if record is None:
+        return "was never verified"
+    stale = bundle.staleness(record)
+    if stale:
+        return f"has a stale verify verdict: {stale}"
+    if record.verdict != "pass":
+        return "failed verify"
+    if bundle.has(ENGINE) and not bundle.covered(record, ENGINE):
+        why = record.forms.get("tensorrt", {}).get("why", "the tensorrt backend did not run")
+        return f"has an engine that verify did not check ({why})"
+    return None
+
+
+def _package_engine(bundle: Bundle, target: Path, name: str, model: ir.Model, max_batch_size: int) -> None:
     """A ``tensorrt_plan`` model: the engine under ``1/`` named by compute capability (plans only run on the
     GPU architecture and TensorRT version they were built for), with the same I/O as the ONNX model."""
-    engine = manifest["engine"]
-    capability = engine.get("compute_capability")
-    if not capability:
+    engine = bundle.manifest.engine
+    capability = engine.compute_capability if engine else None
+    if engine is None or not capability:
         raise MpexportError("the engine's compute capability is not recorded; rebuild it with mpexport build",
                             stage=STAGE)
     filename = f"model_sm{capability.replace('.', '')}.plan"
     version = target / "1"
     version.mkdir(parents=True)
-    shutil.copy2(directory / manifest["artifacts"]["engine"], version / filename)
+    shutil.copy2(bundle.path(ENGINE), version / filename)
     config = onnx_config(name, model, max_batch_size).replace('platform: "onnxruntime_onnx"',
                                                               'platform: "tensorrt_plan"')
     config += f'cc_model_filenames [\n  {{\n    key: "{capability}"\n    value: "{filename}"\n  }}\n]\n'
-    trt_version = engine.get("tensorrt", "")
-    config += f'parameters {{\n  key: "tensorrt_version"\n  value: {{ string_value: "{trt_version}" }}\n}}\n'
+    config += f'parameters {{\n  key: "tensorrt_version"\n  value: {{ string_value: "{engine.tensorrt}" }}\n}}\n'
     (target / "config.pbtxt").write_text(config)
-    _copy_records(directory, manifest, target)
+    _copy_records(bundle, target)
 
 
-def _model_name(manifest: dict[str, Any]) -> str:
-    stem = Path(manifest["source"]["path"]).stem
+def _model_name(bundle: Bundle) -> str:
+    source = bundle.manifest.source
+    stem = Path(source.path).stem if source else "model"
     return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "model"
 
 
@@ -143,8 +162,8 @@ def _tensor_entry(value: ir.Value, batched: bool) -> str:
             f"    dims: [ {', '.join(str(d) for d in dims) or ''} ]\n  }}")
 
 
-def _copy_records(directory: Path, manifest: dict[str, Any], target: Path) -> None:
-    for key in ("plan", "report", "report_html"):
-        name = manifest["artifacts"].get(key)
-        if name and (directory / name).exists():
-            shutil.copy2(directory / name, target / name)
+def _copy_records(bundle: Bundle, target: Path) -> None:
+    for key in (PLAN, REPORT, REPORT_HTML):
+        if bundle.has(key):
+            path = bundle.path(key)
+            shutil.copy2(path, target / path.name)

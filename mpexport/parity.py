@@ -1,13 +1,13 @@
-"""The FP32 export check: ONNX Runtime against PyTorch FP32 on the same batches, per output.
+"""Comparing a candidate's outputs with a reference's, batch by batch: the one comparison step that the FP32
+export check and every verify backend share.
 
 The error of an output is measured relative to its scale (the largest reference magnitude), so one
-tolerance serves logits and probabilities alike. The statistics are :class:`mpexport.metrics.OutputMetrics`,
-the same that ``verify`` reports.
+tolerance serves logits and probabilities alike. The statistics are :class:`mpexport.metrics.OutputMetrics`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,20 +16,46 @@ import numpy as np
 from mpexport.metrics import OutputMetrics
 from mpexport.runners import Batch, Runner
 
-EXPORT_RTOL = 1e-4
-"""Largest FP32 export error accepted, relative to the output's scale."""
+FP32_RTOL = 1e-4
+"""Largest error of an FP32 ONNX model against PyTorch FP32, relative to the output's scale (the export check
+and verify's ``onnx-fp32`` gate)."""
 
 
 @dataclass
 class Comparison:
-    """Per-output metrics of a candidate runner against a reference runner over some batches."""
+    """Per-output metrics of a candidate against a reference over the batches folded in so far. A differing
+    number of outputs or an output of another shape is recorded as a mismatch, never compared."""
 
     reference: str
     candidate: str
-    rtol: float
-    outputs: list[OutputMetrics] = field(default_factory=list)
+    outputs: list[OutputMetrics]
+    rtol: float = FP32_RTOL
     samples: int = 0
     mismatches: dict[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def of(reference: str, candidate: str, output_names: Sequence[str], rtol: float = FP32_RTOL) -> Comparison:
+        """An empty comparison of the named outputs."""
+        return Comparison(reference, candidate, [OutputMetrics(name) for name in output_names], rtol)
+
+    def fold(self, expected: Sequence[np.ndarray], actual: Sequence[np.ndarray], *, samples: int,
+             labels: np.ndarray | None = None) -> None:
+        """Fold the outputs of one batch of ``samples`` samples in (in output order; ``labels`` for the accuracy
+        of classifier outputs)."""
+        for index, stats in enumerate(self.outputs):
+            if index >= len(expected) or index >= len(actual):
+                self.mismatches[stats.name] = f"{len(expected)} reference outputs vs {len(actual)}"
+                continue
+            want, have = np.asarray(expected[index]), np.asarray(actual[index])
+            if want.shape != have.shape:
+                self.mismatches[stats.name] = f"shape {tuple(want.shape)} vs {tuple(have.shape)}"
+                continue
+            stats.update(want, have, labels)
+        self.samples += samples
+
+    def by_name(self) -> dict[str, OutputMetrics]:
+        """The metrics per output name."""
+        return {output.name: output for output in self.outputs}
 
     def relative_error(self, output: OutputMetrics) -> float:
         """Max abs error of ``output`` divided by its scale (by 1 when the reference is all zeros)."""
@@ -65,21 +91,19 @@ class Comparison:
                 "samples": self.samples, "passed": self.passed, "outputs": outputs}
 
 
-def compare_runners(reference: Runner, candidate: Runner, batches: Iterable[Batch], output_names: list[str],
-                    *, rtol: float = EXPORT_RTOL) -> Comparison:
-    """Run both runners on every batch and accumulate per-output errors of ``candidate`` against
-    ``reference``. A differing number or shape of outputs is recorded as a mismatch."""
-    comparison = Comparison(reference.name, candidate.name, rtol, [OutputMetrics(name) for name in output_names])
+def compare_runners(reference: Runner, candidate: Runner, batches: Iterable[Batch], output_names: Sequence[str],
+                    *, rtol: float = FP32_RTOL, on_batch: Callable[[int], None] | None = None) -> Comparison:
+    """Run both runners on every batch and fold ``candidate``'s outputs against ``reference``'s
+    (``on_batch`` hears the number of samples compared so far)."""
+    comparison = Comparison.of(reference.name, candidate.name, output_names, rtol)
     for batch in batches:
-        expected, actual = reference.run(batch), candidate.run(batch)
-        for index, stats in enumerate(comparison.outputs):
-            if index >= len(expected) or index >= len(actual):
-                comparison.mismatches[stats.name] = f"{len(expected)} reference outputs vs {len(actual)}"
-                continue
-            want, have = np.asarray(expected[index]), np.asarray(actual[index])
-            if want.shape != have.shape:
-                comparison.mismatches[stats.name] = f"{tuple(want.shape)} vs {tuple(have.shape)}"
-                continue
-            stats.update(want, have)
-        comparison.samples += len(next(iter(batch.values())))
+        comparison.fold(reference.run(batch), candidate.run(batch), samples=batch_samples(batch))
+        if on_batch:
+            on_batch(comparison.samples)
     return comparison
+
+
+def batch_samples(batch: Batch) -> int:
+    """The number of samples in a batch (the first axis of its first array; 1 for scalars)."""
+    first = next(iter(batch.values()), None)
+    return len(first) if first is not None and np.ndim(first) else 1

@@ -20,27 +20,33 @@ Explicit ``x.float()`` casts that the FP32 graph dropped as no-ops are honoured 
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
 
-from mpexport.autocast_policy import FP32_CLASSES, LOWER, PROMOTE, AutocastPolicy, op_key, resolve_policy
+from mpexport.autocast_policy import (
+    FP32_CLASSES,
+    LOWER,
+    POLICY_NAMES,
+    PROMOTE,
+    AutocastPolicy,
+    op_key,
+    resolve_policy,
+)
+from mpexport.dtypes import BF16, FP16, FP32, NONE, TYPE_MAX, WIDTH, precision_of
 from mpexport.errors import MpexportError
+from mpexport.graphs import name_nodes_uniquely, subgraphs, walk
 from mpexport.provenance import NodeProvenance
 from mpexport.weights import max_abs, reduce_tensor
 
 STAGE = "plan"
-FP32, FP16, BF16, FP64, NONE = "fp32", "fp16", "bf16", "fp64", "none"
-WIDTH = {FP16: 1, BF16: 1, FP32: 2, FP64: 3}
-ONNX_FLOAT_TYPES = {ir.DataType.FLOAT: FP32, ir.DataType.FLOAT16: FP16, ir.DataType.BFLOAT16: BF16,
-                    ir.DataType.DOUBLE: FP64}
-TYPE_MAX = {FP16: 65504.0, BF16: 3.3895e38}
 FUSED_KERNELS = ("aten.scaled_dot_product_attention", "aten._scaled_dot_product_flash_attention",
                  "aten._scaled_dot_product_efficient_attention", "aten._native_multi_head_attention",
                  "aten._scaled_dot_product_flash_attention_for_cpu")
@@ -125,6 +131,38 @@ class PlanOptions:
         """The low-precision type of the deployed model."""
         return self.target or (self.policy or DEFAULT_POLICY).split("-")[1]
 
+    @staticmethod
+    def from_file(path: str | Path) -> PlanOptions:
+        """Options from a TOML policy file (see :func:`load_overrides`); one-line errors for a bad file."""
+        overrides, settings = load_overrides(path)
+        policy = settings.get("policy", "")
+        if policy and policy not in POLICY_NAMES:
+            raise MpexportError(f"policy file '{path}': unknown policy '{policy}'", stage=STAGE,
+                                hint=f"use one of {', '.join(POLICY_NAMES)}")
+        target = settings.get("target")
+        if target is not None and target not in (FP16, BF16):
+            raise MpexportError(f"policy file '{path}': unknown target '{target}'", stage=STAGE,
+                                hint="use fp16 or bf16")
+        range_check = settings.get("range_check", True)
+        headroom = settings.get("headroom", DEFAULT_HEADROOM)
+        if not isinstance(range_check, bool) or not isinstance(headroom, (int, float)) or headroom < 1:
+            raise MpexportError(f"policy file '{path}': range_check must be true/false and headroom a number >= 1",
+                                stage=STAGE)
+        return PlanOptions(policy=policy, target=target, overrides=overrides, range_check=range_check,
+                           headroom=float(headroom))
+
+    def overlaid(self, other: PlanOptions | None) -> PlanOptions:
+        """These options with ``other``'s on top (a command line over a policy file): ``other``'s policy, target,
+        torch version and headroom win where set, overrides are merged, the range rule runs only if both
+        want it."""
+        if other is None:
+            return replace(self)
+        return PlanOptions(policy=other.policy or self.policy, target=other.target or self.target,
+                           torch_version=other.torch_version or self.torch_version,
+                           overrides=self.overrides.merged(other.overrides),
+                           range_check=self.range_check and other.range_check,
+                           headroom=other.headroom if other.headroom != DEFAULT_HEADROOM else self.headroom)
+
 
 @dataclass(frozen=True)
 class NodePlan:
@@ -142,8 +180,9 @@ class NodePlan:
 
     def to_json(self) -> dict[str, Any]:
         """The node as written to ``plan.json``."""
-        data = {"name": self.name, "op_type": self.op_type, "module": self.module, "aten": self.aten,
-                "precision": self.precision, "reason": self.reason, "rule": self.rule}
+        data: dict[str, Any] = {"name": self.name, "op_type": self.op_type, "module": self.module,
+                                "aten": self.aten, "precision": self.precision, "reason": self.reason,
+                                "rule": self.rule}
         if self.origin:
             data["origin"] = self.origin
         if self.macs:
@@ -179,7 +218,7 @@ class PrecisionPlan:
         for node in float_nodes:
             per_op[node.op_type][node.precision] += 1
             per_module[_top_module(node.module)][node.precision] += 1
-        macs = Counter()
+        macs: Counter[str] = Counter()
         for node in self.nodes:
             if node.macs:
                 macs[node.precision] += node.macs
@@ -203,6 +242,35 @@ class PrecisionPlan:
                         "headroom": self.options.headroom, "calibration_samples": self.calibration_samples},
             "notes": self.notes, "summary": self.summary(), "nodes": [node.to_json() for node in self.nodes],
         }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> PrecisionPlan:
+        """The plan as :meth:`to_json` wrote it (the policy table of the torch version it names)."""
+        options = data["options"]
+        plan_options = PlanOptions(policy=data["policy"], target=data["target"],
+                                   torch_version=data.get("torch_policy_table"),
+                                   overrides=Overrides(**options["overrides"]), range_check=options["range_check"],
+                                   headroom=options["headroom"])
+        policy, _ = resolve_policy(data["policy"], data.get("torch_policy_table"))
+        nodes = [NodePlan(**node) for node in data["nodes"]]
+        return PrecisionPlan(policy, plan_options, nodes, list(data.get("notes", [])),
+                             options.get("calibration_samples", 0))
+
+    @staticmethod
+    def load(path: str | Path) -> PrecisionPlan:
+        """Read a ``plan.json``; one-line error when the file is missing or is not an mpexport plan."""
+        path = Path(path)
+        try:
+            return PrecisionPlan.from_json(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise MpexportError(f"plan '{path}' does not exist", stage=STAGE) from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise MpexportError(f"'{path}' is not an mpexport plan: {type(exc).__name__}: {exc}",
+                                stage=STAGE) from None
+
+    def precisions(self) -> dict[str, str]:
+        """Node name -> planned precision."""
+        return {node.name: node.precision for node in self.nodes}
 
 
 def _top_module(module: str | None) -> str:
@@ -237,14 +305,17 @@ def load_overrides(path: str | Path) -> tuple[Overrides, dict[str, Any]]:
             if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
                 raise MpexportError(f"policy file '{path}': {table}.{key} must be a list of strings", stage=STAGE)
             lists[f"{prefix}_{key}"] = values
-    settings = {key: data[key] for key in ("policy", "target", "range_check", "headroom") if key in data}
+    settings: dict[str, Any] = {key: data[key] for key in ("policy", "target", "range_check", "headroom")
+                                if key in data}
     return Overrides(**lists), settings
 
 
 def make_plan(model: ir.Model, records: list[NodeProvenance], options: PlanOptions,
               ranges: RangeStats | None = None) -> PrecisionPlan:
     """Decide every node's precision (see the module docstring). ``records`` is the provenance of ``model``'s
-    nodes in graph order (from :func:`mpexport.provenance.collect_provenance`)."""
+    nodes (from :func:`mpexport.provenance.collect_provenance`), keyed by node name; nodes without a unique name
+    are named first, in place (:func:`mpexport.graphs.name_nodes_uniquely`: a no-op on mpexport's exports)."""
+    name_nodes_uniquely(model)
     if options.low not in (FP16, BF16):
         raise MpexportError(f"unknown target type '{options.low}'", stage=STAGE, hint="use fp16 or bf16")
     policy, note = resolve_policy(options.policy or DEFAULT_POLICY, options.torch_version)
@@ -273,29 +344,30 @@ class _Engine:
         self.low = options.low
         self.training_low = policy.low
         self.records = {record.name: record for record in records}
-        self.dtype: dict[str, str | None] = {}
-        self.producer_origin: dict[str, str | None] = {}
-        self.rank: dict[str, int | None] = {}
+        # Per value, keyed by its name as onnx-ir types it (``str | None``):
+        self.dtype: dict[str | None, str | None] = {}
+        self.producer_origin: dict[str | None, str | None] = {}
+        self.rank: dict[str | None, int | None] = {}
         self.limit = TYPE_MAX[self.low] / options.headroom
-        self.weight_peaks: dict[str, float] = {}
+        self.weight_peaks: dict[str | None, float] = {}
 
     def run(self) -> list[NodePlan]:
         graph = self.model.graph
         for value in graph.inputs:
-            self._set_value(value, ONNX_FLOAT_TYPES.get(value.dtype), None)
+            self._set_value(value, precision_of(value.dtype), None)
         for value in graph.initializers.values():
-            self._set_value(value, ONNX_FLOAT_TYPES.get(value.dtype), None)
+            self._set_value(value, precision_of(value.dtype), None)
         plans: list[NodePlan] = []
-        for index, node in enumerate(graph):
-            name = node.name or f"{node.op_type}_{index}"
+        for node in graph:
+            name = node.name or ""
             record = self.records.get(name) or NodeProvenance(name, node.op_type, None, None, None)
             precision, reason, rule = self._decide(node, record)
             for value in node.outputs:
-                float_out = ONNX_FLOAT_TYPES.get(value.dtype) if value.dtype is not None else None
+                float_out = precision_of(value.dtype) if value.dtype is not None else None
                 self._set_value(value, self._resolve(precision) if float_out else None, record.origin)
             plans.append(NodePlan(name, node.op_type, record.module, record.aten, precision, reason, rule,
                                   record.origin, _macs(node, self.ranges)))
-            plans.extend(self._subgraph_plans(node, name))
+            plans.extend(self._subgraph_plans(node))
         return plans
 
     def _set_value(self, value: ir.Value, dtype: str | None, origin: str | None) -> None:
@@ -309,13 +381,14 @@ class _Engine:
 
     # -- decisions ---------------------------------------------------------------------------------------
     def _decide(self, node: ir.Node, record: NodeProvenance) -> tuple[str, str, str]:
-        outputs = [ONNX_FLOAT_TYPES.get(v.dtype) for v in node.outputs if v.dtype is not None]
+        outputs = [precision_of(v.dtype) for v in node.outputs if v.dtype is not None]
         if not any(outputs):
             return NONE, "not floating point", "non-float"
         if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
             return FP32, "holds a subgraph (If/Loop/Scan): kept FP32 with its body", "subgraph"
         if node.op_type == "Cast":
-            to = ONNX_FLOAT_TYPES.get(ir.DataType(node.attributes["to"].value))
+            to = precision_of(ir.DataType(node.attributes["to"].value))
+            assert to is not None  # the node's output (of this type) is floating point: checked above
             return self._low_name(to), f"explicit cast in the model (Cast to {to.upper()})", "cast"
         override = self.options.overrides.decide(record)
         if override:
@@ -360,12 +433,13 @@ class _Engine:
         from the ONNX op type (said so in the op name)."""
         for op in (record.autocast_op, record.aten):
             cls = self.policy.op_class(op)
-            if cls is not None:
+            if cls is not None and op is not None:  # op_class is None for no op
                 return op_key(op), cls
         if record.aten is None and record.autocast_op is None and record.op_type in OP_TYPE_TO_ATEN:
             stand_in = OP_TYPE_TO_ATEN[record.op_type]
             return f"{stand_in} (inferred from {record.op_type})", self.policy.op_class(stand_in)
-        return (op_key(record.autocast_op or record.aten) if (record.autocast_op or record.aten) else None), None
+        recorded = record.autocast_op or record.aten
+        return (op_key(recorded) if recorded else None), None
 
     def _float_inputs(self, node: ir.Node, record: NodeProvenance, *, ignore_scalars: bool) -> list[str]:
         found = []
@@ -401,15 +475,17 @@ class _Engine:
         sentinels such as finfo(float32).min excepted, the writer saturates those), or an output beyond the
         safe limit on calibration data (when statistics are given)."""
         for value in node.inputs:
-            if value is not None and value.const_value is not None and ONNX_FLOAT_TYPES.get(value.dtype):
+            if value is not None and value.const_value is not None and precision_of(value.dtype):
                 peak = self._weight_peak(value)
                 if peak > TYPE_MAX[self.low]:
                     return f"range: weight '{value.name}' reaches {peak:.3g}, beyond {self.low.upper()} max " \
                         f"{TYPE_MAX[self.low]:.6g}"
         for value in node.outputs:
-            peak = self.ranges.max_abs.get(value.name) if self.ranges is not None else None
-            if peak is not None and peak > self.limit:
-                return (f"range: output reached {peak:.3g} on calibration data, beyond the {self.low.upper()} "
+            if self.ranges is None or value.name is None:  # no statistics for it
+                continue
+            reached = self.ranges.max_abs.get(value.name)
+            if reached is not None and reached > self.limit:
+                return (f"range: output reached {reached:.3g} on calibration data, beyond the {self.low.upper()} "
                         f"safe limit {self.limit:.3g} (max {TYPE_MAX[self.low]:.6g} / headroom "
                         f"{self.options.headroom:g})")
         return None
@@ -417,25 +493,23 @@ class _Engine:
     def _weight_peak(self, value: ir.Value) -> float:
         """Largest |weight| that is not a mask sentinel (cached per initializer: one pass, no temporaries)."""
         if value.name not in self.weight_peaks:
+            assert value.const_value is not None  # called for initializers only
             self.weight_peaks[value.name] = reduce_tensor(value.const_value, _peak_ignoring_sentinels)
         return self.weight_peaks[value.name]
 
-    def _subgraph_plans(self, node: ir.Node, name: str) -> list[NodePlan]:
+    def _subgraph_plans(self, holder: ir.Node) -> list[NodePlan]:
+        """The nodes of ``holder``'s bodies (at any depth): FP32 as the holder, or none if they compute no floats."""
         plans = []
-        for attribute in node.attributes.values():
-            for graph in attribute_graphs(attribute):
-                for index, inner in enumerate(ir.traversal.RecursiveGraphIterator(graph)):
-                    inner_name = f"{name}/{attribute.name}/{inner.name or f'{inner.op_type}_{index}'}"
-                    plans.append(NodePlan(inner_name, inner.op_type, None, None, FP32,
-                                          f"inside the subgraph of {name}: kept FP32", "subgraph"))
+        for body in subgraphs(holder):
+            for visited in walk(body, holder):
+                inner = visited.node
+                name = inner.name or ""
+                record = self.records.get(name) or NodeProvenance(name, inner.op_type, None, None, None)
+                floats = any(precision_of(value.dtype) for value in inner.outputs)
+                plans.append(NodePlan(name, inner.op_type, record.module, record.aten, FP32 if floats else NONE,
+                                      f"inside the subgraph of {holder.name}: kept FP32" if floats else
+                                      "not floating point", "subgraph" if floats else "non-float", record.origin))
         return plans
-
-
-def attribute_graphs(attribute: ir.Attr) -> list[ir.Graph]:
-    """The subgraphs an attribute holds (If branches, Loop/Scan bodies); none for other attributes."""
-    if attribute.type == ir.AttributeType.GRAPH:
-        return [attribute.value]
-    return list(attribute.value) if attribute.type == ir.AttributeType.GRAPHS else []
 
 
 def _peak_ignoring_sentinels(array: np.ndarray) -> float:
@@ -457,7 +531,7 @@ def _macs(node: ir.Node, ranges: RangeStats | None) -> int | None:
         if ranges is not None and value.name in ranges.shapes:
             return ranges.shapes[value.name]
         if value.const_value is not None:
-            return tuple(value.const_value.shape)
+            return cast("tuple[int, ...]", tuple(value.const_value.shape))  # a tensor's shape is static
         if value.shape is None:
             return None
         return tuple(dim if isinstance(dim, int) else 1 for dim in value.shape)

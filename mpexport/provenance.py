@@ -15,6 +15,7 @@ from typing import Any
 import onnx_ir as ir
 
 from mpexport.fxfacts import FxFacts
+from mpexport.graphs import walk
 
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 CLASS_HIERARCHY = "pkg.torch.onnx.class_hierarchy"
@@ -53,14 +54,17 @@ class NodeProvenance:
 
 
 def collect_provenance(model: ir.Model, kind: str = "exporter", facts: FxFacts | None = None) -> list[NodeProvenance]:
-    """Provenance of every node of ``model`` (subgraphs included, named ``parent/child``), in graph order.
+    """Provenance of every node of ``model`` (subgraph bodies included), in :func:`mpexport.graphs.walk` order,
+    keyed by node name (the model's nodes must be named uniquely: :func:`mpexport.graphs.name_nodes_uniquely`).
 
     ``kind`` says what the exporter left: ``exporter`` (dynamo metadata), ``exporter-no-modules`` (dynamo
     metadata on a graph converted from TorchScript, whose module hierarchy is lost) or ``scope`` (TorchScript
     exporter: module scopes in node names, no aten ops).
     """
     records: list[NodeProvenance] = []
-    for name, node in _walk(model.graph, prefix=""):
+    for visited in walk(model.graph):
+        node = visited.node
+        name = node.name or ""
         if kind == "scope":
             records.append(_from_scope(name, node))
             continue
@@ -82,21 +86,6 @@ def _with_facts(record: NodeProvenance, node: ir.Node, facts: FxFacts) -> NodePr
         record, fx_node=fx_node, origin=origin, autocast_op=facts.target.get(origin, record.aten),
         autocast_region=facts.region.get(origin), fp32_inputs_from=tuple(facts.fp32_inputs.get(origin, ())),
     )
-
-
-def _walk(graph: ir.Graph, prefix: str) -> list[tuple[str, ir.Node]]:
-    """(qualified name, node) for every node, subgraph nodes named ``parent/attribute/child``."""
-    found = []
-    for index, node in enumerate(graph):
-        name = prefix + (node.name or f"{node.op_type}_{index}")
-        found.append((name, node))
-        for attribute in node.attributes.values():
-            if attribute.type == ir.AttributeType.GRAPH:
-                found.extend(_walk(attribute.value, f"{name}/{attribute.name}/"))
-            elif attribute.type == ir.AttributeType.GRAPHS:
-                for position, subgraph in enumerate(attribute.value):
-                    found.extend(_walk(subgraph, f"{name}/{attribute.name}{position}/"))
-    return found
 
 
 def _parse_list(text: str | None) -> list[str]:

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from mpexport.plan import ONNX_FLOAT_TYPES, RangeStats
+from mpexport.dtypes import precision_of
+from mpexport.plan import RangeStats
 from mpexport.runners import Batch, ir_session
 
 
@@ -34,33 +35,58 @@ class _Probe:
     shape: str
 
 
-def collect_ranges(model_path: str | Path, batches: Iterable[Batch], *,
-                   shared_weights: Mapping[str, np.ndarray] | None = None) -> RangeStats:
-    """Run the model in ONNX Runtime on every batch and keep per floating-point value of the main graph the
-    running max of |value| (infinite once a NaN or infinity appears) and its shape on the first batch.
-    ``shared_weights``: initializers ONNX Runtime uses in place (see :func:`mpexport.runners.session_options`)."""
-    model = ir.load(str(model_path))
-    probes = _add_probes(model)
-    session = ir_session(model, Path(model_path).parent, in_graph_order=True, shared_weights=shared_weights)
-    inputs = [value.name for value in session.get_inputs()]
-    outputs = [value.name for value in session.get_outputs()]
-    stats = RangeStats({}, {}, 0)
-    for batch in batches:
-        results = dict(zip(outputs, session.run(outputs, {name: batch[name] for name in inputs}), strict=True))
-        for probe in probes:
+class ProbedRunner:
+    """The FP32 model in ONNX Runtime with the probes attached, as a :class:`mpexport.runners.Runner`:
+    ``run(batch)`` returns the model's own outputs and, while :attr:`calibrating`, folds every float value's
+    peak into :attr:`stats`. One pass over the data thus serves the export check and the range rule.
+
+    ``shared_weights``: initializers ONNX Runtime uses in place (see :func:`mpexport.runners.session_options`).
+    ``probe=False`` runs the plain model (no statistics)."""
+
+    def __init__(self, model_path: str | Path, *, shared_weights: Mapping[str, np.ndarray] | None = None,
+                 probe: bool = True, name: str = "onnx-fp32") -> None:
+        model = ir.load(str(model_path))
+        self.name = name
+        self.output_names = [value.name or "" for value in model.graph.outputs]
+        self.probes = _add_probes(model) if probe else []
+        self.session = ir_session(model, Path(model_path).parent, in_graph_order=True, shared_weights=shared_weights)
+        self.input_names = [value.name for value in self.session.get_inputs()]
+        self.session_outputs = [value.name for value in self.session.get_outputs()]
+        self.stats = RangeStats({}, {}, 0)
+        self.calibrating = probe
+
+    def run(self, batch: Batch) -> list[np.ndarray]:
+        """The model's outputs for ``batch``; its range statistics folded in while calibrating."""
+        results = self.session.run(None, {name: batch[name] for name in self.input_names})
+        count = len(self.output_names)
+        if self.calibrating:
+            self._fold(dict(zip(self.session_outputs, results, strict=True)), len(next(iter(batch.values()))))
+        return list(results[:count])
+
+    def _fold(self, results: dict[str, np.ndarray], samples: int) -> None:
+        for probe in self.probes:
             peak = max(float(results[probe.high]), -float(results[probe.low]), 0.0)  # an empty tensor: -inf, inf
             if not math.isfinite(float(results[probe.total])):
                 peak = math.inf
-            stats.max_abs[probe.value] = max(stats.max_abs.get(probe.value, 0.0), peak)
-            stats.shapes.setdefault(probe.value, tuple(int(dim) for dim in results[probe.shape]))
-        stats.samples += len(next(iter(batch.values())))
-    return stats
+            self.stats.max_abs[probe.value] = max(self.stats.max_abs.get(probe.value, 0.0), peak)
+            self.stats.shapes.setdefault(probe.value, tuple(int(dim) for dim in results[probe.shape]))
+        self.stats.samples += samples
+
+
+def collect_ranges(model_path: str | Path, batches: Iterable[Batch], *,
+                   shared_weights: Mapping[str, np.ndarray] | None = None) -> RangeStats:
+    """Run the model in ONNX Runtime on every batch and keep per floating-point value of the main graph the
+    running max of |value| (infinite once a NaN or infinity appears) and its shape on the first batch."""
+    runner = ProbedRunner(model_path, shared_weights=shared_weights)
+    for batch in batches:
+        runner.run(batch)
+    return runner.stats
 
 
 def _add_probes(model: ir.Model) -> list[_Probe]:
     """Insert the measuring nodes right after the producer of every float node output of the main graph (so
-    ONNX Runtime can free each value as soon as its own consumers ran) and make their results the graph's only
-    outputs."""
+    ONNX Runtime can free each value as soon as its own consumers ran) and add their results to the graph's
+    outputs, after the model's own."""
     graph = model.graph
     probes, outputs = [], []
     for producer in list(graph):
@@ -81,7 +107,6 @@ def _add_probes(model: ir.Model) -> list[_Probe]:
             outputs += [node.outputs[0] for node in measures]
         if added:
             graph.insert_after(producer, added)
-    graph.outputs.clear()
     graph.outputs.extend(outputs)
     return probes
 
@@ -93,7 +118,7 @@ def _node(op_type: str, source: ir.Value, attributes: dict[str, Any], name: str)
 
 
 def _is_float(value: ir.Value) -> bool:
-    return bool(value.name and ONNX_FLOAT_TYPES.get(value.dtype) and value.type is not None)
+    return bool(value.name and precision_of(value.dtype) and value.type is not None)
 
 
 def _float_values(graph: ir.Graph) -> list[ir.Value]:
@@ -101,18 +126,11 @@ def _float_values(graph: ir.Graph) -> list[ir.Value]:
     return [value for node in graph for value in node.outputs if _is_float(value)]
 
 
-def _append(graph: ir.Graph, op_type: str, inputs: list[ir.Value], attributes: dict[str, Any], name: str) -> ir.Value:
-    node = ir.node(op_type, inputs, attributes, name=name)
-    node.outputs[0].name = name
-    graph.append(node)
-    return node.outputs[0]
-
-
-def intermediates_session(model_path: str | Path) -> tuple[Any, list[str]]:
-    """An ONNX Runtime CPU session of the model with every floating-point node output of the main graph exposed
-    as a graph output, and those outputs' names in graph order (all of a run's intermediates come back at once:
-    meant for one small batch, as verify's localisation uses it)."""
-    model = ir.load(str(model_path))
+def intermediates_session(model: ir.Model, base_dir: str | Path) -> tuple[Any, list[str]]:
+    """An ONNX Runtime CPU session of ``model`` (changed in place) with every floating-point node output of the
+    main graph exposed as a graph output, and those outputs' names in graph order (all of a run's intermediates
+    come back at once: meant for one small batch, as verify's localisation uses it). External weights are read
+    from ``base_dir``."""
     existing = {value.name for value in model.graph.outputs}
     names = []
     for value in _float_values(model.graph):
@@ -120,4 +138,4 @@ def intermediates_session(model_path: str | Path) -> tuple[Any, list[str]]:
             model.graph.outputs.append(value)
             existing.add(value.name)
         names.append(value.name or "")
-    return ir_session(model, Path(model_path).parent), names
+    return ir_session(model, base_dir), names

@@ -26,19 +26,16 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from mpexport.dtypes import FLOAT_ONNX_TYPES, LOW_ONNX_TYPES, NONE, PRECISION_OF_ONNX, onnx_type, precision_of, type_max
 from mpexport.errors import MpexportError
-from mpexport.plan import MASK_SENTINEL, attribute_graphs
+from mpexport.graphs import added_role, mark_added, subgraphs, walk
+from mpexport.plan import MASK_SENTINEL
 from mpexport.weights import converted, max_abs, reduce_tensor
 
 STAGE = "rewrite"
-PRECISION_TYPES = {"fp16": ir.DataType.FLOAT16, "bf16": ir.DataType.BFLOAT16, "fp32": ir.DataType.FLOAT,
-                   "fp64": ir.DataType.DOUBLE}
-FLOAT_TYPES = frozenset(PRECISION_TYPES.values())
-TYPE_NAMES = {dtype: name for name, dtype in PRECISION_TYPES.items()}
 FIXED_TYPE_INPUTS = {"Resize": (1, 2), "Upsample": (1,)}
 """Float inputs whose type the operator's contract fixes (kept as they are)."""
 SHARE_LIMIT = 16 << 20
-LOW_MAX = {ir.DataType.FLOAT16: 65504.0, ir.DataType.BFLOAT16: 3.3895313892515355e38}
 
 
 @dataclass
@@ -84,7 +81,7 @@ class _Rewriter:
         self.io_types = io_types
         self.share_limit = share_limit
         self.report = RewriteReport(io_types=io_types)
-        self.casts: dict[tuple[str, ir.DataType], ir.Value] = {}
+        self.casts: dict[tuple[str | None, ir.DataType], ir.Value] = {}  # by (value name, target type)
         self.original_outputs = {value.name: value.dtype for value in self.graph.outputs}
         self.original_types = {value.name: value.dtype for node in self.graph for value in node.outputs}
 
@@ -102,44 +99,46 @@ class _Rewriter:
     # -- planning helpers ----------------------------------------------------------------------------------
     def _target(self, node: ir.Node) -> ir.DataType | None:
         precision = self.precisions.get(node.name or "")
-        return PRECISION_TYPES.get(precision or "")
+        return onnx_type(precision or "")
 
     def _float_slots(self, node: ir.Node) -> list[tuple[int, ir.Value]]:
         fixed = FIXED_TYPE_INPUTS.get(node.op_type, ())
         return [(index, value) for index, value in enumerate(node.inputs)
-                if value is not None and value.dtype in FLOAT_TYPES and index not in fixed]
+                if value is not None and value.dtype in FLOAT_ONNX_TYPES and index not in fixed]
 
     def _initializer_demand(self) -> dict[str, set[ir.DataType]]:
         demand: dict[str, set[ir.DataType]] = {}
         initializers = self.graph.initializers
+
+        def read_as(value: ir.Value, dtype: ir.DataType | None) -> None:
+            """``value``, if it is an initializer, is read as ``dtype``."""
+            if value.name is not None and value.name in initializers and dtype is not None:
+                demand.setdefault(value.name, set()).add(dtype)
+
         for node in self.graph:
             target = self._target(node)
             if target is None or node.op_type == "Cast":
                 for _, value in self._float_slots(node):
-                    if value.name in initializers:
-                        demand.setdefault(value.name, set()).add(value.dtype)
+                    read_as(value, value.dtype)
                 continue
             for _, value in self._float_slots(node):
-                if value.name in initializers:
-                    demand.setdefault(value.name, set()).add(target)
+                read_as(value, target)
         for value in self.graph.outputs:
-            if value.name in initializers:
-                demand.setdefault(value.name, set()).add(value.dtype)
+            read_as(value, value.dtype)
         for node in self.graph:
             for _, _, value in self._captured(node):
-                if value.name in initializers and value.dtype in FLOAT_TYPES:
-                    demand.setdefault(value.name, set()).add(value.dtype)  # subgraphs keep their types
+                if value.dtype in FLOAT_ONNX_TYPES:
+                    read_as(value, value.dtype)  # subgraphs keep their types
         return demand
 
     def _captured(self, holder: ir.Node) -> list[tuple[ir.Node, int, ir.Value]]:
         """(inner node, input index, value) for every main-graph value that ``holder``'s subgraphs (If/Loop/Scan
         bodies, at any depth) read from the outer scope."""
         found = []
-        for attribute in holder.attributes.values():
-            for graph in attribute_graphs(attribute):
-                for inner in ir.traversal.RecursiveGraphIterator(graph):
-                    found += [(inner, index, value) for index, value in enumerate(inner.inputs)
-                              if value is not None and value.graph is self.graph]
+        for body in subgraphs(holder):
+            for visited in walk(body, holder):
+                found += [(visited.node, index, value) for index, value in enumerate(visited.node.inputs)
+                          if value is not None and value.graph is self.graph]
         return found
 
     def _convert_initializers(self, demand: dict[str, set[ir.DataType]]) -> None:
@@ -157,7 +156,7 @@ class _Rewriter:
             for target in sorted(types, key=lambda dtype: dtype.value):
                 extra = value.const_value.size * target.itemsize if value.const_value is not None else 0
                 if extra <= self.share_limit:
-                    copy = ir.Value(name=f"{name}__{TYPE_NAMES[target]}", type=ir.TensorType(target),
+                    copy = ir.Value(name=f"{name}__{PRECISION_OF_ONNX[target]}", type=ir.TensorType(target),
                                     shape=value.shape, const_value=self._converted_tensor(value, target, name))
                     self.graph.register_initializer(copy)
                     self.casts[(name, target)] = copy
@@ -167,7 +166,8 @@ class _Rewriter:
 
     def _converted_tensor(self, value: ir.Value, target: ir.DataType, name: str) -> ir.TensorProtocol:
         source = value.const_value
-        limit = LOW_MAX.get(target)
+        assert source is not None  # an initializer's tensor
+        limit = type_max(target) if target in LOW_ONNX_TYPES else None
         if limit is None or reduce_tensor(source, max_abs) <= limit:  # the common case: converted when saved
             return converted(source, target)
         array = reduce_tensor(source, lambda data: data.astype(np.float32))
@@ -179,8 +179,8 @@ class _Rewriter:
         if over.any():
             consumers = ", ".join(sorted(n.name or n.op_type for n, _ in value.uses()))
             raise MpexportError(
-                f"weight '{name}' reaches {float(np.abs(array).max()):.3g}, beyond {TYPE_NAMES[target].upper()} "
-                f"max {limit:.6g}, but the plan runs its consumer(s) {consumers} in {TYPE_NAMES[target]}",
+                f"weight '{name}' reaches {float(np.abs(array).max()):.3g}, beyond {PRECISION_OF_ONNX[target].upper()} "
+                f"max {limit:.6g}, but the plan runs its consumer(s) {consumers} in {PRECISION_OF_ONNX[target]}",
                 stage=STAGE, hint="keep those nodes FP32 (--keep-fp32-op / --keep-fp32-module) or let the "
                 "range rule run",
             )
@@ -210,7 +210,7 @@ class _Rewriter:
             tensor = node.attributes["value"].value
             node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(target.numpy())))
         for output in node.outputs:
-            if output.dtype in FLOAT_TYPES:
+            if output.dtype in FLOAT_ONNX_TYPES:
                 output.dtype = target
 
     def _keep_captured_types(self, holder: ir.Node) -> None:
@@ -218,13 +218,13 @@ class _Rewriter:
         original type before the node that holds them."""
         for inner, index, value in self._captured(holder):
             original = self.original_types.get(value.name)
-            if original is not None and value.dtype != original and value.dtype in FLOAT_TYPES:
+            if original is not None and value.dtype != original and value.dtype in FLOAT_ONNX_TYPES:
                 inner.replace_input_with(index, self._cast(value, original, holder))
 
     def _align_untyped(self, node: ir.Node) -> None:
         """A node that computes no floats but compares several (Equal, Less...): give them one type."""
         slots = self._float_slots(node)
-        types = {value.dtype for _, value in slots}
+        types = {value.dtype for _, value in slots if value.dtype is not None}  # all are (floating point)
         if len(types) <= 1 or node.op_type in ("Shape", "Size"):
             return
         widest = max(types, key=lambda dtype: dtype.itemsize)
@@ -241,8 +241,9 @@ class _Rewriter:
                 producer.inputs[0].dtype == target and _widening(target, value.dtype):
             self.casts[key] = producer.inputs[0]  # the value was a lossless widening of one of this type
             return producer.inputs[0]
-        cast = ir.node("Cast", [value], {"to": target}, name=f"mpexport_cast_{value.name}_to_{TYPE_NAMES[target]}")
-        cast.outputs[0].name = f"{value.name}__{TYPE_NAMES[target]}"
+        cast = mark_added(ir.node("Cast", [value], {"to": target},
+                                  name=f"mpexport_cast_{value.name}_to_{PRECISION_OF_ONNX[target]}"), "cast")
+        cast.outputs[0].name = f"{value.name}__{PRECISION_OF_ONNX[target]}"
         cast.outputs[0].dtype = target
         cast.outputs[0].shape = value.shape
         self.graph.insert_before(before, cast)
@@ -256,10 +257,11 @@ class _Rewriter:
             if self.io_types == "native" or original is None or value.dtype == original:
                 continue
             producer = value.producer()
-            inner_name = f"{value.name}__{TYPE_NAMES.get(value.dtype, 'low')}"
+            inner_name = f"{value.name}__{precision_of(value.dtype) or 'low'}"
             output_name = value.name
             value.name = inner_name
-            cast = ir.node("Cast", [value], {"to": original}, name=f"mpexport_cast_output_{output_name}")
+            cast = mark_added(ir.node("Cast", [value], {"to": original}, name=f"mpexport_cast_output_{output_name}"),
+                              "cast")
             cast.outputs[0].name = output_name
             cast.outputs[0].dtype = original
             cast.outputs[0].shape = value.shape
@@ -294,11 +296,19 @@ def _widening(narrow: ir.DataType, wide: ir.DataType | None) -> bool:
     return wide == ir.DataType.FLOAT and narrow in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
-def realized_precisions(model: ir.Model) -> dict[str, str]:
-    """Per node: the type its floating-point outputs have (``none`` when it outputs no floats)."""
+UNKNOWN = "unknown"
+"""The realized precision of a node whose outputs carry no type (possible inside subgraph bodies)."""
+
+
+def realized_precisions(model: ir.Model) -> dict[str, tuple[str, str | None]]:
+    """Per node of the model, bodies included: the type its floating-point outputs have (``none`` when it outputs
+    no floats, ``unknown`` when its outputs are untyped) and why mpexport added it (None: the model's own)."""
     found = {}
-    for node in model.graph:
-        types = [output.dtype for output in node.outputs if output.dtype in FLOAT_TYPES]
-        found[node.name or ""] = TYPE_NAMES[types[0]] if types else "none"
+    for visited in walk(model.graph):
+        node = visited.node
+        dtypes = [output.dtype for output in node.outputs]
+        types = [dtype for dtype in dtypes if dtype in FLOAT_ONNX_TYPES]
+        realized = PRECISION_OF_ONNX[types[0]] if types else UNKNOWN if None in dtypes else NONE
+        found[node.name or ""] = (realized, added_role(node))
     return found
 

@@ -66,12 +66,13 @@ class ValidationData:
             yield shard, self.first_arrays if shard == self.shards[0] else _read_shard(shard, self.names)
 
 
-def load_validation_data(path: str | Path) -> ValidationData:
+def load_validation_data(path: str | Path, *, import_path: str | Path | None = None) -> ValidationData:
     """Open an ``.npz`` file, a directory of ``.npz`` shards, or ``module:function`` (see
-    :class:`CallableValidationData`), checking that it is readable, non-empty and consistent."""
+    :class:`CallableValidationData`; imported from ``import_path``, default the working directory), checking
+    that it is readable, non-empty and consistent."""
     text = str(path)
     if not Path(text).exists() and is_callable_spec(text):
-        return CallableValidationData.open(text)
+        return CallableValidationData.open(text, import_path)
     path = Path(path)
     if not path.exists():
         raise MpexportError(f"validation data '{path}' does not exist", stage=STAGE)
@@ -103,30 +104,37 @@ class CallableValidationData(ValidationData):
     works). A batch is a dict of arrays/tensors named after the inputs (plus optional ``labels``), or a
     tuple/list with the inputs in the model's order and optionally the labels last."""
 
-    def __init__(self, spec: str, function: Any, first: dict[str, np.ndarray] | list[np.ndarray]) -> None:
+    def __init__(self, spec: str, function: Any, first: dict[str, np.ndarray] | list[np.ndarray],
+                 import_path: str | Path | None = None) -> None:
         self.spec = spec
         self.function = function
+        self.import_path = str(Path(import_path or Path.cwd()).absolute())
         self.first_raw = first
         named = first if isinstance(first, dict) else {f"input_{i}": a for i, a in enumerate(first)}
         super().__init__(Path(spec), [], [n for n in named if n != LABELS], LABELS in named, 0, dict(named))
 
     @classmethod
-    def open(cls, spec: str) -> CallableValidationData:
-        """Import ``module:function`` (the working directory is importable) and read its first batch."""
+    def open(cls, spec: str, import_path: str | Path | None = None) -> CallableValidationData:
+        """Import ``module:function`` from ``import_path`` (default: the working directory) and read its first
+        batch."""
         from mpexport.loading import import_callable
 
-        function = import_callable(spec, what="--val-data", stage=STAGE)
-        first = next(cls._raw_batches(function, spec), None)
+        function = import_callable(spec, what="--val-data", stage=STAGE, import_path=import_path)
+        first = next(cls._raw_batches(function, spec, import_path), None)
         if first is None:
             raise MpexportError(f"validation data '{spec}' yielded no batches", stage=STAGE)
-        return cls(spec, function, first)
+        return cls(spec, function, first, import_path)
 
     @staticmethod
-    def _raw_batches(function: Any, spec: str) -> Iterator[dict[str, np.ndarray] | list[np.ndarray]]:
+    def _raw_batches(function: Any, spec: str,
+                     import_path: str | Path | None) -> Iterator[dict[str, np.ndarray] | list[np.ndarray]]:
+        from mpexport.loading import importable_from
+
         try:
-            source = function()
-            for item in source:
-                yield _to_numpy(item, spec)
+            with importable_from(import_path):
+                source = function()
+                for item in source:
+                    yield _to_numpy(item, spec)
         except MpexportError:
             raise
         except Exception as exc:  # noqa: BLE001 - user code may fail in any way
@@ -162,7 +170,7 @@ class CallableValidationData(ValidationData):
         return named
 
     def _sources(self) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
-        for raw in self._raw_batches(self.function, self.spec):
+        for raw in self._raw_batches(self.function, self.spec, self.import_path):
             yield Path(self.spec), self._named(raw)
 
 

@@ -1,9 +1,14 @@
 """``verify``: every deployable form side by side with the FP32 baseline on the validation set, gated.
 
 Backends (one interface, :class:`mpexport.runners.Runner`): ``torch-fp32`` (the reference), ``torch-amp``
-(the training policy, the noise floor), ``onnx-fp32``, ``onnx-mixed`` (ONNX Runtime; skipped with the reason
-when its build lacks kernels for the low type), and ``strict-fp16``/``strict-bf16`` (the mixed model with
-true low-precision storage, see :mod:`mpexport.emulate`).
+(the training policy, the noise floor), ``onnx-fp32``, and the deployable forms: ``onnx-mixed`` (ONNX Runtime),
+``strict-fp16``/``strict-bf16`` (the mixed model with true low-precision storage, see :mod:`mpexport.emulate`)
+and ``tensorrt`` where an engine and a GPU exist.
+
+Each backend ends in one state: ``ran``, ``skipped`` with a reason from a closed list (:data:`ALLOWED_SKIPS`),
+or ``failed`` (it could not be built or raised while running) with the error. PASS needs every gated output
+within budget, ``onnx-fp32`` and the strict emulation to have run, and no backend to have failed: a form that
+cannot be checked is never a silent pass.
 
 Gate: the default budget comes from the training noise floor, the torch-amp error on the same data times
 ``budget_factor``, with absolute floors; explicit thresholds override. ``onnx-fp32`` must match FP32 within
@@ -14,8 +19,6 @@ tensors of the FP32 model and the strict emulation are compared to name the firs
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,27 +28,46 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from mpexport import artifacts
 from mpexport.amp import TorchAmpRunner
+from mpexport.bundle import (
+    ENGINE,
+    FILE_NAMES,
+    FP32_ONNX,
+    MIXED_ONNX,
+    PLAN,
+    REPORT,
+    REPORT_HTML,
+    Bundle,
+    StageTiming,
+    VerifyRecord,
+)
 from mpexport.emulate import strict_emulation
 from mpexport.errors import MpexportError, first_line
 from mpexport.loading import LoadedModel, load_model
 from mpexport.metrics import OutputMetrics
+from mpexport.parity import FP32_RTOL, Comparison, batch_samples
 from mpexport.runners import Batch, OrtRunner, Runner, TorchRunner
 from mpexport.specs import TensorSpec
-from mpexport.valdata import LABELS, ValidationData, check_against, is_callable_spec, load_validation_data
+from mpexport.timing import StageClock
+from mpexport.valdata import LABELS, ValidationData, check_against, load_validation_data
 
 STAGE = "verify"
 REFERENCE = "torch-fp32"
 AMP = "torch-amp"
-FP32_RTOL = 1e-4
+ONNX_FP32 = "onnx-fp32"
 ABS_FLOOR = 1e-3
 """Smallest max-abs budget, relative to the output's scale."""
 COSINE_FLOOR = 1e-5
 TOP1_FLOOR = 0.01
 LOCALISE_RTOL = 0.05
-REPORT = "report.json"
-REPORT_HTML = "report.html"
+RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
+ALLOWED_SKIPS = {
+    "torch-cuda": "no CUDA GPU visible to torch, or the policy is a CUDA one (torch-amp then runs it)",
+    "onnx-mixed": "this ONNX Runtime build has no CPU kernel for the low type (BF16 Conv, for one); the strict "
+                  "emulation still checks the mixed model",
+    "tensorrt": "no engine in the bundle, or no TensorRT or GPU here",
+}
+"""The only backends verify may skip, and when. Any other backend that cannot run fails the verdict."""
 
 
 @dataclass
@@ -62,7 +84,7 @@ class VerifyOptions:
 
 @dataclass
 class ParityReport:
-    """Metrics per backend and output, thresholds, verdict, failures, localisation, timings."""
+    """Metrics per backend and output, thresholds, verdict, failures, each backend's state, localisation."""
 
     verdict: str
     backends: dict[str, dict[str, Any]]
@@ -73,11 +95,16 @@ class ParityReport:
     samples: int = 0
     data: str = ""
     notes: list[str] = field(default_factory=list)
+    timings: list[StageTiming] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         """True when the verdict is pass."""
         return self.verdict == "pass"
+
+    def ran(self, backend: str) -> bool:
+        """True when ``backend`` ran over the whole data."""
+        return self.backends.get(backend, {}).get("state") == RAN
 
     def to_json(self) -> dict[str, Any]:
         """``report.json``: verdict, thresholds, metrics per backend and output, failures, localisation."""
@@ -87,7 +114,249 @@ class ParityReport:
             "metrics": {backend: {name: m.to_json() for name, m in outputs.items()}
                         for backend, outputs in self.metrics.items()},
             "localisation": self.localisation,
+            "timings": [{"stage": t.stage, "seconds": t.seconds, "peak_rss_mb": t.peak_rss_mb} for t in self.timings],
         }
+
+
+class _Backends:
+    """The runners being built, and every backend's state (ran / skipped with the reason / failed with the
+    error)."""
+
+    def __init__(self) -> None:
+        self.runners: list[Runner] = []
+        self.states: dict[str, dict[str, Any]] = {}
+
+    def add(self, name: str, make: Callable[[], Runner], skip_if: Callable[[str], str | None] | None = None) -> None:
+        """Build a backend; a failure is a skip only when ``skip_if`` names an allowed reason for it."""
+        try:
+            runner = make()
+        except MpexportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a backend that cannot be built is recorded, then judged
+            error = first_line(exc, 300)
+            reason = skip_if(error) if skip_if else None
+            if reason:
+                self.skip(name, reason)
+            else:
+                self.states[name] = {"state": FAILED, "ran": False, "why": f"could not be built: {error}"}
+            return
+        self.runners.append(runner)
+        self.states[name] = {"state": RAN, "ran": True}
+
+    def skip(self, name: str, why: str) -> None:
+        """Record an allowed skip."""
+        if name not in ALLOWED_SKIPS:
+            raise AssertionError(f"internal: {name} may not be skipped")
+        self.states[name] = {"state": SKIPPED, "ran": False, "why": why}
+
+
+def verify(directory: str | Path, *, val_data: str | Path | None = None, options: VerifyOptions | None = None,
+           trust_pickle: bool = False, on_batch: Callable[[int, int | None], None] | None = None,
+           write: bool = True) -> ParityReport:
+    """Verify a bundle (the output directory of ``convert``): check its artifacts' hashes, run every backend on
+    the validation data, gate, localise, and (``write``) store ``report.json``/``report.html`` and the verdict in
+    the bundle, recording which artifacts the verdict covers."""
+    options = options or VerifyOptions()
+    clock = StageClock()
+    with clock.stage("open"):
+        bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, ENGINE))
+    manifest = bundle.manifest
+    with clock.stage("load"):
+        data = _validation_data(bundle, val_data)
+        specs = manifest.inputs
+        check_against(data, specs)
+        loaded = _source_model(bundle, trust_pickle)
+        names = [spec.name for spec in specs]
+        example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=specs))
+    policy = manifest.plan.policy if manifest.plan else "cuda-fp16"
+    low = manifest.plan.target if manifest.plan else "fp16"
+    backends = _Backends()
+    with clock.stage("backends"):
+        backends.runners.append(TorchRunner(loaded.callable(), names, positional=loaded.positional))
+        backends.states[REFERENCE] = {"state": RAN, "ran": True}
+        backends.add(AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
+        _add_torch_cuda(backends, loaded, names, policy, low, example)
+        backends.add(ONNX_FP32, lambda: OrtRunner(bundle.path(FP32_ONNX), name=ONNX_FP32))
+        backends.add("onnx-mixed", lambda: OrtRunner(bundle.path(MIXED_ONNX), name="onnx-mixed"),
+                     skip_if=_missing_kernel)
+        strict = f"strict-{low}"
+        backends.add(strict, lambda: OrtRunner.from_model(_strict_model(bundle.path(MIXED_ONNX)), bundle.directory,
+                                                          name=strict))
+        _add_tensorrt(backends, bundle)
+    with clock.stage("passes"):
+        report = _run(backends, data, specs, [spec.name for spec in manifest.outputs], options, on_batch,
+                      gated=(ONNX_FP32, "onnx-mixed", strict, "tensorrt"), required=(ONNX_FP32, strict))
+    if AMP in report.metrics:
+        report.backends[AMP]["mode"] = next(r for r in backends.runners if r.name == AMP).mode  # type: ignore[attr-defined]
+    if not report.passed and report.ran(strict):
+        with clock.stage("localisation"):
+            report.localisation, note = localise(bundle.path(FP32_ONNX), bundle.path(MIXED_ONNX), example,
+                                                 _plan_nodes(bundle))
+            if note:
+                report.notes.append(note)
+    report.timings = clock.stages
+    if write:
+        _write_reports(bundle, report)
+    return report
+
+
+def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str | Path, *,
+                     factory: str | None = None, trust_pickle: bool = False, policy: str = "cuda-fp16",
+                     low: str = "fp16", options: VerifyOptions | None = None,
+                     on_batch: Callable[[int, int | None], None] | None = None) -> ParityReport:
+    """Check any ONNX file against the PyTorch FP32 baseline of ``reference`` with the same backends and gate
+    (``onnx-candidate`` in ONNX Runtime and its strict emulation)."""
+    options = options or VerifyOptions()
+    loaded = load_model(reference, factory=factory, trust_pickle=trust_pickle)
+    data = load_validation_data(val_data)
+    candidate = Path(candidate)
+    try:
+        graph = ir.load(str(candidate)).graph
+    except Exception as exc:  # noqa: BLE001 - an unreadable candidate is bad input
+        raise MpexportError(f"'{candidate}' is not a readable ONNX model: {first_line(exc)}", stage=STAGE) from None
+    graph_inputs = [value.name for value in graph.inputs]
+    specs = [spec for spec in data.input_specs() if spec.name in graph_inputs]
+    check_against(data, specs)
+    names = [spec.name for spec in specs]
+    example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=specs))
+    backends = _Backends()
+    backends.runners.append(TorchRunner(loaded.callable(), names, positional=loaded.positional))
+    backends.states[REFERENCE] = {"state": RAN, "ran": True}
+    backends.add(AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
+    backends.add("onnx-candidate", lambda: OrtRunner(candidate, name="onnx-candidate"))
+    strict = f"strict-{low}"
+    backends.add(strict, lambda: OrtRunner.from_model(_strict_model(candidate), candidate.parent, name=strict))
+    report = _run(backends, data, specs, [value.name or "" for value in graph.outputs], options, on_batch,
+                  gated=("onnx-candidate", strict), required=("onnx-candidate", strict))
+    if not report.passed and report.ran(strict):
+        report.localisation, note = localise(None, candidate, example, {}, reference_runner=backends.runners[0])
+        if note:
+            report.notes.append(note)
+    return report
+
+
+def _missing_kernel(error: str) -> str | None:
+    if "NOT_IMPLEMENTED" in error:
+        return f"this ONNX Runtime build has no CPU kernel for a type the model uses: {error}"
+    return None
+
+
+def _add_torch_cuda(backends: _Backends, loaded: LoadedModel, names: list[str], policy: str, low: str,
+                    example: Batch) -> None:
+    """``torch-cuda``: the model under real CUDA autocast where a GPU exists (the training numerics themselves)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        backends.skip("torch-cuda", "no CUDA GPU visible to torch")
+    elif policy.startswith("cuda"):
+        backends.skip("torch-cuda", "torch-amp already runs the model under real CUDA autocast")
+    else:
+        backends.add("torch-cuda", lambda: TorchAmpRunner(loaded, names, f"cuda-{low}", example, name="torch-cuda"))
+
+
+def _add_tensorrt(backends: _Backends, bundle: Bundle) -> None:
+    """``tensorrt``: the engine, where the bundle has one and this machine can run it."""
+    if not bundle.has(ENGINE):
+        backends.skip("tensorrt", bundle.manifest.skipped.get("engine", "no engine in this bundle"))
+        return
+    from mpexport.engine import TensorRTRunner, tensorrt_status
+
+    status = tensorrt_status()
+    if not status.available:
+        backends.skip("tensorrt", f"the bundle has an engine, but it cannot run here: {status.why}")
+        return
+    backends.add("tensorrt", lambda: TensorRTRunner(bundle.path(ENGINE)))
+
+
+def _validation_data(bundle: Bundle, val_data: str | Path | None) -> ValidationData:
+    if val_data is not None:
+        return load_validation_data(val_data)
+    source = bundle.validation_source()
+    if source is None:
+        raise MpexportError("no validation data given, and convert had none to record", stage=STAGE,
+                            hint="pass --val-data PATH")
+    record = bundle.manifest.validation
+    return load_validation_data(source, import_path=record.import_path if record else None)
+
+
+def _source_model(bundle: Bundle, trust_pickle: bool) -> LoadedModel:
+    source = bundle.manifest.source
+    if source is None:
+        raise MpexportError(f"'{bundle.directory}' records no source model", stage=STAGE)
+    if source.format == "pickle" and not trust_pickle:
+        raise MpexportError("the source model is a pickled module; loading it runs code from the file",
+                            stage=STAGE, hint="pass --trust-pickle if you trust it")
+    path = bundle.source_path()
+    loaded = load_model(path, factory=source.factory, trust_pickle=trust_pickle, import_path=source.import_path)
+    if loaded.sha256 != source.sha256:
+        raise MpexportError(f"the source model '{path}' changed since convert (SHA-256 differs)",
+                            stage=STAGE, hint="convert again")
+    return loaded
+
+
+def _strict_model(mixed: Path) -> ir.Model:
+    """The strict emulation of a mixed model file (in memory; its external weights stay in their file)."""
+    return strict_emulation(ir.load(str(mixed)))
+
+
+def _run(backends: _Backends, data: ValidationData, specs: list[TensorSpec], names: list[str],
+         options: VerifyOptions, on_batch: Callable[[int, int | None], None] | None, *, gated: tuple[str, ...],
+         required: tuple[str, ...]) -> ParityReport:
+    """Every backend on every batch against the reference (the first runner), then the gate."""
+    timed = [_Timed(runner) for runner in backends.runners]
+    reference, others = timed[0], timed[1:]
+    comparisons = {runner.name: Comparison.of(REFERENCE, runner.name, names) for runner in others}
+    reference_accuracy = OutputMetrics("reference")
+    total = min(data.num_samples, options.max_samples or data.num_samples) if data.num_samples else None
+    samples = 0
+    for batch in data.batches(options.batch_size, limit=options.max_samples, inputs=specs):
+        expected = reference.run(batch)
+        labels = batch.get(LABELS)
+        count = batch_samples(batch)
+        if labels is not None:
+            reference_accuracy.update(expected[0], expected[0], labels)
+        for runner in [runner for runner in others if backends.states[runner.name]["state"] == RAN]:
+            try:
+                actual = runner.run(batch)
+            except Exception as exc:  # noqa: BLE001 - a backend that breaks mid-run fails, it is not skipped
+                backends.states[runner.name] = {"state": FAILED, "ran": False,
+                                                "why": f"failed while running: {first_line(exc, 300)}"}
+                continue
+            comparisons[runner.name].fold(expected, actual, samples=count, labels=labels)
+        samples += count
+        if on_batch:
+            on_batch(samples, total)
+    if samples == 0:
+        raise MpexportError("the validation data gave no batches", stage=STAGE)
+    metrics = {name: comparison.by_name() for name, comparison in comparisons.items()
+               if backends.states[name]["state"] == RAN}
+    thresholds, failures = gate(metrics, options)
+    failures = _mismatches(comparisons, backends) + _unchecked(backends, gated, required) + failures
+    for runner in timed:
+        backends.states[runner.name]["seconds"] = round(runner.seconds, 3)
+    if reference_accuracy.accuracy is not None:
+        backends.states[REFERENCE]["accuracy"] = reference_accuracy.accuracy
+    return ParityReport("pass" if not failures else "fail", backends.states, metrics, thresholds, failures,
+                        samples=samples, data=data.describe())
+
+
+def _mismatches(comparisons: dict[str, Comparison], backends: _Backends) -> list[str]:
+    return [f"{name}: output '{output}' {why}" for name, comparison in comparisons.items()
+            if backends.states[name]["state"] == RAN for output, why in comparison.mismatches.items()]
+
+
+def _unchecked(backends: _Backends, gated: tuple[str, ...], required: tuple[str, ...]) -> list[str]:
+    """Failures for gated backends that failed, and for required ones that did not run."""
+    found = []
+    for name in gated:
+        state = backends.states.get(name)
+        if state is None:
+            continue
+        if state["state"] == FAILED:
+            found.append(f"{name}: {state['why']}")
+        elif name in required and state["state"] != RAN:
+            found.append(f"{name}: did not run ({state.get('why', 'no reason')}); a verdict needs it")
+    return found
 
 
 class _Timed:
@@ -104,191 +373,6 @@ class _Timed:
             return self.runner.run(batch)
         finally:
             self.seconds += time.perf_counter() - start
-
-
-def verify(directory: str | Path, *, val_data: str | Path | None = None, options: VerifyOptions | None = None,
-           trust_pickle: bool = False, on_batch: Callable[[int, int], None] | None = None,
-           write: bool = True) -> ParityReport:
-    """Verify an output directory of ``convert``: run every backend on the validation data, gate, localise,
-    and (``write``) store ``report.json``/``report.html`` there and record them in the manifest."""
-    options = options or VerifyOptions()
-    directory = Path(directory)
-    manifest = artifacts.read_manifest(directory)
-    data = _validation_data(manifest, val_data)
-    specs = [TensorSpec.from_json(spec) for spec in manifest["inputs"]]
-    check_against(data, specs)
-    loaded = _source_model(manifest, trust_pickle)
-    names = [spec.name for spec in specs]
-    example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=specs))
-    policy = manifest.get("plan", {}).get("policy", "cuda-fp16")
-    runners: list[Runner] = [TorchRunner(loaded.callable(), names, positional=loaded.positional)]
-    notes: list[str] = []
-    skipped: dict[str, str] = {}
-    _add(runners, skipped, AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
-    low = manifest.get("plan", {}).get("target", "fp16")
-    _add_torch_cuda(runners, skipped, loaded, names, policy, low, example)
-    _add(runners, skipped, "onnx-fp32", lambda: OrtRunner(directory / manifest["artifacts"]["fp32_onnx"],
-                                                          name="onnx-fp32"))
-    mixed = manifest["artifacts"].get("mixed_onnx")
-    if mixed:
-        _add(runners, skipped, "onnx-mixed", lambda: OrtRunner(directory / mixed, name="onnx-mixed"))
-        strict_path = _strict_file(directory / mixed)
-        _add(runners, skipped, f"strict-{low}", lambda: OrtRunner(strict_path, name=f"strict-{low}"))
-    else:
-        skipped["onnx-mixed"] = "no mixed-precision model in this directory"
-    engine = manifest["artifacts"].get("engine")
-    if engine:
-        from mpexport.engine import TensorRTRunner
-
-        _add(runners, skipped, "tensorrt", lambda: TensorRTRunner(directory / engine))
-    else:
-        skipped["tensorrt"] = manifest.get("skipped", {}).get("engine", "no engine in this directory")
-    report = _run(runners, data, specs, options, on_batch)
-    report.backends.update({name: {"ran": False, "why": why} for name, why in skipped.items()})
-    if AMP in report.metrics:
-        report.backends[AMP]["mode"] = next(r for r in runners if r.name == AMP).mode  # type: ignore[attr-defined]
-    report.notes.extend(notes)
-    if not report.passed and mixed:
-        report.localisation = localise(directory / manifest["artifacts"]["fp32_onnx"], strict_path, example,
-                                       _plan_nodes(directory, manifest))
-    if mixed:
-        Path(strict_path).unlink(missing_ok=True)
-    if write:
-        _write_reports(directory, manifest, report)
-    return report
-
-
-def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str | Path, *,
-                     factory: str | None = None, trust_pickle: bool = False, policy: str = "cuda-fp16",
-                     low: str = "fp16", options: VerifyOptions | None = None,
-                     on_batch: Callable[[int, int], None] | None = None) -> ParityReport:
-    """Check any ONNX file against the PyTorch FP32 baseline of ``reference`` with the same backends and gate
-    (``onnx-candidate`` in ONNX Runtime and its strict emulation)."""
-    options = options or VerifyOptions()
-    loaded = load_model(reference, factory=factory, trust_pickle=trust_pickle)
-    data = load_validation_data(val_data)
-    candidate = Path(candidate)
-    try:
-        graph_inputs = [value.name for value in ir.load(str(candidate)).graph.inputs]
-    except Exception as exc:  # noqa: BLE001 - an unreadable candidate is bad input
-        raise MpexportError(f"'{candidate}' is not a readable ONNX model: {first_line(exc)}", stage=STAGE) from None
-    specs = [spec for spec in data.input_specs() if spec.name in graph_inputs]
-    check_against(data, specs)
-    names = [spec.name for spec in specs]
-    example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=specs))
-    runners: list[Runner] = [TorchRunner(loaded.callable(), names, positional=loaded.positional)]
-    skipped: dict[str, str] = {}
-    _add(runners, skipped, AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
-    _add(runners, skipped, "onnx-candidate", lambda: OrtRunner(candidate, name="onnx-candidate"))
-    strict_path = _strict_file(candidate)
-    _add(runners, skipped, f"strict-{low}", lambda: OrtRunner(strict_path, name=f"strict-{low}"))
-    report = _run(runners, data, specs, options, on_batch)
-    report.backends.update({name: {"ran": False, "why": why} for name, why in skipped.items()})
-    if not report.passed:
-        report.localisation = localise(None, strict_path, example, {}, reference_runner=runners[0])
-    Path(strict_path).unlink(missing_ok=True)
-    return report
-
-
-def _add_torch_cuda(runners: list[Runner], skipped: dict[str, str], loaded: LoadedModel, names: list[str],
-                    policy: str, low: str, example: Batch) -> None:
-    """``torch-cuda``: the model under real CUDA autocast where a GPU exists (the training numerics themselves)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        skipped["torch-cuda"] = "no CUDA GPU visible to torch"
-    elif policy.startswith("cuda"):
-        skipped["torch-cuda"] = "torch-amp already runs the model under real CUDA autocast"
-    else:
-        _add(runners, skipped, "torch-cuda",
-             lambda: TorchAmpRunner(loaded, names, f"cuda-{low}", example, name="torch-cuda"))
-
-
-def _add(runners: list[Runner], skipped: dict[str, str], name: str, make: Callable[[], Runner]) -> None:
-    try:
-        runners.append(make())
-    except MpexportError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a backend this machine cannot run is reported, not fatal
-        skipped[name] = first_line(exc, 300)
-
-
-def _validation_data(manifest: dict[str, Any], val_data: str | Path | None) -> ValidationData:
-    if val_data is None:
-        recorded = manifest.get("export_check", {}).get("data", "")
-        if not recorded or not (Path(recorded).exists() or is_callable_spec(recorded)):
-            raise MpexportError("no validation data given and none recorded at convert time", stage=STAGE,
-                                hint="pass --val-data PATH")
-        val_data = recorded
-    return load_validation_data(val_data)
-
-
-def _source_model(manifest: dict[str, Any], trust_pickle: bool) -> LoadedModel:
-    source = manifest["source"]
-    if source["format"] == "pickle" and not trust_pickle:
-        raise MpexportError("the source model is a pickled module; loading it runs code from the file",
-                            stage=STAGE, hint="pass --trust-pickle if you trust it")
-    loaded = load_model(source["path"], factory=source.get("factory"), trust_pickle=trust_pickle)
-    if loaded.sha256 != source["sha256"]:
-        raise MpexportError(f"the source model '{source['path']}' changed since convert (SHA-256 differs)",
-                            stage=STAGE, hint="convert again")
-    return loaded
-
-
-def _strict_file(mixed: Path) -> str:
-    return _save_temporary(strict_emulation(ir.load(str(mixed))), Path(mixed), ".strict.onnx")
-
-
-def _save_temporary(model: ir.Model, source: Path, suffix: str) -> str:
-    """Save a variant of the model loaded from ``source`` to a temporary file; beside ``source`` (hidden) when
-    its weights live in an external data file, whose location is relative to the model file."""
-    external = any(isinstance(value.const_value, ir.ExternalTensor) for value in model.graph.initializers.values())
-    handle, path = tempfile.mkstemp(prefix=".mpexport-" if external else "tmp", suffix=suffix,
-                                    dir=source.parent if external else None)
-    os.close(handle)
-    ir.save(model, path)
-    return path
-
-
-def _run(runners: list[Runner], data: ValidationData, specs: list[TensorSpec], options: VerifyOptions,
-         on_batch: Callable[[int, int], None] | None) -> ParityReport:
-    timed = [_Timed(runner) for runner in runners]
-    reference, others = timed[0], timed[1:]
-    metrics: dict[str, dict[str, OutputMetrics]] = {runner.name: {} for runner in others}
-    reference_accuracy = OutputMetrics("reference")
-    output_names: list[str] = []
-    samples = 0
-    total = min(data.num_samples, options.max_samples or data.num_samples) if data.num_samples else None
-    for batch in data.batches(options.batch_size, limit=options.max_samples, inputs=specs):
-        expected = reference.run(batch)
-        output_names = output_names or _output_names(runners, len(expected))
-        labels = batch.get(LABELS)
-        if labels is not None:
-            reference_accuracy.update(expected[0], expected[0], labels)
-        for runner in others:
-            actual = runner.run(batch)
-            for name, want, have in zip(output_names, expected, actual, strict=False):
-                metrics[runner.name].setdefault(name, OutputMetrics(name)).update(want, have, labels)
-        samples += len(next(iter(batch.values())))
-        if on_batch:
-            on_batch(samples, total)
-    if samples == 0:
-        raise MpexportError("the validation data gave no batches", stage=STAGE)
-    thresholds, failures = gate(metrics, options)
-    backends: dict[str, dict[str, Any]] = {runner.name: {"ran": True, "seconds": round(runner.seconds, 3)}
-                                           for runner in timed}
-    if reference_accuracy.accuracy is not None:
-        backends[REFERENCE]["accuracy"] = reference_accuracy.accuracy
-    return ParityReport("pass" if not failures else "fail", backends, metrics, thresholds, failures,
-                        samples=samples, data=data.describe())
-
-
-def _output_names(runners: list[Runner], count: int) -> list[str]:
-    for runner in runners:
-        names = getattr(runner, "output_names", None)
-        if names and len(names) == count:
-            return list(names)
-    return [f"output_{index}" for index in range(count)] if count > 1 else ["output"]
 
 
 def gate(metrics: dict[str, dict[str, OutputMetrics]], options: VerifyOptions) -> tuple[dict, list[str]]:
@@ -319,7 +403,7 @@ def gate(metrics: dict[str, dict[str, OutputMetrics]], options: VerifyOptions) -
 
 def _limits(backend: str, m: OutputMetrics, amp: OutputMetrics | None, options: VerifyOptions) -> dict[str, Any]:
     scale = max(m.scale, 1e-12)
-    if backend == "onnx-fp32":
+    if backend == ONNX_FP32:
         return {"atol": FP32_RTOL * scale, "source": f"FP32 export: {FP32_RTOL:g} of the output scale {scale:.3g}"}
     factor = options.budget_factor
     floor = ABS_FLOOR * scale
@@ -347,17 +431,23 @@ def _limits(backend: str, m: OutputMetrics, amp: OutputMetrics | None, options: 
 
 
 # -- localisation --------------------------------------------------------------------------------------------
-def localise(fp32_path: Path | None, strict_path: str, batch: Batch, plan_nodes: dict[str, dict[str, Any]],
-             *, reference_runner: Runner | None = None, limit: int = 5) -> list[dict[str, Any]]:
-    """The first nodes (graph order) of the strict emulation whose output leaves budget against FP32: a
-    non-finite value where FP32 is finite, or an error beyond 5% of the FP32 tensor's scale. Compared on
-    one batch, by value name (the emulation keeps the FP32 model's names for rounded values)."""
-    strict = _all_values(Path(strict_path), batch)
-    fp32 = _all_values(fp32_path, batch) if fp32_path is not None else _fp32_twin(strict_path, batch)
-    model = ir.load(strict_path)
-    by_name = {node.name: node for node in model.graph}
+def localise(fp32_path: Path | None, mixed_path: Path, batch: Batch, plan_nodes: dict[str, dict[str, Any]],
+             *, reference_runner: Runner | None = None, limit: int = 5) -> tuple[list[dict[str, Any]], str | None]:
+    """The first nodes (graph order) of the strict emulation of ``mixed_path`` whose output leaves budget
+    against FP32 (``fp32_path``, or the emulation with its rounding undone): a non-finite value where FP32 is
+    finite, or an error beyond 5% of the FP32 tensor's scale. Compared on one batch, by value name (the
+    emulation keeps the FP32 model's names for rounded values). Returns the rows and, when nothing could be
+    named, why."""
+    try:
+        strict_model = _strict_model(mixed_path)
+        strict = _all_values(strict_model, mixed_path.parent, batch)
+        fp32 = _all_values(ir.load(str(fp32_path)), fp32_path.parent, batch) if fp32_path is not None else \
+            _all_values(_without_rounding(_strict_model(mixed_path)), mixed_path.parent, batch)
+    except Exception as exc:  # noqa: BLE001 - the verdict stands; localisation says why it could not help
+        return [], f"localisation could not run: {first_line(exc, 200)}"
+    by_name = {node.name: node for node in strict_model.graph}
     found: list[dict[str, Any]] = []
-    for node in model.graph:
+    for node in strict_model.graph:
         origin = (node.name or "").split("__")[0]
         if any(row["node"] == origin for row in found):
             continue
@@ -372,7 +462,9 @@ def localise(fp32_path: Path | None, strict_path: str, batch: Batch, plan_nodes:
                 break
         if len(found) >= limit:
             break
-    return found
+    note = None if found else "localisation found no node out of budget on the first batch (the failure is on " \
+        "other samples, or builds up below the per-node threshold)"
+    return found, note
 
 
 def _compare(want: np.ndarray, have: np.ndarray) -> tuple[int, float, float]:
@@ -397,58 +489,42 @@ def _located(origin: str, node: ir.Node, info: dict[str, Any], value: str, broke
             "nonfinite": broken, "relative_error": float(f"{error:.3g}"), "fp32_max_abs": float(f"{scale:.4g}")}
 
 
-def _all_values(path: Path, batch: Batch) -> dict[str, np.ndarray]:
-    """Every floating-point intermediate of the model on ``batch``, by value name ({} if it cannot run)."""
+def _all_values(model: ir.Model, base_dir: Path, batch: Batch) -> dict[str, np.ndarray]:
+    """Every floating-point intermediate of ``model`` on ``batch``, by value name."""
     from mpexport.ranges import intermediates_session
 
-    session, names = intermediates_session(path)
+    session, names = intermediates_session(model, base_dir)
     feeds = {value.name: batch[value.name].astype(np.float32) if batch[value.name].dtype.kind == "f"
              else batch[value.name] for value in session.get_inputs()}
-    try:
-        return dict(zip(names, session.run(names, feeds), strict=True))
-    except Exception:  # noqa: BLE001 - localisation is best effort on top of a verdict
-        return {}
+    return dict(zip(names, session.run(names, feeds), strict=True))
 
 
-def _fp32_twin(strict_path: str, batch: Batch) -> dict[str, np.ndarray]:
-    """For a candidate without an FP32 ONNX: the strict emulation with its rounding casts made identities."""
-    model = ir.load(strict_path)
-    for node in list(model.graph):
+def _without_rounding(strict: ir.Model) -> ir.Model:
+    """For a candidate without an FP32 ONNX: its strict emulation with the rounding casts made identities."""
+    for node in list(strict.graph):
         if "__round_" in (node.name or "") and node.op_type == "Cast":
             node.attributes["to"] = ir.AttrInt64("to", ir.DataType.FLOAT)
             node.outputs[0].dtype = ir.DataType.FLOAT
-    path = _save_temporary(model, Path(strict_path), ".twin.onnx")
-    try:
-        return _all_values(Path(path), batch)
-    finally:
-        Path(path).unlink(missing_ok=True)
+    return strict
 
 
-def _plan_nodes(directory: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    name = manifest["artifacts"].get("plan")
-    if not name:
-        return {}
-    return {node["name"]: node for node in json.loads((directory / name).read_text())["nodes"]}
+def _plan_nodes(bundle: Bundle) -> dict[str, dict[str, Any]]:
+    return {node.name: node.to_json() for node in bundle.plan().nodes} if bundle.has(PLAN) else {}
 
 
 # -- reports -------------------------------------------------------------------------------------------------
-def _write_reports(directory: Path, manifest: dict[str, Any], report: ParityReport) -> None:
+def _write_reports(bundle: Bundle, report: ParityReport) -> None:
+    """The reports and the verdict land in one commit; the verdict covers the artifacts the backends that ran
+    used (the engine only when the tensorrt backend ran)."""
     from mpexport.report_html import render_html
 
-    _atomic_write(directory / REPORT, json.dumps(report.to_json(), indent=2) + "\n")
-    _atomic_write(directory / REPORT_HTML, render_html(report))
-    manifest["artifacts"]["report"] = REPORT
-    manifest["artifacts"]["report_html"] = REPORT_HTML
-    manifest["verify"] = {"verdict": report.verdict, "samples": report.samples, "data": report.data,
-                          "failures": report.failures[:10]}
-    for name in (REPORT, REPORT_HTML):
-        manifest["hashes"][name] = artifacts.sha256_file(directory / name)
-    _atomic_write(directory / artifacts.MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
+    covered = [FP32_ONNX, MIXED_ONNX, PLAN] + ([ENGINE] if report.ran("tensorrt") else [])
+    with bundle.transaction("verify") as transaction:
+        transaction.write_text(REPORT, FILE_NAMES[REPORT], json.dumps(report.to_json(), indent=2) + "\n")
+        transaction.write_text(REPORT_HTML, FILE_NAMES[REPORT_HTML], render_html(report))
+        bundle.manifest.verify = VerifyRecord(report.verdict, report.samples, report.data, report.failures[:10],
+                                              {name: {key: value for key, value in state.items() if key != "ran"}
+                                               for name, state in report.backends.items()},
+                                              bundle.digests(*covered))
+        bundle.manifest.timings["verify"] = report.timings
 

@@ -5,7 +5,7 @@ again, so the pages read are dropped from this process instead of accumulating t
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -36,7 +36,7 @@ def converted(tensor: ir.TensorProtocol, target: ir.DataType) -> ir.TensorProtoc
     external data then holds one converted weight at a time (values must already fit ``target``)."""
     numpy_type = target.numpy()
 
-    def compute() -> ir.Tensor:
+    def compute() -> ir.TensorProtocol:
         return ir.tensor(reduce_tensor(tensor, lambda array: array.astype(numpy_type)), name=tensor.name)
 
-    return ir.LazyTensor(compute, dtype=target, shape=tensor.shape, name=tensor.name)
+    return ir.LazyTensor(compute, dtype=target, shape=cast(ir.Shape, tensor.shape), name=tensor.name)

@@ -12,11 +12,14 @@ Runs as it is on a machine with CUDA torch (nothing fetched; the project's code 
 2. numerics: for the bundled examples converted under cuda-fp16, the errors against FP32 of torch-amp (real
    CUDA autocast on a GPU; the CPU emulation otherwise) next to those of the CPU strict-fp16 emulation, so how
    well the CPU gate predicts GPU FP16 numerics is a number;
-3. TensorRT: where it imports and a GPU exists, builds each example's engine (`--engine on`) and verifies it
+3. convert's data pass: the PyTorch FP32 reference runs on the GPU where one exists (TF32 off), and the
+   export check must still pass against ONNX Runtime's CPU FP32;
+4. TensorRT: where it imports and a GPU exists, builds each example's engine (`--engine on`) and verifies it
    (the engine's layers checked against the plan, the engine as a verify backend); else says why it skipped.
 
-Prints a one-screen summary and writes it as JSON. Exit 0 when every oracle comparison agreed and every built
-engine matched its plan, 1 otherwise (verify verdicts are reported, not gated: they measure).
+Prints a one-screen summary and writes it as JSON. Exit 0 when every oracle comparison agreed, every export
+check passed and every built engine matched its plan, 1 otherwise (verify verdicts are reported, not gated:
+they measure).
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def oracle_check(cpu_only: bool) -> dict[str, Any]:
     import onnx_ir as ir
 
     import mpexport
-    from mpexport import provenance
+    from mpexport.bundle import FP32_ONNX, PROVENANCE, Bundle
     from mpexport.oracle import compare_with_plan, observe_autocast
     from mpexport.plan import PlanOptions, make_plan
 
@@ -102,8 +105,9 @@ def oracle_check(cpu_only: bool) -> dict[str, Any]:
         for case in _cases(tmp):
             out = tmp / f"out-{case['name']}"
             mpexport.convert(case["pt2"], out=out, val_data=case["val"])
-            model = ir.load(out / "model.fp32.onnx")
-            records = provenance.from_json(json.loads((out / "provenance.json").read_text()))
+            bundle = Bundle.open(out, uses=(FP32_ONNX, PROVENANCE))
+            model = ir.load(bundle.path(FP32_ONNX))
+            records = bundle.provenance()
             program = torch.export.load(case["pt2"])
             inputs = case["inputs"]
             args, kwargs = (tuple(inputs.values()), {}) if case["positional"] else ((), inputs)
@@ -144,9 +148,13 @@ def numerics_and_engines(cpu_only: bool) -> tuple[list[dict[str, Any]], dict[str
             row = {"model": example, "verdict": report.verdict,
                    "torch_amp": {key: metrics["torch-amp"][key] for key in ("max_abs", "p99_abs", "min_cosine")},
                    "strict_fp16": {key: metrics["strict-fp16"][key] for key in ("max_abs", "p99_abs", "min_cosine")},
-                   "torch_amp_mode": report.backends["torch-amp"].get("mode")}
+                   "torch_amp_mode": report.backends["torch-amp"].get("mode"),
+                   "export_check": {"reference": result.manifest.export_check.comparison["reference"],
+                                    "passed": result.manifest.export_check.passed,
+                                    "seconds": next(stage.seconds for stage in result.manifest.timings["convert"]
+                                                    if stage.stage == "data pass")}}
             if build:
-                row["engine"] = result.manifest["engine"]["check"]
+                row["engine"] = result.manifest.engine.check
                 row["tensorrt"] = {key: metrics["tensorrt"][key] for key in ("max_abs", "min_cosine")}
             rows.append(row)
     engines = {"status": status.to_json(),
@@ -181,10 +189,14 @@ def main() -> int:
         amp, strict = row["torch_amp"], row["strict_fp16"]
         print(f"  {row['model']:<20} max abs {amp['max_abs']} | {strict['max_abs']}, min cosine {amp['min_cosine']} | "
               f"{strict['min_cosine']}  ({row['torch_amp_mode']}; verify {row['verdict']})")
+        check = row["export_check"]
+        print(f"  {'':<20} convert's export check against {check['reference']}: "
+              f"{'pass' if check['passed'] else 'FAIL'} ({check['seconds']} s data pass)")
     print(f"tensorrt: {summary['tensorrt']['engines']}")
     print(f"done in {summary['seconds']} s; summary in {args.out}")
     engines_ok = all(row.get("engine", {}).get("ok", True) for row in summary["numerics"])
-    return 0 if summary["oracle"]["all_agree"] and engines_ok else 1
+    checks_ok = all(row["export_check"]["passed"] for row in summary["numerics"])
+    return 0 if summary["oracle"]["all_agree"] and engines_ok and checks_ok else 1
 
 
 if __name__ == "__main__":

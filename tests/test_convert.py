@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 import mpexport
-from tests.conftest import EXAMPLES, MODELS
+from mpexport.bundle import Bundle
+from tests.conftest import EXAMPLES, MODELS, assert_bad_input
 from tests.toy_models import build_cnn, build_vit
 
 
@@ -30,13 +32,15 @@ def test_bundled_example_converts_and_matches_pytorch(cli, tmp_path: Path, examp
     out = tmp_path / example
     result = cli("convert", MODELS / f"{example}.pt2", "--val-data", MODELS / f"{example}.val.npz", "--out", out)
     assert result.exit_code == 0, result.stderr
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest) >= {"artifacts", "inputs", "outputs", "source", "versions"}
-    assert manifest["artifacts"]["fp32_onnx"] == "model.fp32.onnx"
-    assert manifest["inputs"] == [{"name": "pixels", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
-    assert manifest["source"]["training"]["autocast"]["device_type"] in ("cpu", "cuda")
-    assert manifest["export_check"]["passed"] and manifest["export_check"]["samples"] == 360
-    assert manifest["provenance"]["coverage"] == 1.0
+    manifest = Bundle.open(out).manifest
+    assert manifest.artifacts["fp32_onnx"].file == "model.fp32.onnx"
+    assert [spec.to_json() for spec in manifest.inputs] == [{"name": "pixels", "dtype": "float32",
+                                                             "shape": ["batch", 1, 8, 8]}]
+    assert manifest.source.training["autocast"]["device_type"] in ("cpu", "cuda")
+    assert manifest.export_check.passed and manifest.export_check.comparison["samples"] == 256  # --check-samples
+    assert manifest.provenance["coverage"] == 1.0
+    assert [stage.stage for stage in manifest.timings["convert"]] == [
+        "load", "inputs", "export", "write", "data pass", "plan", "rewrite", "lint", "engine"]
 
     # Independent of mpexport's own check: ONNX Runtime against the archive's own PyTorch module.
     with np.load(MODELS / f"{example}.val.npz") as data:
@@ -110,18 +114,18 @@ def test_pytorch_weights_do_not_outlive_the_export_stage(tmp_path: Path) -> None
     result = mpexport.convert(tmp_path / "m.pt2", out=tmp_path / "out", val_data=tmp_path / "val.npz",
                               on_stage=count_weights)
     assert result.export_check_passed
-    assert alive["export check"] >= 1  # the weight exists while PyTorch is the reference
+    assert alive["data pass"] >= 1  # the weight exists while PyTorch is the reference
     assert alive["plan"] == alive["rewrite"] == 0
 
 
 def test_transformers_bert_pt2(bert_files: dict[str, Path], tmp_path: Path) -> None:
     result = mpexport.convert(bert_files["pt2"], out=tmp_path / "bert", val_data=bert_files["val"])
     manifest = result.manifest
-    assert result.export_check_passed, manifest["export_check"]
-    assert [i["shape"] for i in manifest["inputs"]] == [["batch", "dim1"], ["batch", "dim1"]]
-    assert manifest["outputs"][0]["name"] == "logits"
-    assert manifest["provenance"]["coverage"] >= 0.95, manifest["provenance"]
-    for group in manifest["provenance"]["unattributed"]:
+    assert result.export_check_passed, manifest.export_check
+    assert [spec.shape for spec in manifest.inputs] == [("batch", "dim1"), ("batch", "dim1")]
+    assert manifest.outputs[0].name == "logits"
+    assert manifest.provenance["coverage"] >= 0.95, manifest.provenance
+    for group in manifest.provenance["unattributed"]:
         assert group["why"]  # every unattributed node is named with a reason
     records = json.loads((result.out / "provenance.json").read_text())
     attention = [r for r in records if r["op_type"] == "Softmax"]
@@ -133,14 +137,17 @@ def test_transformers_bert_checkpoint_with_factory(bert_files: dict[str, Path], 
     from tests.conftest import REPO
 
     monkeypatch.chdir(REPO)
+    path_before = list(sys.path)
     result = mpexport.convert(bert_files["ckpt"], out=tmp_path / "bert", val_data=bert_files["val"],
                               factory="tests.toy_models:build_bert")
+    assert sys.path == path_before  # importing the factory left no trace
     manifest = result.manifest
-    assert manifest["source"]["format"] == "checkpoint"
-    assert manifest["export"]["strategy"] == "dynamo"
-    assert result.export_check_passed, manifest["export_check"]
-    assert manifest["inputs"][0]["shape"][0] == "batch"
-    assert manifest["provenance"]["coverage"] >= 0.95, manifest["provenance"]
+    assert manifest.source.format == "checkpoint"
+    assert manifest.source.import_path == str(REPO)  # recorded, so verify imports the factory from anywhere
+    assert manifest.export.strategy == "dynamo"
+    assert result.export_check_passed, manifest.export_check
+    assert manifest.inputs[0].shape[0] == "batch"
+    assert manifest.provenance["coverage"] >= 0.95, manifest.provenance
 
 
 def test_transformers_vit_pickled_module_needs_trust(cli, tmp_path: Path) -> None:
@@ -189,7 +196,7 @@ def test_static_batch(cli, tmp_path: Path, pixels_npz: Path, cnn_checkpoint: Pat
     assert result.exit_code == 0, result.stderr
     manifest = json.loads(result.stdout)["manifest"]
     assert manifest["inputs"][0]["shape"] == [2, 1, 8, 8]
-    assert manifest["export_check"]["passed"] and manifest["export_check"]["samples"] == 24
+    assert manifest["export_check"]["passed"] and manifest["export_check"]["comparison"]["samples"] == 24
 
 
 def test_fallback_strategy_is_reported(cli, tmp_path: Path) -> None:
@@ -212,14 +219,22 @@ def test_fallback_strategy_is_reported(cli, tmp_path: Path) -> None:
     assert gemm["precision"] == "fp16" and "inferred from Gemm" in gemm["reason"]
 
 
-def test_force_replaces_an_existing_directory(cli, tmp_path: Path, pixels_npz: Path) -> None:
+def test_force_replaces_only_mpexport_directories(cli, tmp_path: Path, pixels_npz: Path) -> None:
     out = tmp_path / "m"
-    out.mkdir()
+    args = ("convert", MODELS / "digits_resnet.pt2", "--val-data", pixels_npz, "--out", out)
+    assert cli(*args).exit_code == 0
     (out / "old.txt").write_text("old")
-    result = cli("convert", MODELS / "digits_resnet.pt2", "--val-data", pixels_npz, "--out", out, "--force")
+    assert_bad_input(cli(*args), "already exists")
+    result = cli(*args, "--force")
     assert result.exit_code == 0, result.stderr
     assert not (out / "old.txt").exists() and (out / "manifest.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert_bad_input(cli("convert", MODELS / "digits_resnet.pt2", "--out", mine, "--force", "--input",
+                         "pixels:batch,1,8,8"), "was not written by mpexport")
+    assert (mine / "notes.txt").read_text() == "keep me"
 
 
 def test_export_check_catches_a_trace_that_took_one_branch(cli, tmp_path: Path) -> None:
@@ -242,3 +257,28 @@ def test_export_check_catches_a_trace_that_took_one_branch(cli, tmp_path: Path) 
     assert "export check FAILED" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["export"]["strategy"] == "legacy-torchscript" and not manifest["export_check"]["passed"]
+
+
+def test_one_data_pass_gives_the_export_check_and_the_range_statistics(tmp_path: Path) -> None:
+    """The fused pass: the export check on the first --check-samples, the range rule's statistics on the first
+    --calibration-samples, in one ONNX Runtime pass; the plan equals one calibrated in a separate pass."""
+    import onnx_ir as ir
+
+    from mpexport.bundle import FP32_ONNX
+    from mpexport.plan import make_plan
+    from mpexport.ranges import collect_ranges
+
+    model, val = MODELS / "digits_transformer.pt2", MODELS / "digits_transformer.val.npz"
+    progress: list[tuple[int, int | None]] = []
+    result = mpexport.convert(model, out=tmp_path / "m", val_data=val, check_samples=128, calibration_samples=192,
+                              on_progress=lambda done, total: progress.append((done, total)))
+    assert result.manifest.export_check.comparison["samples"] == 128 and result.export_check_passed
+    assert progress == [(64, 192), (128, 192), (192, 192)]
+    bundle = Bundle.open(result.out)
+    plan = bundle.plan()
+    assert plan.calibration_samples == 192
+    with np.load(val) as data:
+        batches = [{"pixels": data["pixels"][start:start + 64]} for start in range(0, 192, 64)]
+    fp32 = bundle.path(FP32_ONNX)
+    separate = make_plan(ir.load(str(fp32)), bundle.provenance(), plan.options, collect_ranges(fp32, batches))
+    assert separate.to_json() == plan.to_json()

@@ -128,7 +128,7 @@ def test_no_tensorrt_here_convert_skips_on_auto_and_refuses_on(cli, tmp_path: Pa
     assert not refused.exists()
     assert_bad_input(cli("build", out), "cannot build a TensorRT engine here")
     report = cli("verify", out, "--json")
-    assert json.loads(report.stdout)["backends"]["tensorrt"] == {"ran": False, "why": status.why}
+    assert json.loads(report.stdout)["backends"]["tensorrt"] == {"state": "skipped", "ran": False, "why": status.why}
 
 
 def test_doctor_says_what_runs_and_why() -> None:

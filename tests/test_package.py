@@ -87,7 +87,7 @@ def test_unverified_and_failed_directories_are_refused(cli, verified: Path, tmp_
     repo = tmp_path / "repo"
     assert_bad_input(cli("package", unverified, "--out", repo), "never verified", "--allow-unverified")
     assert_nothing_written(repo)
-    manifest["verify"] = {"verdict": "fail"}
+    manifest["verify"] = {**json.loads((verified / "manifest.json").read_text())["verify"], "verdict": "fail"}
     (unverified / "manifest.json").write_text(json.dumps(manifest))
     assert_bad_input(cli("package", unverified, "--out", repo), "failed verify")
     assert cli("package", unverified, "--out", repo, "--allow-unverified").exit_code == 0
@@ -115,17 +115,18 @@ def test_image_install_steps_in_a_clean_environment(tmp_path: Path) -> None:
 
 
 def test_engine_becomes_a_tensorrt_plan_model(cli, verified: Path, tmp_path: Path) -> None:
-    """Packaging logic for an engine (no TensorRT here: the engine file is a stand-in, the manifest entry is what
-    `convert --engine on` records)."""
+    """Packaging logic for an engine (no TensorRT here: `mpexport build`'s bundle side runs with a stand-in
+    builder that writes a stand-in engine file; verify cannot run it here, so packaging it needs
+    --allow-unverified)."""
+    from mpexport.engine import rebuild
+    from tests.test_bundle import stand_in_builder
+
     directory = tmp_path / "with_engine"
     shutil.copytree(verified, directory)
-    (directory / "model.plan").write_bytes(b"stand-in for a serialized engine")
-    manifest = json.loads((directory / "manifest.json").read_text())
-    manifest["artifacts"]["engine"] = "model.plan"
-    manifest["engine"] = {"tensorrt": "10.13.0", "gpu": "NVIDIA H200", "compute_capability": "9.0"}
-    (directory / "manifest.json").write_text(json.dumps(manifest))
+    rebuild(directory, shapes={"pixels": ((1, 1, 8, 8), (8, 1, 8, 8), (64, 1, 8, 8))}, builder=stand_in_builder)
     repo = tmp_path / "repo"
-    assert cli("package", directory, "--out", repo).exit_code == 0
+    assert_bad_input(cli("package", directory, "--out", repo), "engine that verify did not check")
+    assert cli("package", directory, "--out", repo, "--allow-unverified").exit_code == 0
     config = parse_config(repo / "digits_transformer_trt" / "config.pbtxt")
     assert config.platform == "tensorrt_plan" and dict(config.cc_model_filenames) == {"9.0": "model_sm90.plan"}
     assert config.parameters["tensorrt_version"].string_value == "10.13.0"

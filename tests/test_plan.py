@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mpexport
-from mpexport import provenance
+from mpexport.bundle import FP32_ONNX, Bundle
 from mpexport.oracle import compare_with_plan, observe_autocast
 from mpexport.plan import Overrides, PlanOptions, make_plan
 from tests.conftest import MODELS, REPO, assert_bad_input
@@ -29,8 +29,8 @@ def converted(tmp_path: Path, model: Path, val: Path, **options) -> Path:
 
 
 def plan_for(out: Path, policy: str, **options) -> mpexport.plan.PrecisionPlan:
-    records = provenance.from_json(json.loads((out / "provenance.json").read_text()))
-    return make_plan(ir.load(out / "model.fp32.onnx"), records, PlanOptions(policy=policy, **options))
+    bundle = Bundle.open(out)
+    return make_plan(ir.load(bundle.path(FP32_ONNX)), bundle.provenance(), PlanOptions(policy=policy, **options))
 
 
 def oracle_inputs(val: Path, names: list[str], count: int = 4) -> dict[str, torch.Tensor]:
@@ -108,8 +108,7 @@ def test_exp_log_fp32_and_autocast_disabled_head(cli, tmp_path: Path) -> None:
     # The same holds against real autocast, the model's own region included.
     program = torch.export.export(build_fp32_head(), (torch.randn(2, 8),))
     observed = observe_autocast(program, (torch.randn(2, 8),), {}, "cuda", torch.float16)
-    records = provenance.from_json(json.loads((out / "provenance.json").read_text()))
-    plan = make_plan(ir.load(out / "model.fp32.onnx"), records, PlanOptions(policy="cuda-fp16"))
+    plan = plan_for(out, "cuda-fp16")
     assert compare_with_plan(plan, observed)["mismatches"] == []
 
 
@@ -160,11 +159,30 @@ def test_overrides_from_cli_and_policy_file(cli, tmp_path: Path) -> None:
         {"bf16"}
 
 
+def test_policy_file_in_the_library_gives_the_plan_the_cli_gives(cli, tmp_path: Path) -> None:
+    policy = tmp_path / "policy.toml"
+    policy.write_text('policy = "cuda-fp16"\ntarget = "bf16"\nheadroom = 4.0\n'
+                      '[keep_fp32]\nmodules = ["^blocks\\\\.1\\\\."]\n')
+    model, val = MODELS / "digits_transformer.pt2", MODELS / "digits_transformer.val.npz"
+    by_cli = tmp_path / "cli"
+    assert cli("convert", model, "--val-data", val, "--policy", policy, "--keep-fp32-op", "Gelu",
+               "--out", by_cli).exit_code == 0
+    by_api = mpexport.convert(model, out=tmp_path / "api", val_data=val, policy_file=policy,
+                              plan_options=PlanOptions(overrides=Overrides(keep_fp32_ops=["Gelu"])))
+    assert (by_cli / "plan.json").read_bytes() == (by_api.out / "plan.json").read_bytes()
+    plan = by_api.manifest.plan
+    assert plan.policy == "cuda-fp16" and plan.target == "bf16" and plan.policy_source == "given"
+    options = Bundle.open(by_api.out).plan().options
+    assert options.headroom == 4.0 and options.overrides.keep_fp32_ops == ["Gelu"]
+    assert options.overrides.keep_fp32_modules == ["^blocks\\.1\\."]
+
+
 @pytest.mark.parametrize(
     ("content", "fragment"),
     [("[keep_fp32\nmodules = 1", "not valid TOML"), ("colour = 1\n", "unknown key"),
      ("[keep_fp32]\nmodules = 'x'\n", "list of strings"), ("[keep_fp32]\nmodules = ['(']\n", "regular expression"),
-     ("policy = 'gpu-fp8'\n", "unknown policy")],
+     ("policy = 'gpu-fp8'\n", "unknown policy"), ("target = 'fp8'\n", "unknown target"),
+     ("headroom = 'lots'\n", "headroom a number")],
 )
 def test_bad_policy_files(cli, tmp_path: Path, content: str, fragment: str) -> None:
     policy = tmp_path / "policy.toml"
@@ -182,10 +200,10 @@ def test_plan_is_deterministic(tmp_path: Path) -> None:
 
 def test_plan_defaults_to_the_recorded_training_policy(tmp_path: Path) -> None:
     out = converted(tmp_path, MODELS / "digits_resnet.pt2", MODELS / "digits_resnet.val.npz")
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["artifacts"]["plan"] == "plan.json"
-    assert manifest["plan"]["policy"] == "cpu-bf16"
-    assert manifest["plan"]["policy_source"] == "training record in the model file"
+    manifest = Bundle.open(out).manifest
+    assert manifest.artifacts["plan"].file == "plan.json"
+    assert manifest.plan.policy == "cpu-bf16"
+    assert manifest.plan.policy_source == "training record in the model file"
 
 
 def test_inspect(cli, tmp_path: Path) -> None:

@@ -51,9 +51,10 @@ def test_shared_initializer_gets_both_forms_and_outputs_stay_fp32(tmp_path: Path
     model = small_graph(weight)
     report = apply_plan(model, {"mm_low": "fp16", "mm_fp32": "fp32", "add": "fp16"})
     assert report.initializers_duplicated == ["W"]
-    assert realized_precisions(model) == {"mm_low": "fp16", "mm_fp32": "fp32", "add": "fp16",
-                                          "mpexport_cast_x_to_fp16": "fp16", "mpexport_cast_b_to_fp16": "fp16",
-                                          "mpexport_cast_output_y": "fp32"}
+    assert realized_precisions(model) == {"mm_low": ("fp16", None), "mm_fp32": ("fp32", None), "add": ("fp16", None),
+                                          "mpexport_cast_x_to_fp16": ("fp16", "cast"),
+                                          "mpexport_cast_b_to_fp16": ("fp16", "cast"),
+                                          "mpexport_cast_output_y": ("fp32", "cast")}
     assert model.graph.outputs[0].name == "y" and model.graph.outputs[0].dtype == ir.DataType.FLOAT
     x = RNG.standard_normal((3, 4)).astype(np.float32)
     (y,) = run(model, tmp_path, {"x": x})
@@ -112,22 +113,22 @@ def test_bundled_examples_mixed_models(tmp_path: Path, example: str) -> None:
     val = MODELS / f"{example}.val.npz"
     result = mpexport.convert(MODELS / f"{example}.pt2", out=tmp_path / example, val_data=val,
                               plan_options=PlanOptions(policy="cuda-fp16"))
-    assert result.lint_passed, result.manifest["lint"]
-    assert result.manifest["artifacts"]["mixed_onnx"] == "model.mixed.onnx"
+    assert result.lint_passed, result.manifest.lint
+    assert result.manifest.artifacts["mixed_onnx"].file == "model.mixed.onnx"
     with np.load(val) as data:
         pixels, labels = data["pixels"], data["labels"]
     session = ort.InferenceSession(str(result.out / "model.mixed.onnx"), providers=["CPUExecutionProvider"])
     (logits,) = session.run(None, {"pixels": pixels})
     assert logits.dtype == np.float32
-    fp32_accuracy = result.manifest["source"]["training"]["val_accuracy_fp32"]
+    fp32_accuracy = result.manifest.source.training["val_accuracy_fp32"]
     assert abs(float((logits.argmax(1) == labels).mean()) - fp32_accuracy) <= 0.01
 
 
 def test_bf16_target_exports_opset_22_and_lints(tmp_path: Path) -> None:
     result = mpexport.convert(MODELS / "digits_resnet.pt2", out=tmp_path / "r",
                               val_data=MODELS / "digits_resnet.val.npz")
-    assert result.manifest["plan"]["target"] == "bf16" and result.manifest["export"]["opset"] == 22
-    checks = {c["name"]: c["status"] for c in result.manifest["lint"]["checks"]}
+    assert result.manifest.plan.target == "bf16" and result.manifest.export.opset == 22
+    checks = {c["name"]: c["status"] for c in result.manifest.lint.checks}
     assert checks["onnx.checker"] == "pass" and checks["realized precision = plan"] == "pass"
     assert checks["onnxruntime"] in ("pass", "skipped")  # ONNX Runtime's CPU build has no BF16 Conv
 
@@ -198,11 +199,12 @@ def test_external_data_path_matches_the_inline_one(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(conversion, "EXTERNAL_DATA_THRESHOLD", 0)
     external = mpexport.convert(model, out=tmp_path / "external", val_data=val, plan_options=options)
 
-    assert external.manifest["export"]["external_data"] and external.lint_passed
+    assert external.manifest.export.external_data and external.lint_passed
     fp32_bytes = (external.out / "model.fp32.onnx.data").stat().st_size
     assert fp32_bytes > 50_000 and (external.out / "model.mixed.onnx.data").stat().st_size < 0.6 * fp32_bytes
     assert not (inline.out / "model.mixed.onnx.data").exists()
-    assert {"model.fp32.onnx.data", "model.mixed.onnx.data"} <= external.manifest["hashes"].keys()
+    assert set(external.manifest.artifacts["fp32_onnx"].sha256) == {"model.fp32.onnx", "model.fp32.onnx.data"}
+    assert set(external.manifest.artifacts["mixed_onnx"].sha256) == {"model.mixed.onnx", "model.mixed.onnx.data"}
     plan_inline, plan_external = (json.loads((r.out / "plan.json").read_text()) for r in (inline, external))
     assert plan_external["options"]["calibration_samples"] == plan_inline["options"]["calibration_samples"] == 256
     assert plan_external["nodes"] == plan_inline["nodes"]
@@ -273,10 +275,15 @@ def test_subgraphs_stay_fp32_and_read_their_outer_values_in_fp32(tmp_path: Path)
     np.savez(tmp_path / "val.npz", x=x)
     result = mpexport.convert(tmp_path / "b.pt2", out=tmp_path / "out", val_data=tmp_path / "val.npz",
                               plan_options=PlanOptions(policy="cuda-fp16"))
-    assert result.export_check_passed and result.lint_passed, result.manifest["lint"]
+    assert result.export_check_passed and result.lint_passed, result.manifest.lint
     nodes = json.loads((result.out / "plan.json").read_text())["nodes"]
-    inner = [node for node in nodes if "/then_branch/" in node["name"] or "/else_branch/" in node["name"]]
+    holder = next(node["name"] for node in nodes if node["op_type"] == "If")
+    inner = [node for node in nodes if f"inside the subgraph of {holder}" in node["reason"]]
     assert inner and all(node["precision"] == "fp32" and node["rule"] == "subgraph" for node in inner)
+    assert len({node["name"] for node in nodes}) == len(nodes)  # one name, one node, bodies included
+    lint = next(check for check in result.manifest.lint.checks if check["name"] == "realized precision = plan")
+    compared = int(lint["detail"].split(" of ")[0])
+    assert lint["status"] == "pass" and compared == len(nodes), lint  # every node, the branches' included
     assert {node["precision"] for node in nodes if node["op_type"] == "Gemm"} == {"fp16"}
     model = onnx.load(str(result.out / "model.mixed.onnx"))
     order = [node.op_type for node in model.graph.node]
@@ -341,7 +348,7 @@ def test_calibration_statistics_equal_the_intermediates_themselves(tmp_path: Pat
     with np.load(MODELS / "digits_transformer.val.npz") as data:
         batches = [{"pixels": data["pixels"][start:start + 64]} for start in range(0, 192, 64)]
     stats = collect_ranges(path, batches)
-    session, names = intermediates_session(path)
+    session, names = intermediates_session(ir.load(str(path)), path.parent)
     expected: dict[str, float] = {}
     for batch in batches:
         for name, array in zip(names, session.run(names, batch), strict=True):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import mpexport
+from mpexport.bundle import Bundle
 from mpexport.plan import PlanOptions
 from mpexport.rewrite import apply_plan
 from mpexport.verification import verify, verify_candidate
@@ -35,8 +36,9 @@ def test_bundled_examples_pass_with_every_backend_here(cli, tmp_path: Path, exam
     assert "onnx-mixed" in report["backends"]  # ran, or skipped with the reason (no BF16 Conv on ORT's CPU EP)
     accuracy = report["metrics"][next(iter(low))]["output"]["accuracy"]
     assert abs(accuracy - report["backends"]["torch-fp32"]["accuracy"]) <= 0.01
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["artifacts"]["report"] == "report.json" and manifest["verify"]["verdict"] == "pass"
+    manifest = Bundle.open(out).manifest
+    assert manifest.artifacts["report"].file == "report.json" and manifest.verify.verdict == "pass"
+    assert manifest.verify.forms[next(iter(low))]["state"] == "ran"
     page = (out / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "<svg" in page and "PASS" in page
 
@@ -131,7 +133,7 @@ def test_validation_data_from_a_function(cli, tmp_path: Path, source: str) -> No
     out = tmp_path / "m"
     result = cli("convert", MODELS / "digits_resnet.pt2", "--val-data", source, "--out", out)
     assert result.exit_code == 0, result.stderr
-    assert json.loads((out / "manifest.json").read_text())["export_check"]["samples"] == 360
+    assert Bundle.open(out).manifest.export_check.comparison["samples"] == 256  # the default --check-samples
     report = cli("verify", out, "--json")
     assert report.exit_code == 0, report.stdout
     data = json.loads(report.stdout)

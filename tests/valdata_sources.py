@@ -33,3 +33,24 @@ def nothing() -> list:
 def broken() -> Iterator[dict[str, np.ndarray]]:
     """Fails while iterating."""
     raise OSError("the dataset's storage is unreachable")
+
+
+def slow_digits() -> Iterator[dict[str, np.ndarray]]:
+    """The transformer example's digits one at a time, slowly; from its third pass on (verify's backend passes:
+    the first two read the first batch and an example) it creates the file ``$MPEXPORT_TEST_MARKER`` so a test
+    knows when to interrupt."""
+    import os
+    import time
+    from pathlib import Path
+
+    marker = Path(os.environ["MPEXPORT_TEST_MARKER"])
+    calls = marker.with_suffix(".calls")
+    count = int(calls.read_text()) + 1 if calls.exists() else 1
+    calls.write_text(str(count))
+    with np.load(MODELS / "digits_transformer.val.npz") as data:
+        pixels = data["pixels"]
+    for index in range(len(pixels)):
+        if count >= 3:
+            marker.touch()
+            time.sleep(0.05)
+        yield {"pixels": pixels[index:index + 1]}
