@@ -41,7 +41,18 @@ def prepare(workdir: Path, model: str, layers: int, samples: int, tokens: int) -
     if model == "vit":
         from transformers import ViTConfig, ViTForImageClassification
 
-        vit = ViTForImageClassification(ViTConfig(num_hidden_layers=layers)).eval()
+        class Logits(torch.nn.Module):
+            """ViT returning its logits tensor: a `.pt2` whose output is a ModelOutput cannot be loaded back (torch
+            does not deserialize that pytree type), and this ViT breaks with return_dict=False."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.vit = ViTForImageClassification(ViTConfig(num_hidden_layers=layers))
+
+            def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+                return self.vit(pixel_values=pixel_values).logits
+
+        vit = Logits().eval()
         pixels = np.random.default_rng(0).standard_normal((samples, 3, 224, 224)).astype(np.float32)
         program = torch.export.export(vit, (), {"pixel_values": torch.from_numpy(pixels[:2])},
                                       dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch", max=1024)}})
@@ -50,7 +61,7 @@ def prepare(workdir: Path, model: str, layers: int, samples: int, tokens: int) -
         return
     from transformers import BertConfig, BertForSequenceClassification
 
-    model = BertForSequenceClassification(BertConfig(num_hidden_layers=layers)).eval()
+    model = BertForSequenceClassification(BertConfig(num_hidden_layers=layers, return_dict=False)).eval()
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 30000, (samples, tokens))
     mask = np.ones_like(ids)

@@ -72,7 +72,13 @@ CHECK_SAMPLES = 256
 """Samples of the data pass. The export check is a check of the exporter (verify covers the whole set); 256
 samples cost one ONNX Runtime and one PyTorch pass over them (BERT-base, 64 tokens: ~35 s on 2 CPU cores)."""
 EXTERNAL_DATA_THRESHOLD = 1536 << 20
-"""Initializer bytes above which the ONNX weights go to an external data file (protobuf caps files at 2 GB)."""
+"""Initializer bytes above which the mixed model's weights go to an external data file (protobuf caps files at
+2 GB); below it the deployable is one file."""
+FP32_EXTERNAL_DATA_THRESHOLD = 64 << 20
+"""Initializer bytes above which the FP32 ONNX keeps its weights in an external data file. It is mpexport's
+working copy: ONNX Runtime sessions of its variants (the data pass's probes, localisation) are then made from a
+graph of a few MB whose weights are memory-mapped or shared with PyTorch, instead of serializing every weight
+into one message (8 s and 3x the weights' memory for BERT-base)."""
 CHECK_BATCH = 64
 CHECK_OUTPUT_BUDGET = 256 << 20
 """Output bytes per backend that one data-pass batch may produce."""
@@ -352,12 +358,11 @@ def _opset_for(options: PlanOptions, opset: int | None) -> int | None:
 
 def _write_mixed(bundle: Bundle, model: ir.Model, plan: PrecisionPlan, io_types: str) -> None:
     """Apply the plan to the FP32 model as read back from its file, save, and record it. Converted weights are
-    computed while saving, one at a time, and a model whose FP32 form has external data keeps it."""
+    computed while saving, one at a time; the model has external data above :data:`EXTERNAL_DATA_THRESHOLD`."""
     staging = bundle.directory
     report = apply_plan(model, plan.precisions(), io_types=io_types)
     name = FILE_NAMES[MIXED_ONNX]
-    fp32_external = len(bundle.manifest.artifacts[FP32_ONNX].sha256) > 1
-    external = fp32_external or _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD  # converted weights count at their new size
     data_file = f"{name}.data"
     save_model(model, staging / name, external_data=data_file if external else None)
     bundle.record_artifact(MIXED_ONNX, name, (data_file,) if external else (), command="convert")
@@ -417,7 +422,7 @@ def _write_fp32(bundle: Bundle, loaded: LoadedModel, exported: ExportResult, sec
     and export records."""
     staging = bundle.directory
     model = exported.model
-    external = _initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    external = _initializer_bytes(model) > min(FP32_EXTERNAL_DATA_THRESHOLD, EXTERNAL_DATA_THRESHOLD)
     name = FILE_NAMES[FP32_ONNX]
     data_file = f"{name}.data"
     save_model(model, staging / name, external_data=data_file if external else None)

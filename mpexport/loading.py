@@ -173,17 +173,52 @@ def _is_onnx(path: Path) -> bool:
 def _load_exported_program(path: Path, digest: str) -> LoadedModel:
     extra = {EXTRA_FILE: ""}
     try:
-        program = torch.export.load(path, extra_files=extra)
+        with _logged_errors("torch.export") as logged:
+            program = torch.export.load(path, extra_files=extra)
     except Exception as exc:  # noqa: BLE001 - any failure to read the archive is bad input
-        raise MpexportError(
-            f"'{path}' is a torch.export archive that cannot be loaded: {first_line(exc)}", stage=STAGE,
-            hint="the archive may be truncated or written by an incompatible torch version",
-        ) from None
+        cause = logged[-1] if logged else first_line(exc)
+        raise MpexportError(f"'{path}' is a torch.export archive that cannot be loaded: {cause}", stage=STAGE,
+                            hint=_archive_hint(cause)) from None
     training = _read_training_record(extra.get(EXTRA_FILE, ""))
     return LoadedModel(
         format=FORMAT_EXPORT, path=path, sha256=digest, program=program,
         input_specs=exported_program_inputs(program), training=training, positional=not _takes_kwargs(program),
     )
+
+
+def _archive_hint(cause: str) -> str:
+    if "in pytree is not registered" in cause:
+        return "the model returns a structured output type torch cannot read back (e.g. transformers' ModelOutput): " \
+            "export it returning plain tensors (return_dict=False, or a wrapper returning a tuple/dict)"
+    return "the archive may be truncated or written by an incompatible torch version"
+
+
+@contextlib.contextmanager
+def _logged_errors(logger_name: str) -> Iterator[list[str]]:
+    """Collect what ``logger_name`` logs with an exception attached (the last line of each exception), and keep
+    its records off stderr unless ``MPEXPORT_DEBUG`` is set: torch logs the real cause of a failed load as a
+    warning with a traceback, then raises a generic error."""
+    import logging
+    import os
+
+    found: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info and record.exc_info[1] is not None:
+                error = record.exc_info[1]
+                found.append(f"{type(error).__name__}: {first_line(error)}")
+
+    logger = logging.getLogger(logger_name)
+    handlers, propagate = list(logger.handlers), logger.propagate
+    debug = bool(os.environ.get("MPEXPORT_DEBUG"))
+    logger.handlers = [*(handlers if debug else []), _Collect()]  # torch attaches its own printing handlers
+    logger.propagate = propagate and debug
+    try:
+        yield found
+    finally:
+        logger.handlers = handlers
+        logger.propagate = propagate
 
 
 def _takes_kwargs(program: torch.export.ExportedProgram) -> bool:

@@ -12,8 +12,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
+
+from mpexport.weights import reduce_tensor
 
 GRAPH_FIELD = onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number
 INITIALIZER_FIELD = onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number
@@ -22,8 +25,9 @@ _LENGTH_DELIMITED = 2
 
 def save_model(model: ir.Model, path: str | Path, *, external_data: str | None = None) -> None:
     """Save ``model`` to ``path``: with its weights in ``external_data`` (a file name beside ``path``) when given,
-    streamed; else as one file, holding the serialized weights once plus one tensor's encoding at a time."""
-    if external_data is not None or _has_external_tensors(model):
+    streamed; else as one self-contained file (weights read from another model's external data are copied in),
+    holding the serialized weights once plus one tensor's encoding at a time."""
+    if external_data is not None:
         ir.save(model, path, external_data=external_data)
         return
     values = [value for value in model.graph.initializers.values() if value.const_value is not None]
@@ -33,7 +37,9 @@ def save_model(model: ir.Model, path: str | Path, *, external_data: str | None =
     pieces = []
     for value in values:
         assert value.const_value is not None  # kept only initializers with a tensor above
-        tensor = ir.serde.serialize_tensor(value.const_value)
+        source = value.const_value
+        tensor = reduce_tensor(source, _inline_proto) if isinstance(source, ir.ExternalTensor) else \
+            ir.serde.serialize_tensor(source)
         tensor.name = value.name or ""
         pieces.append(tensor.SerializeToString())
     graph_length = len(graph) + sum(len(_field_header(INITIALIZER_FIELD, len(piece))) + len(piece)
@@ -63,8 +69,9 @@ def _model_without_initializers(model: ir.Model, values: list[ir.Value]) -> onnx
             value.const_value = tensor
 
 
-def _has_external_tensors(model: ir.Model) -> bool:
-    return any(isinstance(value.const_value, ir.ExternalTensor) for value in model.graph.initializers.values())
+def _inline_proto(array: np.ndarray) -> onnx.TensorProto:
+    """The proto of a tensor read from another model's external data file, with its data inline."""
+    return ir.serde.serialize_tensor(ir.tensor(array))
 
 
 def _field_header(number: int, length: int) -> bytes:

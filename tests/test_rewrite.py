@@ -196,7 +196,7 @@ def test_external_data_path_matches_the_inline_one(tmp_path: Path, monkeypatch: 
     model, val = MODELS / "digits_transformer.pt2", MODELS / "digits_transformer.val.npz"
     options = PlanOptions(policy="cuda-fp16")
     inline = mpexport.convert(model, out=tmp_path / "inline", val_data=val, plan_options=options)
-    monkeypatch.setattr(conversion, "EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(conversion, "EXTERNAL_DATA_THRESHOLD", 0)  # both models with external data
     external = mpexport.convert(model, out=tmp_path / "external", val_data=val, plan_options=options)
 
     assert external.manifest.export.external_data and external.lint_passed
@@ -227,6 +227,30 @@ def test_external_data_path_matches_the_inline_one(tmp_path: Path, monkeypatch: 
     assert sorted(path.name for path in packaged.iterdir()) == ["model.mixed.onnx.data", "model.onnx"]
     session = ort.InferenceSession(str(packaged / "model.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(session.run(None, feeds)[0], outputs[1])
+
+
+def test_fp32_working_copy_with_external_data_gives_a_self_contained_mixed_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above 64 MB of weights only the FP32 ONNX (mpexport's working copy) has external data; the mixed model is
+    one file that carries every weight, also those it did not convert, and runs without the FP32 data file."""
+    from mpexport import conversion
+
+    monkeypatch.setattr(conversion, "FP32_EXTERNAL_DATA_THRESHOLD", 0)
+    model, val = MODELS / "digits_transformer.pt2", MODELS / "digits_transformer.val.npz"
+    result = mpexport.convert(model, out=tmp_path / "m", val_data=val, plan_options=PlanOptions(policy="cuda-fp16"))
+    assert result.export_check_passed and result.lint_passed
+    assert set(result.manifest.artifacts["fp32_onnx"].sha256) == {"model.fp32.onnx", "model.fp32.onnx.data"}
+    assert set(result.manifest.artifacts["mixed_onnx"].sha256) == {"model.mixed.onnx"}
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "model.onnx").write_bytes((result.out / "model.mixed.onnx").read_bytes())
+    onnx.checker.check_model(str(alone / "model.onnx"), full_check=True)
+    with np.load(val) as data:
+        feeds = {"pixels": data["pixels"][:16]}
+    mixed = ort.InferenceSession(str(alone / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    fp32 = ort.InferenceSession(str(result.out / "model.fp32.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, feeds)[0]
+    assert np.abs(mixed - fp32).max() < 0.05 * np.abs(fp32).max()
 
 
 def test_reading_external_weights_unmaps_them(tmp_path: Path) -> None:
