@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,8 @@ class MpexportGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         _terminate_cleanly()
+        if not os.environ.get("MPEXPORT_DEBUG"):
+            warnings.simplefilter("ignore")  # libraries' warnings: mpexport reports what matters, in one line
         try:
             return super().invoke(ctx)
         except MpexportError as exc:
@@ -382,9 +385,8 @@ def _print_verify(report: Any, directory: str | None) -> None:
         stdout.print(f"[red]fail:[/] {escape(failure)}", soft_wrap=True)
     for row in report.localisation:
         stdout.print(f"[red]first out of budget:[/] {row['node']} ({row['op_type']}, module "
-                     f"{row.get('module')!s}, {row.get('precision')}): {row['nonfinite']} non-finite, relative error "
-                     f"{row['relative_error']}" + (f" — plan: {escape(row['reason'])}" if row.get("reason") else ""),
-                     soft_wrap=True)
+                     f"{row.get('module')!s}, {row.get('precision')}): {escape(row['observed'])}"
+                     + (f" — plan: {escape(row['reason'])}" if row.get("reason") else ""), soft_wrap=True)
     for note in report.notes:
         stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     _print_timings(report.timings)

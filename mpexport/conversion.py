@@ -12,6 +12,7 @@ stage's seconds and peak memory land in the manifest (``timings.convert``).
 from __future__ import annotations
 
 import gc
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -60,7 +61,7 @@ from mpexport.parity import Comparison, batch_samples
 from mpexport.plan import DEFAULT_POLICY, PlanOptions, PrecisionPlan, RangeStats, make_plan
 from mpexport.ranges import ProbedRunner
 from mpexport.rewrite import apply_plan
-from mpexport.runners import TorchRunner, best_device, flatten_outputs, output_names
+from mpexport.runners import Batch, TorchRunner, best_device, flatten_outputs, output_names
 from mpexport.specs import TensorSpec, normalize_dtype
 from mpexport.timing import StageClock
 from mpexport.valdata import ValidationData, is_callable_spec, load_validation_data
@@ -274,7 +275,8 @@ def _data_pass(bundle: Bundle, loaded: LoadedModel, specs: list[TensorSpec], dat
                weights: dict[str, np.ndarray], calibrate: bool,
                on_progress: ProgressCallback | None) -> tuple[Comparison, RangeStats | None, str | None]:
     """One pass over the validation samples: PyTorch FP32 against the FP32 ONNX in ONNX Runtime on the first
-    ``check_samples`` (whole batches), the range probes folded on the first ``calibration_samples``."""
+    ``check_samples``, the range probes folded on the first ``calibration_samples`` (a batch that straddles either
+    limit is split there; a model with a fixed batch size counts whole batches)."""
     reference = TorchRunner(loaded.callable(), [spec.name for spec in specs], positional=loaded.positional,
                             device=best_device())
     candidate = ProbedRunner(bundle.path(FP32_ONNX), shared_weights=weights, probe=calibrate)
@@ -282,21 +284,30 @@ def _data_pass(bundle: Bundle, loaded: LoadedModel, specs: list[TensorSpec], dat
     check_limit = request.check_samples if data is not None else None
     calibration_limit = request.calibration_samples if calibrate else 0
     batches, total = _data_batches(specs, data, examples, max(check_limit or 0, calibration_limit), output_bytes)
+    limits = [limit for limit in (check_limit, calibration_limit) if limit] if _fixed_batch(specs) is None else []
     done = 0
-    for batch in batches:
-        samples = batch_samples(batch)
-        candidate.calibrating = calibrate and done < calibration_limit
-        compare = check_limit is None or done < check_limit
-        if not compare and not candidate.calibrating:
-            break
-        actual = candidate.run(batch)
-        if compare:
-            comparison.fold(reference.run(batch), actual, samples=samples)
-        done += samples
+    for whole in batches:
+        for batch in _split_at(whole, [limit - done for limit in limits]):
+            samples = batch_samples(batch)
+            candidate.calibrating = calibrate and done < calibration_limit
+            compare = check_limit is None or done < check_limit
+            if compare or candidate.calibrating:
+                actual = candidate.run(batch)
+                if compare:
+                    comparison.fold(reference.run(batch), actual, samples=samples)
+            done += samples
         if on_progress:
             on_progress(done, total)
     comparison.reference = f"torch-fp32 ({reference.device})"
     return comparison, candidate.stats if calibrate else None, reference.note
+
+
+def _split_at(batch: Batch, cuts: list[int]) -> list[Batch]:
+    """``batch`` cut into pieces at the sample positions in ``cuts`` that fall inside it."""
+    size = batch_samples(batch)
+    points = sorted({cut for cut in cuts if 0 < cut < size})
+    bounds = [0, *points, size]
+    return [{name: array[start:stop] for name, array in batch.items()} for start, stop in itertools.pairwise(bounds)]
 
 
 def _data_batches(specs: list[TensorSpec], data: ValidationData | None, examples: dict[str, torch.Tensor],

@@ -17,25 +17,34 @@ import numpy as np
 import onnx_ir as ir
 
 from mpexport.dtypes import LOW_ONNX_TYPES as LOW_TYPES
+from mpexport.graphs import subgraphs, walk
+
+
+class EmulationError(ValueError):
+    """The model uses low precision in a way the strict emulation cannot reproduce (so it cannot vouch for it)."""
 
 
 def strict_emulation(model: ir.Model) -> ir.Model:
-    """Turn ``model`` (in place) into its FP32 strict emulation and return it."""
+    """Turn ``model`` (in place) into its FP32 strict emulation and return it. Raises :class:`EmulationError`
+    when the model computes in low precision inside a subgraph body (If/Loop/Scan), which it does not emulate."""
     graph = model.graph
+    _refuse_low_bodies(graph)
+    _type_values(model)
     _widen_initializers(graph)
     for value in graph.inputs:
         if value.dtype in LOW_TYPES:
             value.dtype = ir.DataType.FLOAT
     for node in list(graph):
-        if node.op_type == "ConstantOfShape" and "value" in node.attributes:
+        low_constant = _low_value_attribute(node)
+        if low_constant is not None:
             tensor = node.attributes["value"].value
-            if tensor.dtype in LOW_TYPES:
-                node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float32)))
-                _round_outputs(graph, node, tensor.dtype)
-                continue
-        if node.op_type == "Cast" and ir.DataType(node.attributes["to"].value) in LOW_TYPES:
-            low = ir.DataType(node.attributes["to"].value)
-            node.attributes["to"] = ir.AttrInt64("to", ir.DataType.FLOAT)
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float32)))
+            _round_outputs(graph, node, low_constant)
+            continue
+        type_attribute = _low_type_attribute(node)
+        if type_attribute is not None:  # Cast(to=FP16), EyeLike/Random*(dtype=FP16): compute FP32, round
+            low = ir.DataType(node.attributes[type_attribute].value)
+            node.attributes[type_attribute] = ir.AttrInt64(type_attribute, ir.DataType.FLOAT)
             _round_outputs(graph, node, low)
             continue
         lows = [output.dtype for output in node.outputs if output.dtype in LOW_TYPES]
@@ -45,6 +54,61 @@ def strict_emulation(model: ir.Model) -> ir.Model:
             _pessimistic_mean(graph, node, lows[0])
         _round_outputs(graph, node, lows[0])
     return model
+
+
+TYPE_ATTRIBUTES = ("to", "dtype")
+"""Attributes that set a node's output type (Cast's ``to``; EyeLike's, RandomNormal's... ``dtype``)."""
+
+
+def _low_value_attribute(node: ir.Node) -> ir.DataType | None:
+    """The low type of a Constant's or ConstantOfShape's ``value`` tensor, if it has one."""
+    if node.op_type not in ("Constant", "ConstantOfShape") or "value" not in node.attributes:
+        return None
+    attribute = node.attributes["value"]
+    if attribute.type != ir.AttributeType.TENSOR:
+        return None
+    dtype = attribute.value.dtype
+    return dtype if dtype in LOW_TYPES else None
+
+
+def _low_type_attribute(node: ir.Node) -> str | None:
+    """The name of the attribute that makes ``node`` output a low type (``to``, ``dtype``), if one does."""
+    for name in TYPE_ATTRIBUTES:
+        attribute = node.attributes.get(name)
+        if attribute is not None and attribute.type == ir.AttributeType.INT and attribute.value in LOW_TYPES:
+            return name
+    return None
+
+
+def _type_values(model: ir.Model) -> None:
+    """Give untyped values their types (ONNX shape inference; mpexport's own models are typed throughout), and
+    raise :class:`EmulationError` for a node that reads low-precision values but whose output type stays unknown:
+    the emulation could not tell whether to round it."""
+    if all(value.dtype is not None for node in model.graph for value in node.outputs):
+        return
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass(strict_mode=False)(model)
+    for node in model.graph:
+        if any(value.dtype is None for value in node.outputs) and \
+                any(value is not None and value.dtype in LOW_TYPES for value in node.inputs):
+            raise EmulationError(f"the output type of node '{node.name}' ({node.op_type}), which reads "
+                                 "low-precision values, is unknown even after shape inference")
+
+
+def _refuse_low_bodies(graph: ir.Graph) -> None:
+    """Raise :class:`EmulationError` for a subgraph body that holds low-precision values: the emulation rounds the
+    main graph only, so it would silently be less strict there."""
+    for holder in graph:
+        for body in subgraphs(holder):
+            for visited in walk(body, holder):
+                node = visited.node
+                values = [value for value in (*node.inputs, *node.outputs) if value is not None]
+                if any(value.dtype in LOW_TYPES for value in values) or _low_value_attribute(node) is not None \
+                        or _low_type_attribute(node) is not None:
+                    raise EmulationError(f"node '{node.name}' inside the subgraph of '{holder.name}' "
+                                         f"({holder.op_type}) computes in low precision, which the strict emulation "
+                                         "does not reproduce inside subgraph bodies")
 
 
 def _widen_initializers(graph: ir.Graph) -> None:

@@ -185,15 +185,8 @@ class TorchScriptConverterStrategy:
         return request.model.format == FORMAT_TORCHSCRIPT
 
     def run(self, request: ExportRequest) -> Captured:
-        from torch._export.converter import TS2EPConverter
-
         module = cast(torch.jit.ScriptModule, request.model.module)  # a TorchScript file loads as one
-        converted = TS2EPConverter(module, request.example_args()).convert()
-        # The converter makes every dim dynamic; re-export with the requested dims so fixed sizes stay fixed
-        # (no shape arithmetic in the graph).
-        dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamic_dims()} or None
-                        for spec in request.inputs)
-        program = torch.export.export(converted.module(), request.example_args(), dynamic_shapes=dynamic)
+        program = torchscript_program(module, request.example_args(), request.inputs)
         names = [spec.name for spec in request.inputs]
         onnx_program = torch.onnx.export(
             program, dynamo=True, input_names=names, output_names=request.output_names,
@@ -203,6 +196,18 @@ class TorchScriptConverterStrategy:
         assert onnx_program is not None  # the dynamo exporter returns its ONNXProgram
         optimize_keeping_provenance(onnx_program.model)
         return Captured(onnx_program.model, program, onnx_program.exported_program)
+
+
+def torchscript_program(module: torch.jit.ScriptModule, example_args: tuple[torch.Tensor, ...],
+                        inputs: list[TensorSpec]) -> torch.export.ExportedProgram:
+    """The ExportedProgram of a TorchScript module as the ``torchscript-converter`` strategy captures it (torch's
+    converter, then re-exported with the requested dynamic dims so fixed sizes stay fixed: the converter makes
+    every dim dynamic, which would put shape arithmetic into the graph)."""
+    from torch._export.converter import TS2EPConverter
+
+    converted = TS2EPConverter(module, example_args).convert()
+    dynamic = tuple({axis: torch.export.Dim.DYNAMIC for axis in spec.dynamic_dims()} or None for spec in inputs)
+    return torch.export.export(converted.module(), example_args, dynamic_shapes=dynamic)
 
 
 class LegacyTorchScriptStrategy:

@@ -193,3 +193,48 @@ def compare_with_plan(plan: Any, observed: dict[str, str]) -> dict[str, Any]:
                                "plan": have, "observed": want, "reason": node.reason})
     return {"checked": checked, "agreed": agreed, "kernel_internal": internal, "unobserved": unobserved,
             "mismatches": mismatches}
+
+
+def observe_module_outputs(module: torch.nn.Module, args: tuple[Any, ...], device: str,
+                           dtype: torch.dtype) -> dict[str, str]:
+    """Run an eager ``module`` under real ``torch.autocast(device, dtype)`` and return, per submodule path (``""``
+    for the module itself), the dtype of its output. The oracle for graphs whose nodes record module scopes but no
+    aten ops (the TorchScript exporter's); ``device="cuda"`` needs a GPU (eager code may branch on values, so fake
+    tensors cannot stand in)."""
+    observed: dict[str, str] = {}
+    hooks = [child.register_forward_hook(
+        lambda _module, _inputs, output, path=path: observed.__setitem__(path, _dtype_of(output)))
+        for path, child in module.named_modules()]
+    try:
+        with torch.no_grad(), torch.autocast(device, dtype=dtype):
+            module(*args)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return observed
+
+
+def compare_modules_with_plan(plan: Any, observed: dict[str, str]) -> dict[str, Any]:
+    """Module-by-module agreement of a plan with observed autocast output dtypes: a module's output is taken to be
+    made by the last floating-point node in graph order of the module or its submodules (the plan's type for low
+    precision read as the policy's training type). Modules without nodes in the plan (inlined by the exporter) are
+    listed as unobserved. Returns counts and mismatches, as :func:`compare_with_plan`."""
+    nodes = [node for node in plan.nodes if node.precision != "none" and node.module is not None
+             and node.rule != "subgraph"]
+    training_low = plan.policy.low
+    checked, agreed, mismatches, unobserved = 0, 0, [], []
+    for module, want in observed.items():
+        inside = [node for node in nodes if module == "" or node.module == module
+                  or node.module.startswith(f"{module}.")]
+        if not inside or want == "none":
+            unobserved.append(module)
+            continue
+        node = inside[-1]
+        have = training_low if node.precision == plan.options.low else node.precision
+        checked += 1
+        if have == want:
+            agreed += 1
+        else:
+            mismatches.append({"module": module, "node": node.name, "plan": have, "observed": want,
+                               "reason": node.reason})
+    return {"checked": checked, "agreed": agreed, "unobserved": unobserved, "mismatches": mismatches}

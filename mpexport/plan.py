@@ -56,14 +56,16 @@ DATA_INPUT_OPS = ("BatchNormalization", "LayerNormalization", "InstanceNormaliza
 """Ops whose output has their first input's type whatever the type of their weights (torch's norms do)."""
 MAC_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
 OP_TYPE_TO_ATEN = {
-    "Conv": "aten.convolution", "ConvTranspose": "aten.convolution", "MatMul": "aten.matmul",
+    "Conv": "aten.conv{rank}d", "ConvTranspose": "aten.conv_transpose{rank}d.input", "MatMul": "aten.matmul",
     "Gemm": "aten.linear", "Einsum": "aten.einsum", "LayerNormalization": "aten.layer_norm",
     "GroupNormalization": "aten.group_norm", "Softmax": "aten.softmax.int", "LogSoftmax": "aten.log_softmax.int",
     "Exp": "aten.exp", "Log": "aten.log", "Pow": "aten.pow.Tensor_Scalar", "Reciprocal": "aten.reciprocal",
     "Softplus": "aten.softplus", "ReduceSum": "aten.sum.dim_IntList", "ReduceProd": "aten.prod.dim_int",
     "CumSum": "aten.cumsum", "ReduceLogSumExp": "aten.logsumexp", "Resize": "aten.upsample_bilinear2d",
 }
-"""Stand-in aten ops for nodes whose exporter recorded none (the TorchScript exporter)."""
+"""Stand-in aten ops for nodes whose exporter recorded none (the TorchScript exporter): the op a model's code calls
+and autocast intercepts (``conv2d``, not the ``convolution`` it dispatches to, which CPU autocast does not list;
+``{rank}`` is the convolution's spatial rank, from its weight)."""
 DEFAULT_HEADROOM = 2.0
 MASK_SENTINEL = 1e38
 """|values| at or beyond this (finfo(float32).min/max, infinities) are masking sentinels, not magnitudes."""
@@ -410,7 +412,7 @@ class _Engine:
             dtype = self._follow_inputs(node, record)
             return self._low_name(dtype), (f"region: torch.autocast(enabled=False) in the model's code; "
                                            f"follows its inputs ({dtype.upper()})"), "region"
-        op, cls = self._class_of(record)
+        op, cls = self._class_of(node, record)
         name = self.policy.name
         if cls == LOWER:
             if op in FUSED_KERNELS and node.op_type not in LOW_INSIDE_FUSED:
@@ -427,7 +429,7 @@ class _Engine:
         return self._low_name(dtype), f"propagate: {shown} is not in the {name} lists; runs in its inputs' type " \
             f"({dtype.upper()})", "propagate"
 
-    def _class_of(self, record: NodeProvenance) -> tuple[str | None, str | None]:
+    def _class_of(self, node: ir.Node, record: NodeProvenance) -> tuple[str | None, str | None]:
         """The op autocast decided for this node, and its class: the intercepted op if listed, else (the
         composite decomposed in eager) the node's own aten op; without any recorded op, a stand-in inferred
         from the ONNX op type (said so in the op name)."""
@@ -436,7 +438,7 @@ class _Engine:
             if cls is not None and op is not None:  # op_class is None for no op
                 return op_key(op), cls
         if record.aten is None and record.autocast_op is None and record.op_type in OP_TYPE_TO_ATEN:
-            stand_in = OP_TYPE_TO_ATEN[record.op_type]
+            stand_in = OP_TYPE_TO_ATEN[record.op_type].format(rank=_spatial_rank(node))
             return f"{stand_in} (inferred from {record.op_type})", self.policy.op_class(stand_in)
         recorded = record.autocast_op or record.aten
         return (op_key(recorded) if recorded else None), None
@@ -510,6 +512,13 @@ class _Engine:
                                       f"inside the subgraph of {holder.name}: kept FP32" if floats else
                                       "not floating point", "subgraph" if floats else "non-float", record.origin))
         return plans
+
+
+def _spatial_rank(node: ir.Node) -> int:
+    """The spatial rank of a convolution (its weight's rank minus 2; 2 when the weight's shape is unknown)."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    shape = weight.shape if weight is not None else None
+    return len(shape) - 2 if shape is not None and len(shape) >= 3 else 2
 
 
 def _peak_ignoring_sentinels(array: np.ndarray) -> float:

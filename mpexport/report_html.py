@@ -30,14 +30,14 @@ def render_html(report: Any) -> str:
     if report.failures:
         parts.append("<h2>Failures</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in report.failures)
                      + "</ul>")
+    if report.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report.notes) + "</ul>")
     if report.localisation:
         parts.append("<h2>First nodes out of budget (strict emulation vs FP32)</h2><table><tr><th>node</th>"
-                     "<th>op</th><th>module</th><th>precision</th><th>non-finite</th><th>rel. error</th>"
-                     "<th>plan reason</th></tr>")
+                     "<th>op</th><th>module</th><th>precision</th><th>observed</th><th>plan reason</th></tr>")
         for row in report.localisation:
             parts.append("<tr>" + "".join(f"<td>{html.escape(str(row.get(key, '')))}</td>" for key in
-                         ("node", "op_type", "module", "precision", "nonfinite", "relative_error", "reason"))
-                         + "</tr>")
+                         ("node", "op_type", "module", "precision", "observed", "reason")) + "</tr>")
         parts.append("</table>")
     parts.append(_backends_table(report.backends))
     outputs = sorted({name for metrics in report.metrics.values() for name in metrics})
@@ -51,10 +51,11 @@ def render_html(report: Any) -> str:
 
 
 def _backends_table(backends: dict[str, dict[str, Any]]) -> str:
-    rows = ["<h2>Backends</h2><table><tr><th>backend</th><th>ran</th><th>seconds</th><th>note</th></tr>"]
+    rows = ["<h2>Backends</h2><table><tr><th>backend</th><th>state</th><th>seconds</th><th>note</th></tr>"]
     for name, info in backends.items():
         note = info.get("why") or info.get("mode") or ""
-        rows.append(f"<tr><td>{html.escape(name)}</td><td>{'yes' if info.get('ran') else 'no'}</td>"
+        state = info.get("state", "ran" if info.get("ran") else "skipped")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td class='{'fail' if state == 'failed' else ''}'>{state}</td>"
                     f"<td>{info.get('seconds', '')}</td><td style='text-align:left'>{html.escape(str(note))}</td></tr>")
     return "".join(rows) + "</table>"
 

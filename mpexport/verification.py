@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from mpexport.bundle import (
     StageTiming,
     VerifyRecord,
 )
+from mpexport.dtypes import TYPE_MAX
 from mpexport.emulate import strict_emulation
 from mpexport.errors import MpexportError, first_line
 from mpexport.loading import LoadedModel, load_model
@@ -96,6 +97,8 @@ class ParityReport:
     data: str = ""
     notes: list[str] = field(default_factory=list)
     timings: list[StageTiming] = field(default_factory=list)
+    batches: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -109,7 +112,8 @@ class ParityReport:
     def to_json(self) -> dict[str, Any]:
         """``report.json``: verdict, thresholds, metrics per backend and output, failures, localisation."""
         return {
-            "verdict": self.verdict, "samples": self.samples, "data": self.data, "failures": self.failures,
+            "verdict": self.verdict, "samples": self.samples, "batches": self.batches, "data": self.data,
+            "options": self.options, "failures": self.failures,
             "thresholds": self.thresholds, "backends": self.backends, "notes": self.notes,
             "metrics": {backend: {name: m.to_json() for name, m in outputs.items()}
                         for backend, outputs in self.metrics.items()},
@@ -191,7 +195,7 @@ def verify(directory: str | Path, *, val_data: str | Path | None = None, options
     if not report.passed and report.ran(strict):
         with clock.stage("localisation"):
             report.localisation, note = localise(bundle.path(FP32_ONNX), bundle.path(MIXED_ONNX), example,
-                                                 _plan_nodes(bundle))
+                                                 _plan_nodes(bundle), low=low)
             if note:
                 report.notes.append(note)
     report.timings = clock.stages
@@ -229,7 +233,7 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
     report = _run(backends, data, specs, [value.name or "" for value in graph.outputs], options, on_batch,
                   gated=("onnx-candidate", strict), required=("onnx-candidate", strict))
     if not report.passed and report.ran(strict):
-        report.localisation, note = localise(None, candidate, example, {}, reference_runner=backends.runners[0])
+        report.localisation, note = localise(None, candidate, example, {}, low=low)
         if note:
             report.notes.append(note)
     return report
@@ -308,8 +312,9 @@ def _run(backends: _Backends, data: ValidationData, specs: list[TensorSpec], nam
     comparisons = {runner.name: Comparison.of(REFERENCE, runner.name, names) for runner in others}
     reference_accuracy = OutputMetrics("reference")
     total = min(data.num_samples, options.max_samples or data.num_samples) if data.num_samples else None
-    samples = 0
+    samples = batches = 0
     for batch in data.batches(options.batch_size, limit=options.max_samples, inputs=specs):
+        batches += 1
         expected = reference.run(batch)
         labels = batch.get(LABELS)
         count = batch_samples(batch)
@@ -337,7 +342,7 @@ def _run(backends: _Backends, data: ValidationData, specs: list[TensorSpec], nam
     if reference_accuracy.accuracy is not None:
         backends.states[REFERENCE]["accuracy"] = reference_accuracy.accuracy
     return ParityReport("pass" if not failures else "fail", backends.states, metrics, thresholds, failures,
-                        samples=samples, data=data.describe())
+                        samples=samples, data=data.describe(), batches=batches, options=asdict(options))
 
 
 def _mismatches(comparisons: dict[str, Comparison], backends: _Backends) -> list[str]:
@@ -432,12 +437,13 @@ def _limits(backend: str, m: OutputMetrics, amp: OutputMetrics | None, options: 
 
 # -- localisation --------------------------------------------------------------------------------------------
 def localise(fp32_path: Path | None, mixed_path: Path, batch: Batch, plan_nodes: dict[str, dict[str, Any]],
-             *, reference_runner: Runner | None = None, limit: int = 5) -> tuple[list[dict[str, Any]], str | None]:
+             *, low: str = "fp16", limit: int = 5) -> tuple[list[dict[str, Any]], str | None]:
     """The first nodes (graph order) of the strict emulation of ``mixed_path`` whose output leaves budget
     against FP32 (``fp32_path``, or the emulation with its rounding undone): a non-finite value where FP32 is
     finite, or an error beyond 5% of the FP32 tensor's scale. Compared on one batch, by value name (the
     emulation keeps the FP32 model's names for rounded values). Returns the rows and, when nothing could be
-    named, why."""
+    named, why. Each row names the node, its op, module, planned precision and plan reason, and what was observed
+    (e.g. ``output reached 1.1e+05 > 65504, the FP16 max``)."""
     try:
         strict_model = _strict_model(mixed_path)
         strict = _all_values(strict_model, mixed_path.parent, batch)
@@ -458,7 +464,7 @@ def localise(fp32_path: Path | None, mixed_path: Path, batch: Batch, plan_nodes:
             broken, error, scale = _compare(fp32[name], strict[name])
             if broken or error > LOCALISE_RTOL:
                 found.append(_located(origin, by_name.get(origin, node), plan_nodes.get(origin, {}), name,
-                                      broken, error, scale))
+                                      broken, error, scale, low))
                 break
         if len(found) >= limit:
             break
@@ -479,14 +485,25 @@ def _compare(want: np.ndarray, have: np.ndarray) -> tuple[int, float, float]:
 
 
 def _located(origin: str, node: ir.Node, info: dict[str, Any], value: str, broken: int, error: float,
-             scale: float) -> dict[str, Any]:
+             scale: float, low: str) -> dict[str, Any]:
     from mpexport.provenance import NAME_SCOPES, _parse_list
 
     scopes = _parse_list(node.metadata_props.get(NAME_SCOPES))
     module = info.get("module", scopes[-2] if len(scopes) >= 2 else None)
     return {"node": origin, "op_type": info.get("op_type", node.op_type), "module": module,
             "precision": info.get("precision"), "reason": info.get("reason"), "value": value,
-            "nonfinite": broken, "relative_error": float(f"{error:.3g}"), "fp32_max_abs": float(f"{scale:.4g}")}
+            "observed": _observed(broken, error, scale, low), "nonfinite": broken,
+            "relative_error": float(f"{error:.3g}"), "fp32_max_abs": float(f"{scale:.4g}")}
+
+
+def _observed(broken: int, error: float, scale: float, low: str) -> str:
+    """What left budget, in words: the FP32 value beyond the low type's range, the non-finite values, or the error."""
+    limit = TYPE_MAX.get(low)
+    if limit is not None and scale > limit:
+        return f"output reached {scale:.3g} > {limit:.6g}, the {low.upper()} max"
+    if broken:
+        return f"{broken} values became non-finite in {low.upper()} (FP32 reaches {scale:.3g})"
+    return f"error {error:.1%} of the output's scale {scale:.3g}"
 
 
 def _all_values(model: ir.Model, base_dir: Path, batch: Batch) -> dict[str, np.ndarray]:

@@ -14,7 +14,9 @@ Runs as it is on a machine with CUDA torch (nothing fetched; the project's code 
    well the CPU gate predicts GPU FP16 numerics is a number;
 3. convert's data pass: the PyTorch FP32 reference runs on the GPU where one exists (TF32 off), and the
    export check must still pass against ONNX Runtime's CPU FP32;
-4. TensorRT: where it imports and a GPU exists, builds each example's engine (`--engine on`) and verifies it
+4. SDPA: the mean error of the plan's attention rule (scores rounded once, softmax FP32) next to the CUDA kernels'
+   and the CUDA math path's under CUDA autocast (the CPU paths are measured by the test suite);
+5. TensorRT: where it imports and a GPU exists, builds each example's engine (`--engine on`) and verifies it
    (the engine's layers checked against the plan, the engine as a verify backend); else says why it skipped.
 
 Prints a one-screen summary and writes it as JSON. Exit 0 when every oracle comparison agreed, every export
@@ -162,6 +164,56 @@ def numerics_and_engines(cpu_only: bool) -> tuple[list[dict[str, Any]], dict[str
     return rows, engines
 
 
+class _Attention(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def sdpa_kernels(cpu_only: bool) -> dict[str, Any]:
+    """Mean error against FP64 of the plan's SDPA rule (the strict emulation of the mixed model, on the CPU) next to
+    the CUDA kernels under CUDA autocast (default backend and the math path), per low type."""
+    import mpexport
+    from mpexport.bundle import MIXED_ONNX, Bundle
+    from mpexport.plan import PlanOptions
+    from mpexport.runners import OrtRunner
+    from mpexport.verification import _strict_model
+
+    if cpu_only or not torch.cuda.is_available():
+        return {"skipped": "no GPU: the CPU paths are measured by test_sdpa_kernel_rule_against_the_cpu_autocast_paths"}
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (3 * torch.randn(8, 4, 64, 32, generator=generator) for _ in range(3))
+    reference = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
+    rows: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        program = torch.export.export(_Attention(), (q[:2], k[:2], v[:2]),
+                                      dynamic_shapes=({0: torch.export.Dim("batch")},) * 3)
+        torch.export.save(program, root / "attention.pt2")
+        np.savez(root / "val.npz", q=q.numpy(), k=k.numpy(), v=v.numpy())
+        for low, dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            out = root / low
+            mpexport.convert(root / "attention.pt2", out=out, val_data=root / "val.npz", engine="off",
+                             plan_options=PlanOptions(policy=f"cuda-{low}", range_check=False))
+            bundle = Bundle.open(out)
+            strict = OrtRunner.from_model(_strict_model(bundle.path(MIXED_ONNX)), out, name="strict")
+            (planned,) = strict.run({"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})
+            row = {"plan_strict_emulation": float(np.abs(planned - reference.numpy()).mean())}
+            cuda = [tensor.cuda() for tensor in (q, k, v)]
+            with torch.autocast("cuda", dtype=dtype):
+                row["cuda_default_kernel"] = _mean_error(cuda, reference)
+                with sdpa_kernel(SDPBackend.MATH):
+                    row["cuda_math_path"] = _mean_error(cuda, reference)
+            rows[low] = row
+    return rows
+
+
+def _mean_error(inputs: list[torch.Tensor], reference: torch.Tensor) -> float:
+    result = torch.nn.functional.scaled_dot_product_attention(*inputs)
+    return float((result.float().cpu() - reference).abs().mean())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_check.json", help="Where to write the JSON summary.")
@@ -176,6 +228,7 @@ def main() -> int:
         "oracle": oracle_check(args.cpu_only),
     }
     summary["numerics"], summary["tensorrt"] = numerics_and_engines(args.cpu_only)
+    summary["sdpa"] = sdpa_kernels(args.cpu_only)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
     print(f"machine: torch {summary['machine']['torch']}, GPU {summary['machine']['gpu'] or 'none'}")
@@ -192,6 +245,7 @@ def main() -> int:
         check = row["export_check"]
         print(f"  {'':<20} convert's export check against {check['reference']}: "
               f"{'pass' if check['passed'] else 'FAIL'} ({check['seconds']} s data pass)")
+    print(f"sdpa (mean error vs FP64): {json.dumps(summary['sdpa'])}")
     print(f"tensorrt: {summary['tensorrt']['engines']}")
     print(f"done in {summary['seconds']} s; summary in {args.out}")
     engines_ok = all(row.get("engine", {}).get("ok", True) for row in summary["numerics"])

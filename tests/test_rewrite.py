@@ -15,6 +15,7 @@ import torch
 from onnx import TensorProto, helper
 
 import mpexport
+from mpexport.bundle import Bundle
 from mpexport.errors import MpexportError
 from mpexport.lint import lint_model
 from mpexport.plan import PlanOptions
@@ -385,3 +386,30 @@ def test_calibration_statistics_equal_the_intermediates_themselves(tmp_path: Pat
     nan_input = {"pixels": np.full((2, 1, 8, 8), np.nan, np.float32)}
     poisoned = collect_ranges(path, [nan_input])
     assert all(math.isinf(peak) for peak in poisoned.max_abs.values())
+
+
+def test_lint_compares_every_node_of_a_torchscript_exporter_model(cli, tmp_path: Path) -> None:
+    """That exporter names nodes like paths (/fc/Gemm); lint compares every one of them, and a node realized in
+    another type than planned fails."""
+    from tests.toy_models import build_data_dependent
+
+    torch.save(build_data_dependent().state_dict(), tmp_path / "ckpt.pt")
+    out = tmp_path / "m"
+    assert cli("convert", tmp_path / "ckpt.pt", "--factory", "tests.toy_models:build_data_dependent", "--input",
+               "x:batch,4", "--amp-policy", "cuda-fp16", "--out", out).exit_code == 0
+    bundle = Bundle.open(out)
+    assert bundle.manifest.export.strategy == "legacy-torchscript"
+    plan = bundle.plan()
+    assert "/fc/Gemm" in plan.precisions() and plan.precisions()["/fc/Gemm"] == "fp16"
+    check = next(c for c in bundle.manifest.lint.checks if c["name"] == "realized precision = plan")
+    compared, total = (int(part) for part in check["detail"].split(" nodes compared")[0].split(" of "))
+    added = int(check["detail"].split("(")[1].split(" added")[0])
+    assert check["status"] == "pass" and compared == len(plan.nodes) and compared + added == total, check
+
+    altered = ir.load(str(bundle.path("fp32_onnx")))
+    apply_plan(altered, {**plan.precisions(), "/fc/Gemm": "fp32"})
+    ir.save(altered, tmp_path / "altered.onnx")
+    result = cli("lint", tmp_path / "altered.onnx", "--plan", out / "plan.json", "--json")
+    assert result.exit_code == 1
+    findings = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "realized precision = plan")
+    assert "/fc/Gemm: planned fp16, realized fp32" in findings["findings"]

@@ -4,6 +4,7 @@ cannot fool, localisation, reports, bad validation data."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,112 @@ def test_bad_validation_functions(cli, tmp_path: Path, source: str, fragment: st
     out = tmp_path / "m"
     assert_bad_input(cli("convert", MODELS / "digits_resnet.pt2", "--val-data", source, "--out", out), fragment)
     assert not out.exists()
+
+
+def _with_low_precision_branch(source: Path, target: Path) -> None:
+    """``source`` with its output passed through an If whose branch rounds it through FP16: a model the strict
+    emulation cannot vouch for (it rounds the main graph only)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(source))
+    output = model.graph.output[0]
+    inner = output.name + "_inner"
+    for node in model.graph.node:
+        node.output[:] = [inner if name == output.name else name for name in node.output]
+    shape = [dim.dim_param or dim.dim_value for dim in output.type.tensor_type.shape.dim]
+    then_branch = helper.make_graph(
+        [helper.make_node("Cast", [inner], ["low"], to=TensorProto.FLOAT16, name="branch_down"),
+         helper.make_node("Cast", ["low"], ["back"], to=TensorProto.FLOAT, name="branch_up")],
+        "then", [], [helper.make_tensor_value_info("back", TensorProto.FLOAT, shape)])
+    else_branch = helper.make_graph([helper.make_node("Identity", [inner], ["same"], name="branch_same")],
+                                    "else", [], [helper.make_tensor_value_info("same", TensorProto.FLOAT, shape)])
+    model.graph.node.extend([
+        helper.make_node("Constant", [], ["flag"], value=helper.make_tensor("flag", TensorProto.BOOL, [], [True]),
+                         name="flag"),
+        helper.make_node("If", ["flag"], [output.name], then_branch=then_branch, else_branch=else_branch,
+                         name="branch")])
+    onnx.save(model, str(target))
+
+
+def test_a_strict_emulation_that_cannot_be_built_fails_the_verdict(cli, hazard: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    candidate = tmp_path / "branchy.onnx"
+    _with_low_precision_branch(hazard["naive"], candidate)
+    result = cli("verify", "--reference", hazard["pt2"], "--candidate", candidate, "--val-data", hazard["val"],
+                 "--json")
+    assert result.exit_code == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["verdict"] == "fail" and report["backends"]["strict-fp16"]["state"] == "failed"
+    assert "inside the subgraph of 'branch'" in report["backends"]["strict-fp16"]["why"]
+    assert any(line.startswith("strict-fp16: could not be built") for line in report["failures"])
+    assert report["backends"]["onnx-candidate"]["state"] == "ran"  # ONNX Runtime itself runs it
+
+
+def test_strict_emulation_rounds_low_precision_constants() -> None:
+    """An FP16 Constant (other converters write them) is computed in FP32 and rounded like every FP16 value."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mpexport.emulate import strict_emulation
+    from mpexport.runners import OrtRunner
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="down"),
+         helper.make_node("Constant", [], ["c"], value=onnx.numpy_helper.from_array(np.array(60000, np.float16)),
+                          name="big"),
+         helper.make_node("Add", ["x16", "c"], ["s"], name="add"),
+         helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT, name="up")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    strict = strict_emulation(model)
+    constant = next(node for node in strict.graph if node.op_type == "Constant")
+    assert constant.attributes["value"].value.dtype == ir.DataType.FLOAT  # ONNX Runtime would refuse FP16 + FP32
+    (y,) = OrtRunner.from_model(strict, ".", name="strict").run({"x": np.array([1.0, 10000.0], np.float32)})
+    assert y[0] == 60000.0 and np.isinf(y[1])  # 70000 is beyond FP16: the rounding says so
+
+
+def test_localisation_in_directory_mode_names_node_module_reason_and_value(cli, hazard: dict[str, Path],
+                                                                           tmp_path: Path) -> None:
+    """A plan that forces the hazard's Pow into FP16: verify fails, and its localisation names the node, the
+    module, the plan's reason and what was observed."""
+    out = tmp_path / "forced"
+    assert cli("convert", hazard["pt2"], "--val-data", hazard["val"], "--amp-policy", "cuda-fp16",
+               "--force-low-op", "Pow", "--out", out).exit_code == 0
+    result = cli("verify", out, "--json")
+    assert result.exit_code == 1
+    first = json.loads(result.stdout)["localisation"][0]
+    assert first["op_type"] == "Pow" and first["precision"] == "fp16" and first["module"] == ""
+    assert first["reason"].startswith("override: op Pow forced to low precision")
+    assert re.fullmatch(r"output reached [0-9.e+]+ > 65504, the FP16 max", first["observed"]), first
+    assert float(first["observed"].split()[2]) > 65504 and first["nonfinite"] > 0
+    text = cli("verify", out)
+    assert "first out of budget" in text.stdout and "the FP16 max" in text.stdout
+
+
+def test_native_io_types_convert_then_verify(cli, tmp_path: Path) -> None:
+    """--io-types native: the mixed model takes and returns the low type; verify feeds it the FP32 data cast to
+    its input types (the reference gets FP32) and passes."""
+    import onnx
+
+    out = tmp_path / "native"
+    assert cli("convert", MODELS / "digits_transformer.pt2", "--val-data", MODELS / "digits_transformer.val.npz",
+               "--io-types", "native", "--out", out).exit_code == 0
+    graph = onnx.load(str(out / "model.mixed.onnx")).graph
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    result = cli("verify", out)
+    assert result.exit_code == 0, result.stdout
+
+
+def test_localisation_says_why_when_it_cannot_run(hazard: dict[str, Path], tmp_path: Path) -> None:
+    from mpexport.verification import localise
+
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    with np.load(hazard["val"]) as data:
+        batch = {"x": data["x"][:4]}
+    rows, note = localise(hazard["out"] / "model.fp32.onnx", broken, batch, {})
+    assert rows == [] and note.startswith("localisation could not run:")
+    rows, note = localise(hazard["out"] / "model.fp32.onnx", hazard["out"] / "model.mixed.onnx", batch, {})
+    assert rows == [] and "found no node out of budget" in note  # the policy's plan is sound on this batch
