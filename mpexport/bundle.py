@@ -43,15 +43,17 @@ MANIFEST_VERSION = 2
 TEMP_PREFIX = ".mpexport-tmp-"
 VERSIONED_PACKAGES = ("mpexport", "torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy")
 
-FP32_ONNX, PROVENANCE, PLAN, MIXED_ONNX = "fp32_onnx", "provenance", "plan", "mixed_onnx"
-ENGINE, REPORT, REPORT_HTML, REPAIR = "engine", "report", "report_html", "repair"
-FILE_NAMES = {FP32_ONNX: "model.fp32.onnx", PROVENANCE: "provenance.json", PLAN: "plan.json",
+FP32_ONNX, PROVENANCE, RANGES, PLAN = "fp32_onnx", "provenance", "ranges", "plan"
+MIXED_ONNX, ENGINE, REPORT, REPORT_HTML, REPAIR = "mixed_onnx", "engine", "report", "report_html", "repair"
+REPAIR_POLICY = "repair_policy"
+FILE_NAMES = {FP32_ONNX: "model.fp32.onnx", PROVENANCE: "provenance.json", RANGES: "ranges.json", PLAN: "plan.json",
               MIXED_ONNX: "model.mixed.onnx", ENGINE: "model.plan", REPORT: "report.json", REPORT_HTML: "report.html",
-              REPAIR: "repair.json"}
+              REPAIR: "repair.json", REPAIR_POLICY: "repair.policy.toml"}
 """Artifact key -> the file name mpexport writes it under."""
-DESCRIPTIONS = {FP32_ONNX: "FP32 ONNX model", PROVENANCE: "provenance record", PLAN: "precision plan",
-                MIXED_ONNX: "mixed-precision model", ENGINE: "TensorRT engine", REPORT: "parity report",
-                REPORT_HTML: "HTML parity report", REPAIR: "repair record"}
+DESCRIPTIONS = {FP32_ONNX: "FP32 ONNX model", PROVENANCE: "provenance record", RANGES: "calibration statistics",
+                PLAN: "precision plan", MIXED_ONNX: "mixed-precision model", ENGINE: "TensorRT engine",
+                REPORT: "parity report", REPORT_HTML: "HTML parity report", REPAIR: "repair record",
+                REPAIR_POLICY: "repair policy file"}
 VERDICTS = ("export_check", "lint", "engine", "verify")
 """Manifest sections that certify artifacts (each records what it covered)."""
 
@@ -398,6 +400,12 @@ class Bundle:
         from mpexport.plan import PrecisionPlan
 
         return PrecisionPlan.load(self.path(PLAN))
+
+    def ranges(self) -> Any:
+        """The range rule's calibration statistics (:class:`mpexport.plan.RangeStats`), or None without them."""
+        from mpexport.plan import RangeStats
+
+        return RangeStats.from_json(json.loads(self.path(RANGES).read_text())) if self.has(RANGES) else None
 
     def provenance(self) -> list[Any]:
         """The per-node provenance records (:class:`mpexport.provenance.NodeProvenance`)."""

@@ -297,11 +297,13 @@ def _print_timings(stages: list[Any]) -> None:
 @click.option("--atol", type=float, help="Explicit max abs error (overrides the budget).")
 @click.option("--min-cosine", type=float, help="Explicit minimum cosine similarity (overrides the budget).")
 @click.option("--max-top1-drop", type=float, help="Explicit largest top-1 disagreement share (overrides).")
+@click.option("--repair", "then_repair", is_flag=True,
+              help="With DIRECTORY: when verify fails, run mpexport repair on it (same options).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(directory: str | None, val_data: str | None, reference: str | None, candidate: str | None,
            factory: str | None, trust_pickle: bool, amp_policy: str, low: str, batch_size: int,
            max_samples: int | None, budget_factor: float, atol: float | None, min_cosine: float | None,
-           max_top1_drop: float | None, as_json: bool) -> None:
+           max_top1_drop: float | None, then_repair: bool, as_json: bool) -> None:
     """Run the FP32 baseline and every deployable form side by side on the validation set, and gate.
 
     Backends: torch-fp32 (reference), torch-amp (the training policy: the noise floor), onnx-fp32,
@@ -312,6 +314,7 @@ def verify(directory: str | None, val_data: str | None, reference: str | None, c
     \b
     Examples:
       mpexport verify build/resnet
+      mpexport verify build/resnet --repair
       mpexport verify --reference model.pt2 --candidate other_tool.onnx --val-data val.npz
     """
     from mpexport.verification import VerifyOptions, verify_candidate
@@ -319,6 +322,8 @@ def verify(directory: str | None, val_data: str | None, reference: str | None, c
 
     options = VerifyOptions(budget_factor=budget_factor, atol=atol, min_cosine=min_cosine,
                             max_top1_drop=max_top1_drop, batch_size=batch_size, max_samples=max_samples)
+    if then_repair and not directory:
+        raise click.UsageError("--repair needs DIRECTORY")
     with _batch_progress(as_json) as on_batch:
         if directory:
             if reference or candidate:
@@ -330,12 +335,102 @@ def verify(directory: str | None, val_data: str | None, reference: str | None, c
                 raise click.UsageError("without DIRECTORY, give --reference, --candidate and --val-data")
             report = verify_candidate(reference, candidate, val_data, factory=factory, trust_pickle=trust_pickle,
                                       policy=amp_policy, low=low, options=options, on_batch=on_batch)
-    if as_json:
+    if as_json and not (then_repair and not report.passed):
         click.echo(json.dumps(report.to_json(), indent=2))
-    else:
+    elif not as_json:
         _print_verify(report, directory)
+    if not report.passed and then_repair and directory:
+        _run_repair(directory, val_data, trust_pickle, options, DEFAULT_MAX_TRIALS, as_json)
+        return
     if not report.passed:
         sys.exit(EXIT_PARITY_FAILED)
+
+
+DEFAULT_MAX_TRIALS = 200
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=str))
+@click.option("--val-data", type=click.Path(path_type=str),
+              help="Validation data (default: the data convert checked the export on).")
+@click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled source model (runs its code).")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--max-samples", type=click.IntRange(1), help="Verify on at most this many samples.")
+@click.option("--budget-factor", type=click.FloatRange(min=1.0), default=2.0, show_default=True,
+              help="The gate: this many times the training noise floor (as verify).")
+@click.option("--atol", type=float, help="Explicit max abs error (as verify).")
+@click.option("--min-cosine", type=float, help="Explicit minimum cosine similarity (as verify).")
+@click.option("--max-top1-drop", type=float, help="Explicit largest top-1 disagreement share (as verify).")
+@click.option("--max-trials", type=click.IntRange(1), default=DEFAULT_MAX_TRIALS, show_default=True,
+              help="Stop searching after this many trials.")
+@click.option("--json", "as_json", is_flag=True, help="Print repair.json instead of tables.")
+def repair(directory: str, val_data: str | None, trust_pickle: bool, batch_size: int, max_samples: int | None,
+           budget_factor: float, atol: float | None, min_cosine: float | None, max_top1_drop: float | None,
+           max_trials: int, as_json: bool) -> None:
+    """Find the smallest set of extra FP32 nodes with which every deployable form passes verify's gate
+    (never by loosening it), and commit the repaired plan, model and report.
+
+    Starts from the modules localisation names on the failing samples (what you would write as
+    --keep-fp32-module), then narrows them to single nodes by delta debugging; each trial re-plans and
+    runs the strict emulation in memory on the failing samples, and the result is verified on every
+    sample before it is written. Writes repair.json (nodes, modules, trials, MACs moved to FP32) and
+    repair.policy.toml (convert --policy reproduces the plan). Exit 0 repaired (or already passing),
+    1 no set found (what was tried is printed), 2 bad input.
+
+    \b
+    Example:
+      mpexport repair build/m && mpexport package build/m --out repo
+    """
+    from mpexport.verification import VerifyOptions
+
+    options = VerifyOptions(budget_factor=budget_factor, atol=atol, min_cosine=min_cosine,
+                            max_top1_drop=max_top1_drop, batch_size=batch_size, max_samples=max_samples)
+    _run_repair(directory, val_data, trust_pickle, options, max_trials, as_json)
+
+
+def _run_repair(directory: str, val_data: str | None, trust_pickle: bool, options: Any, max_trials: int,
+                as_json: bool) -> None:
+    from mpexport.repair import repair as run_repair
+
+    with _StageProgress(as_json) as progress:
+        progress.stage("repair")
+        result = run_repair(directory, val_data=val_data, options=options, trust_pickle=trust_pickle,
+                            max_trials=max_trials, on_trial=lambda number, _text: progress.advance(number, None))
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_repair(result, directory)
+    if not result.passed:
+        sys.exit(EXIT_PARITY_FAILED)
+
+
+def _print_repair(result: Any, directory: str) -> None:
+    if result.status == "already passing":
+        stdout.print(f"[green]nothing to repair:[/] {directory} passes verify")
+        return
+    if result.status != "repaired":
+        stdout.print(f"[red]no repair found[/] after {result.trials} trials: {escape(' '.join(result.notes))}",
+                     soft_wrap=True)
+        for line in result.tried[-15:]:
+            stdout.print(f"  {escape(line)}", soft_wrap=True)
+        return
+    macs = result.macs
+    share = (f"; low-precision MAC share {macs['low_precision_share_before']:.1%} -> "
+             f"{macs['low_precision_share_after']:.1%} ({macs['moved_to_fp32']:,} MACs moved to FP32)"
+             if macs.get("low_precision_share_before") is not None else "")
+    stdout.print(f"[green]repaired[/] {directory}: {len(result.nodes)} nodes kept FP32 after {result.trials} trials "
+                 f"in {result.seconds:.1f} s{share}", soft_wrap=True)
+    table = Table(title="moved to FP32", title_justify="left")
+    for column in ("node", "op", "module", "why"):
+        table.add_column(column, overflow="fold")
+    for item in result.added_fp32:
+        table.add_row(item["node"], item["op_type"], item["module"] or "", escape(item["reason"]))
+    stdout.print(table)
+    if result.modules:
+        stdout.print(f"as modules: {', '.join(result.modules)}; policy file: {directory}/repair.policy.toml")
+    for note in result.notes:
+        stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    stdout.print(f"verify now: [green]{result.report.verdict.upper()}[/] on {result.report.samples} samples")
 
 
 class _batch_progress:
@@ -551,6 +646,11 @@ def _print_inspect(report: Any, show_nodes: bool) -> None:
                  f"deployed as {plan['target']}", soft_wrap=True)
     stdout.print("verdicts: " + "; ".join(f"{name} {escape(state)}" for name, state in report.verdicts.items()),
                  soft_wrap=True)
+    if report.repair:
+        nodes, macs = report.repair.get("nodes", []), report.repair.get("macs", {})
+        before, after = macs.get("low_precision_share_before"), macs.get("low_precision_share_after")
+        share = "" if before is None else f"; low-precision MAC share {before:.1%} -> {after:.1%}"
+        stdout.print(f"repair: {len(nodes)} nodes kept FP32 ({', '.join(nodes)}){share}", soft_wrap=True)
     for problem in report.damaged.values():
         stdout.print(f"[red]damaged:[/] {escape(problem)} — no verdict covers it as it is", soft_wrap=True)
     counts = Table(title="nodes per precision", title_justify="left")

@@ -30,6 +30,7 @@ from mpexport.bundle import (
     MIXED_ONNX,
     PLAN,
     PROVENANCE,
+    RANGES,
     Bundle,
     EngineRecord,
     ExportCheckRecord,
@@ -169,6 +170,9 @@ def convert(
         fp32 = _fp32_stage(bundle, request, clock, on_progress)
         gc.collect()  # the PyTorch model and the in-memory export are gone from here on
         manifest = bundle.manifest
+        if fp32.ranges is not None:
+            artifacts.write_json(staging / FILE_NAMES[RANGES], fp32.ranges.to_json())
+            bundle.record_artifact(RANGES, FILE_NAMES[RANGES], command="convert")
         with clock.stage("plan"):
             model_ir = ir.load(str(staging / FILE_NAMES[FP32_ONNX]))  # external weights memory-mapped
             plan = make_plan(model_ir, fp32.records, fp32.options, fp32.ranges)

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mpexport.dtypes import LOW_ONNX_TYPES as LOW_TYPES
-from mpexport.graphs import subgraphs, walk
+from mpexport.graphs import mark_added, subgraphs, walk
 
 
 class EmulationError(ValueError):
@@ -56,6 +56,8 @@ def strict_emulation(model: ir.Model) -> ir.Model:
     return model
 
 
+ROUNDING = "rounding"
+"""Role (``mpexport.role`` metadata) of the casts to the low type that make the emulation strict."""
 TYPE_ATTRIBUTES = ("to", "dtype")
 """Attributes that set a node's output type (Cast's ``to``; EyeLike's, RandomNormal's... ``dtype``)."""
 
@@ -142,7 +144,8 @@ def _round_outputs(graph: ir.Graph, node: ir.Node, low: ir.DataType) -> None:
             continue
         output.dtype = ir.DataType.FLOAT
         consumers = list(output.uses())
-        down = ir.node("Cast", [output], {"to": low}, name=f"{node.name}__round_{output.name}_down")
+        down = mark_added(ir.node("Cast", [output], {"to": low}, name=f"{node.name}__round_{output.name}_down"),
+                          ROUNDING)
         up = ir.node("Cast", [down.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{node.name}__round_{output.name}_up")
         down.outputs[0].name = f"{output.name}__low"
         down.outputs[0].dtype = low
@@ -172,7 +175,7 @@ def _pessimistic_mean(graph: ir.Graph, node: ir.Node, low: ir.DataType) -> None:
     count_float = ir.node("Cast", [count.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}__count_float")
     mean.dtype = ir.DataType.FLOAT
     total = ir.node("Mul", [mean, count_float.outputs[0]], name=f"{name}__sum")
-    down = ir.node("Cast", [total.outputs[0]], {"to": low}, name=f"{name}__sum_down")
+    down = mark_added(ir.node("Cast", [total.outputs[0]], {"to": low}, name=f"{name}__sum_down"), ROUNDING)
     up = ir.node("Cast", [down.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}__sum_up")
     divided = ir.node("Div", [up.outputs[0], count_float.outputs[0]], name=f"{name}__mean")
     for value, suffix, dtype in ((total.outputs[0], "sum", ir.DataType.FLOAT), (down.outputs[0], "sum_low", low),

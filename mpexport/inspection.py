@@ -24,6 +24,8 @@ class InspectReport:
     verdicts: dict[str, str] = field(default_factory=dict)
     damaged: dict[str, str] = field(default_factory=dict)
     """Artifacts whose files no longer match the manifest, and how (verdicts over them mean nothing)."""
+    repair: dict[str, Any] | None = None
+    """What ``repair`` changed in the plan, if it ran."""
 
     def to_json(self) -> dict[str, Any]:
         """Policy, target, summary, keep-list, naive difference and verdicts (the per-node plan stays in
@@ -31,7 +33,8 @@ class InspectReport:
         return {"directory": str(self.directory), "policy": self.plan["policy"], "target": self.plan["target"],
                 "policy_source": self.policy_source, "summary": self.plan["summary"],
                 "notes": self.plan.get("notes", []), "keep_list": self.keep_list,
-                "naive_difference": self.naive_difference, "verdicts": self.verdicts, "damaged": self.damaged}
+                "naive_difference": self.naive_difference, "verdicts": self.verdicts, "damaged": self.damaged,
+                "repair": self.repair}
 
 
 def inspect_plan(directory: str | Path) -> InspectReport:
@@ -46,7 +49,7 @@ def inspect_plan(directory: str | Path) -> InspectReport:
         "float_nodes": len(float_nodes), "kept_fp32": len(kept),
         "by_rule": dict(sorted(Counter(node["rule"] for node in kept).items())),
     }, record.policy_source if record else "", verdicts(bundle),
-        {key: problem for key, problem in bundle.integrity().items() if problem})
+        {key: problem for key, problem in bundle.integrity().items() if problem}, bundle.manifest.repair)
 
 
 def verdicts(bundle: Bundle) -> dict[str, str]:

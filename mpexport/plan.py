@@ -21,6 +21,7 @@ Explicit ``x.float()`` casts that the FP32 graph dropped as no-ops are honoured 
 from __future__ import annotations
 
 import json
+import math
 import re
 import tomllib
 from collections import Counter, defaultdict
@@ -200,6 +201,19 @@ class RangeStats:
     max_abs: dict[str, float]
     shapes: dict[str, tuple[int, ...]]
     samples: int
+
+    def to_json(self) -> dict[str, Any]:
+        """As ``ranges.json`` holds it (infinite peaks as ``"inf"``)."""
+        return {"samples": self.samples,
+                "values": {name: {"max_abs": peak if math.isfinite(peak) else "inf", "shape": list(self.shapes.get(
+                    name, ()))} for name, peak in sorted(self.max_abs.items())}}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> RangeStats:
+        """The statistics :meth:`to_json` wrote."""
+        values = data["values"]
+        return RangeStats({name: float(item["max_abs"]) for name, item in values.items()},
+                          {name: tuple(item["shape"]) for name, item in values.items()}, int(data["samples"]))
 
 
 @dataclass

@@ -30,6 +30,8 @@ def render_html(report: Any) -> str:
     if report.failures:
         parts.append("<h2>Failures</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in report.failures)
                      + "</ul>")
+    if getattr(report, "repair", None):
+        parts.append(_repair_section(report.repair))
     if report.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in report.notes) + "</ul>")
     if report.localisation:
@@ -48,6 +50,21 @@ def render_html(report: Any) -> str:
         parts.append("<div class='plots'>" + _histogram(series) + _scatter(series) + "</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _repair_section(repair: dict[str, Any]) -> str:
+    macs = repair.get("macs", {})
+    share = ""
+    if macs.get("low_precision_share_before") is not None:
+        share = (f" Low-precision share of the multiply-accumulates: {macs['low_precision_share_before']:.1%} before, "
+                 f"{macs['low_precision_share_after']:.1%} after ({macs['moved_to_fp32']:,} moved to FP32).")
+    rows = "".join(f"<tr><td>{html.escape(item['node'])}</td><td>{html.escape(item['op_type'])}</td>"
+                   f"<td>{html.escape(str(item['module'] or ''))}</td>"
+                   f"<td style='text-align:left'>{html.escape(item['reason'])}</td></tr>"
+                   for item in repair.get("added_fp32", []))
+    return (f"<h2>Repair</h2><p>{len(repair.get('nodes', []))} nodes kept FP32 after {repair.get('trials')} trials."
+            f"{html.escape(share)}</p><table><tr><th>node</th><th>op</th><th>module</th><th>why</th></tr>{rows}"
+            "</table>")
 
 
 def _backends_table(backends: dict[str, dict[str, Any]]) -> str:

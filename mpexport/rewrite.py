@@ -20,6 +20,7 @@ Rules, in order:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,17 +66,22 @@ class RewriteReport:
 
 
 def apply_plan(model: ir.Model, precisions: dict[str, str], *, io_types: str = "fp32",
-               share_limit: int = SHARE_LIMIT) -> RewriteReport:
+               share_limit: int = SHARE_LIMIT, cast_at_runtime: Collection[str] = ()) -> RewriteReport:
     """Retype ``model`` in place so node ``name`` computes in ``precisions[name]`` (``fp16``/``bf16``/``fp32``/
-    ``fp64``; ``none`` or missing: left as it is). Returns what was done (see the module docstring)."""
+    ``fp64``; ``none`` or missing: left as it is). Returns what was done (see the module docstring).
+    ``cast_at_runtime``: initializers to leave in FP32 and cast where a low-precision node reads them (the same
+    values: a variant built for a trial, whose weights stay in the FP32 file; pass only those the low type holds,
+    as mask sentinels are saturated when converted)."""
     if io_types not in ("fp32", "native"):
         raise MpexportError(f"unknown io types '{io_types}'", stage=STAGE, hint="use fp32 or native")
-    return _Rewriter(model, precisions, io_types, share_limit).run()
+    return _Rewriter(model, precisions, io_types, share_limit, set(cast_at_runtime)).run()
 
 
 class _Rewriter:
-    def __init__(self, model: ir.Model, precisions: dict[str, str], io_types: str, share_limit: int) -> None:
+    def __init__(self, model: ir.Model, precisions: dict[str, str], io_types: str, share_limit: int,
+                 cast_at_runtime: set[str]) -> None:
         self.model = model
+        self.cast_at_runtime = cast_at_runtime
         self.graph = model.graph
         self.precisions = precisions
         self.io_types = io_types
@@ -145,7 +151,7 @@ class _Rewriter:
         for name in sorted(demand):
             value = self.graph.initializers[name]
             types = demand[name] - {value.dtype}
-            if not types:
+            if not types or name in self.cast_at_runtime:
                 continue
             if len(demand[name]) == 1:
                 (target,) = types

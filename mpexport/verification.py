@@ -42,8 +42,9 @@ from mpexport.bundle import (
     VerifyRecord,
 )
 from mpexport.dtypes import TYPE_MAX
-from mpexport.emulate import strict_emulation
+from mpexport.emulate import ROUNDING, strict_emulation
 from mpexport.errors import MpexportError, first_line
+from mpexport.graphs import added_role
 from mpexport.loading import LoadedModel, load_model
 from mpexport.metrics import OutputMetrics
 from mpexport.parity import FP32_RTOL, Comparison, batch_samples
@@ -99,6 +100,22 @@ class ParityReport:
     timings: list[StageTiming] = field(default_factory=list)
     batches: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    worst: _WorstSample | None = None
+    """The sample the strict emulation got most wrong (localisation runs on it)."""
+    per_sample: dict[str, SampleStats] = field(default_factory=dict)
+    """Per output of the strict emulation: each sample's own statistics (repair picks the failing samples)."""
+    repair: dict[str, Any] | None = None
+    """What ``repair`` changed, when this report confirms a repair."""
+
+    def failing_samples(self, backend: str) -> list[int]:
+        """The samples on which ``backend`` breaks its thresholds by themselves (non-finite values, error beyond
+        ``atol``, cosine below the minimum) or disagrees on top-1 with FP32, in order."""
+        failing: set[int] = set()
+        for output, stats in self.per_sample.items():
+            limits = self.thresholds.get(backend, {}).get(output)
+            if limits is not None:
+                failing.update(stats.failing(limits))
+        return sorted(failing)
 
     @property
     def passed(self) -> bool:
@@ -118,6 +135,8 @@ class ParityReport:
             "metrics": {backend: {name: m.to_json() for name, m in outputs.items()}
                         for backend, outputs in self.metrics.items()},
             "localisation": self.localisation,
+            "localised_on": self.worst.to_json() if self.worst is not None and self.localisation else None,
+            "repair": self.repair,
             "timings": [{"stage": t.stage, "seconds": t.seconds, "peak_rss_mb": t.peak_rss_mb} for t in self.timings],
         }
 
@@ -154,6 +173,29 @@ class _Backends:
         self.states[name] = {"state": SKIPPED, "ran": False, "why": why}
 
 
+@dataclass
+class VerifyInputs:
+    """What a bundle is verified with: the validation data, the source model, the model's input specs and a first
+    batch (the example some backends are built from)."""
+
+    data: ValidationData
+    loaded: LoadedModel
+    specs: list[TensorSpec]
+    example: Batch
+
+
+def load_inputs(bundle: Bundle, *, val_data: str | Path | None = None, trust_pickle: bool = False,
+                batch_size: int = 64) -> VerifyInputs:
+    """The validation data (``val_data``, else what convert recorded) checked against the model's inputs, and the
+    source model (its SHA-256 checked against convert's); one-line errors otherwise."""
+    data = _validation_data(bundle, val_data)
+    specs = bundle.manifest.inputs
+    check_against(data, specs)
+    loaded = _source_model(bundle, trust_pickle)
+    example = next(data.batches(batch_size, limit=batch_size, inputs=specs))
+    return VerifyInputs(data, loaded, specs, example)
+
+
 def verify(directory: str | Path, *, val_data: str | Path | None = None, options: VerifyOptions | None = None,
            trust_pickle: bool = False, on_batch: Callable[[int, int | None], None] | None = None,
            write: bool = True) -> ParityReport:
@@ -164,16 +206,30 @@ def verify(directory: str | Path, *, val_data: str | Path | None = None, options
     clock = StageClock()
     with clock.stage("open"):
         bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, ENGINE))
-    manifest = bundle.manifest
     with clock.stage("load"):
-        data = _validation_data(bundle, val_data)
-        specs = manifest.inputs
-        check_against(data, specs)
-        loaded = _source_model(bundle, trust_pickle)
-        names = [spec.name for spec in specs]
-        example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=specs))
-    policy = manifest.plan.policy if manifest.plan else "cuda-fp16"
-    low = manifest.plan.target if manifest.plan else "fp16"
+        inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size)
+    report = verify_forms(bundle, inputs, options, on_batch, clock=clock)
+    report.timings = clock.stages
+    if write:
+        _write_reports(bundle, report)
+    return report
+
+
+def verify_forms(bundle: Bundle, inputs: VerifyInputs, options: VerifyOptions,
+                 on_batch: Callable[[int, int | None], None] | None = None, *, mixed: Path | None = None,
+                 plan: Any = None, clock: StageClock | None = None) -> ParityReport:
+    """Every backend of ``bundle`` on ``inputs``, gated and localised, without writing anything. ``mixed`` and
+    ``plan`` verify another mixed model and its plan against the bundle's FP32 model (``repair`` checks a
+    candidate before it commits it); the bundle's engine then does not run (it was built from the old model)."""
+    clock = clock or StageClock()
+    manifest = bundle.manifest
+    candidate = mixed is not None
+    mixed = mixed or bundle.path(MIXED_ONNX)
+    plan = plan if plan is not None else (bundle.plan() if bundle.has(PLAN) else None)
+    policy = plan.policy.name if plan is not None else "cuda-fp16"
+    low = plan.options.low if plan is not None else "fp16"
+    names = [spec.name for spec in inputs.specs]
+    loaded, example = inputs.loaded, inputs.example
     backends = _Backends()
     with clock.stage("backends"):
         backends.runners.append(TorchRunner(loaded.callable(), names, positional=loaded.positional))
@@ -181,26 +237,26 @@ def verify(directory: str | Path, *, val_data: str | Path | None = None, options
         backends.add(AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
         _add_torch_cuda(backends, loaded, names, policy, low, example)
         backends.add(ONNX_FP32, lambda: OrtRunner(bundle.path(FP32_ONNX), name=ONNX_FP32))
-        backends.add("onnx-mixed", lambda: OrtRunner(bundle.path(MIXED_ONNX), name="onnx-mixed"),
-                     skip_if=_missing_kernel)
+        backends.add("onnx-mixed", lambda: OrtRunner(mixed, name="onnx-mixed"), skip_if=_missing_kernel)
         strict = f"strict-{low}"
-        backends.add(strict, lambda: OrtRunner.from_model(_strict_model(bundle.path(MIXED_ONNX)), bundle.directory,
-                                                          name=strict))
-        _add_tensorrt(backends, bundle)
+        backends.add(strict, lambda: OrtRunner.from_model(_strict_model(mixed), mixed.parent, name=strict))
+        if candidate and bundle.has(ENGINE):
+            backends.skip("tensorrt", "the bundle's engine was built from the model this one replaces")
+        else:
+            _add_tensorrt(backends, bundle)
     with clock.stage("passes"):
-        report = _run(backends, data, specs, [spec.name for spec in manifest.outputs], options, on_batch,
-                      gated=(ONNX_FP32, "onnx-mixed", strict, "tensorrt"), required=(ONNX_FP32, strict))
+        report = _run(backends, inputs.data, inputs.specs, [spec.name for spec in manifest.outputs], options,
+                      on_batch, gated=(ONNX_FP32, "onnx-mixed", strict, "tensorrt"), required=(ONNX_FP32, strict),
+                      watch=strict)
     if AMP in report.metrics:
         report.backends[AMP]["mode"] = next(r for r in backends.runners if r.name == AMP).mode  # type: ignore[attr-defined]
     if not report.passed and report.ran(strict):
         with clock.stage("localisation"):
-            report.localisation, note = localise(bundle.path(FP32_ONNX), bundle.path(MIXED_ONNX), example,
-                                                 _plan_nodes(bundle), low=low)
+            nodes = {node.name: node.to_json() for node in plan.nodes} if plan is not None else {}
+            batch = report.worst.batch if report.worst is not None and report.worst.batch is not None else example
+            report.localisation, note = localise(bundle.path(FP32_ONNX), mixed, batch, nodes, low=low)
             if note:
                 report.notes.append(note)
-    report.timings = clock.stages
-    if write:
-        _write_reports(bundle, report)
     return report
 
 
@@ -231,9 +287,10 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
     strict = f"strict-{low}"
     backends.add(strict, lambda: OrtRunner.from_model(_strict_model(candidate), candidate.parent, name=strict))
     report = _run(backends, data, specs, [value.name or "" for value in graph.outputs], options, on_batch,
-                  gated=("onnx-candidate", strict), required=("onnx-candidate", strict))
+                  gated=("onnx-candidate", strict), required=("onnx-candidate", strict), watch=strict)
     if not report.passed and report.ran(strict):
-        report.localisation, note = localise(None, candidate, example, {}, low=low)
+        batch = report.worst.batch if report.worst is not None and report.worst.batch is not None else example
+        report.localisation, note = localise(None, candidate, batch, {}, low=low)
         if note:
             report.notes.append(note)
     return report
@@ -305,8 +362,11 @@ def _strict_model(mixed: Path) -> ir.Model:
 
 def _run(backends: _Backends, data: ValidationData, specs: list[TensorSpec], names: list[str],
          options: VerifyOptions, on_batch: Callable[[int, int | None], None] | None, *, gated: tuple[str, ...],
-         required: tuple[str, ...]) -> ParityReport:
-    """Every backend on every batch against the reference (the first runner), then the gate."""
+         required: tuple[str, ...], watch: str | None = None) -> ParityReport:
+    """Every backend on every batch against the reference (the first runner), then the gate. For the backend
+    ``watch`` the worst sample is remembered (for localisation)."""
+    worst = _WorstSample(fixed_batch=any(spec.shape and isinstance(spec.shape[0], int) for spec in specs))
+    per_sample: dict[str, SampleStats] = {}
     timed = [_Timed(runner) for runner in backends.runners]
     reference, others = timed[0], timed[1:]
     comparisons = {runner.name: Comparison.of(REFERENCE, runner.name, names) for runner in others}
@@ -328,6 +388,11 @@ def _run(backends: _Backends, data: ValidationData, specs: list[TensorSpec], nam
                                                 "why": f"failed while running: {first_line(exc, 300)}"}
                 continue
             comparisons[runner.name].fold(expected, actual, samples=count, labels=labels)
+            if runner.name == watch:
+                worst.consider(batch, expected, actual, samples)
+                for name, want, have in zip(names, expected, actual, strict=False):
+                    if np.shape(want) == np.shape(have) and np.ndim(want) and len(want) == count:
+                        per_sample.setdefault(name, SampleStats()).add(np.asarray(want), np.asarray(have))
         samples += count
         if on_batch:
             on_batch(samples, total)
@@ -342,7 +407,79 @@ def _run(backends: _Backends, data: ValidationData, specs: list[TensorSpec], nam
     if reference_accuracy.accuracy is not None:
         backends.states[REFERENCE]["accuracy"] = reference_accuracy.accuracy
     return ParityReport("pass" if not failures else "fail", backends.states, metrics, thresholds, failures,
-                        samples=samples, data=data.describe(), batches=batches, options=asdict(options))
+                        samples=samples, data=data.describe(), batches=batches, options=asdict(options),
+                        worst=worst if worst.batch is not None else None, per_sample=per_sample)
+
+
+@dataclass
+class SampleStats:
+    """One output's per-sample statistics against the reference, in sample order."""
+
+    nonfinite: list[int] = field(default_factory=list)
+    max_abs: list[float] = field(default_factory=list)
+    cosine: list[float] = field(default_factory=list)
+    top1_match: list[bool] = field(default_factory=list)
+
+    def add(self, want: np.ndarray, have: np.ndarray) -> None:
+        """Fold one batch in (first axis the samples)."""
+        count = len(want)
+        want64, have64 = want.astype(np.float64).reshape(count, -1), have.astype(np.float64).reshape(count, -1)
+        finite = np.isfinite(want64)
+        usable = finite & np.isfinite(have64)
+        self.nonfinite += (finite & ~np.isfinite(have64)).sum(axis=1).tolist()
+        self.max_abs += np.abs(np.where(usable, want64 - have64, 0)).max(axis=1, initial=0.0).tolist()
+        a, b = np.where(finite, want64, 0), np.where(np.isfinite(have64), have64, 0)
+        norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        self.cosine += np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0).tolist()
+        if want.ndim == 2 and want.shape[1] > 1:
+            self.top1_match += (want.argmax(axis=1) == have.argmax(axis=1)).tolist()
+
+    def failing(self, limits: dict[str, Any]) -> list[int]:
+        """Samples that break ``limits`` (a gate's thresholds for this output) by themselves."""
+        found = [index for index, (broken, error, cosine) in enumerate(zip(self.nonfinite, self.max_abs, self.cosine,
+                                                                          strict=True))
+                 if broken or error > limits["atol"] or cosine < limits.get("min_cosine", -1.0)]
+        if "min_top1_agreement" in limits:
+            found += [index for index, match in enumerate(self.top1_match) if not match]
+        return found
+
+
+@dataclass
+class _WorstSample:
+    """The sample whose outputs a backend got most wrong so far: the most non-finite values where the reference
+    is finite, then the largest error relative to the reference's magnitude. Localisation runs on it (on its
+    whole batch for a model with a fixed batch size)."""
+
+    fixed_batch: bool
+    batch: Batch | None = None
+    index: int | None = None
+    score: tuple[int, float] = (-1, -1.0)
+
+    def consider(self, batch: Batch, expected: list[np.ndarray], actual: list[np.ndarray], first: int) -> None:
+        """Fold one batch's outputs in; ``first`` is the global index of its first sample."""
+        count = batch_samples(batch)
+        broken = np.zeros(count, np.int64)
+        error = np.zeros(count)
+        for want, have in zip(expected, actual, strict=False):
+            want, have = np.asarray(want, np.float32), np.asarray(have, np.float32)
+            if want.shape != have.shape or want.ndim == 0 or len(want) != count:
+                continue
+            finite = np.isfinite(want)
+            broken += (finite & ~np.isfinite(have)).reshape(count, -1).sum(axis=1)
+            scale = float(np.abs(np.where(finite, want, 0)).max(initial=0.0)) or 1.0
+            usable = finite & np.isfinite(have)
+            error = np.maximum(error, np.abs(np.where(usable, want - have, 0)).reshape(count, -1).max(axis=1) / scale)
+        position = int(np.lexsort((error, broken))[-1])
+        score = (int(broken[position]), float(error[position]))
+        if score > self.score:
+            self.score, self.index = score, first + position
+            self.batch = {name: np.array(array) if self.fixed_batch else np.array(array[position:position + 1])
+                          for name, array in batch.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """Which sample localisation ran on, and why."""
+        return {"sample": self.index, "nonfinite": self.score[0], "relative_error": float(f"{self.score[1]:.3g}"),
+                "whole_batch": self.fixed_batch}
 
 
 def _mismatches(comparisons: dict[str, Comparison], backends: _Backends) -> list[str]:
@@ -436,27 +573,36 @@ def _limits(backend: str, m: OutputMetrics, amp: OutputMetrics | None, options: 
 
 
 # -- localisation --------------------------------------------------------------------------------------------
-def localise(fp32_path: Path | None, mixed_path: Path, batch: Batch, plan_nodes: dict[str, dict[str, Any]],
-             *, low: str = "fp16", limit: int = 5) -> tuple[list[dict[str, Any]], str | None]:
-    """The first nodes (graph order) of the strict emulation of ``mixed_path`` whose output leaves budget
+def localise(fp32_path: Path | None, mixed_path: Path | ir.Model, batch: Batch, plan_nodes: dict[str, dict[str, Any]],
+             *, low: str = "fp16", limit: int = 5, base_dir: Path | None = None
+             ) -> tuple[list[dict[str, Any]], str | None]:
+    """The first nodes (graph order) of the strict emulation of ``mixed_path`` (a file, or an in-memory model whose
+    external weights lie in ``base_dir``) whose output leaves budget
     against FP32 (``fp32_path``, or the emulation with its rounding undone): a non-finite value where FP32 is
     finite, or an error beyond 5% of the FP32 tensor's scale. Compared on one batch, by value name (the
     emulation keeps the FP32 model's names for rounded values). Returns the rows and, when nothing could be
     named, why. Each row names the node, its op, module, planned precision and plan reason, and what was observed
     (e.g. ``output reached 1.1e+05 > 65504, the FP16 max``)."""
     try:
-        strict_model = _strict_model(mixed_path)
-        strict = _all_values(strict_model, mixed_path.parent, batch)
-        fp32 = _all_values(ir.load(str(fp32_path)), fp32_path.parent, batch) if fp32_path is not None else \
-            _all_values(_without_rounding(_strict_model(mixed_path)), mixed_path.parent, batch)
+        if isinstance(mixed_path, Path):
+            strict_model, base = _strict_model(mixed_path), mixed_path.parent
+        else:  # an in-memory mixed model (a repair trial), changed in place; its weights are read from base_dir
+            strict_model, base = strict_emulation(mixed_path), base_dir or Path(".")
+        strict = _all_values(strict_model, base, batch)
+        if fp32_path is not None:
+            fp32 = _all_values(ir.load(str(fp32_path)), fp32_path.parent, batch)
+        elif isinstance(mixed_path, Path):
+            fp32 = _all_values(_without_rounding(_strict_model(mixed_path)), mixed_path.parent, batch)
+        else:
+            raise ValueError("an in-memory model needs the FP32 model to compare with")
     except Exception as exc:  # noqa: BLE001 - the verdict stands; localisation says why it could not help
         return [], f"localisation could not run: {first_line(exc, 200)}"
     by_name = {node.name: node for node in strict_model.graph}
     found: list[dict[str, Any]] = []
     for node in strict_model.graph:
         origin = (node.name or "").split("__")[0]
-        if any(row["node"] == origin for row in found):
-            continue
+        if any(row["node"] == origin for row in found) or added_role(by_name.get(origin, node)) == "cast":
+            continue  # a cast the writer added carries its producer's values: the producer is the finding
         for output in node.outputs:
             name = output.name
             if name not in strict or name not in fp32 or strict[name].shape != fp32[name].shape:
@@ -468,8 +614,8 @@ def localise(fp32_path: Path | None, mixed_path: Path, batch: Batch, plan_nodes:
                 break
         if len(found) >= limit:
             break
-    note = None if found else "localisation found no node out of budget on the first batch (the failure is on " \
-        "other samples, or builds up below the per-node threshold)"
+    note = None if found else "localisation found no single node out of budget on the worst sample (the error " \
+        "builds up below the per-node threshold of 5% of each tensor's scale)"
     return found, note
 
 
@@ -517,16 +663,13 @@ def _all_values(model: ir.Model, base_dir: Path, batch: Batch) -> dict[str, np.n
 
 
 def _without_rounding(strict: ir.Model) -> ir.Model:
-    """For a candidate without an FP32 ONNX: its strict emulation with the rounding casts made identities."""
+    """For a candidate without an FP32 ONNX: its strict emulation with every rounding to the low type (outputs and
+    the pessimistic sums) made an identity."""
     for node in list(strict.graph):
-        if "__round_" in (node.name or "") and node.op_type == "Cast":
+        if added_role(node) == ROUNDING:
             node.attributes["to"] = ir.AttrInt64("to", ir.DataType.FLOAT)
             node.outputs[0].dtype = ir.DataType.FLOAT
     return strict
-
-
-def _plan_nodes(bundle: Bundle) -> dict[str, dict[str, Any]]:
-    return {node.name: node.to_json() for node in bundle.plan().nodes} if bundle.has(PLAN) else {}
 
 
 # -- reports -------------------------------------------------------------------------------------------------

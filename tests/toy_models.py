@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -235,3 +236,56 @@ def build_overflow_hazard() -> nn.Module:
     """An OverflowHazard model, seed 0."""
     torch.manual_seed(0)
     return OverflowHazard().eval()
+
+
+class SquaredMLP(nn.Module):
+    """up -> square -> down (a squared-ReLU-style feed-forward block)."""
+
+    def __init__(self, width: int = 64, hidden: int = 256) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, hidden)
+        self.down = nn.Linear(hidden, width)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        u = self.up(h)
+        return self.down(u * u)
+
+
+class RareOverflow(nn.Module):
+    """Three residual squared-MLP blocks. Input feature 15 is 0 except in rare samples, where it drives one hidden
+    unit of ``blocks.1.up`` to ~300: its square (9e4) overflows FP16 (max 65504) but not BF16. Trained under
+    cuda-bf16 and deployed as FP16, only those samples break; calibration on the first samples never sees them.
+    The unit's weight out of the block is small, so the overflow stays inside ``blocks.1``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        self.blocks = nn.ModuleList(SquaredMLP() for _ in range(3))
+        self.head = nn.Linear(64, 10)
+        with torch.no_grad():
+            self.embed.weight[:, 15] = 0.0
+            self.embed.weight[3, 15] = 20.0
+            for block in self.blocks:
+                block.up.weight[:, 3] = 0.0
+            self.blocks[1].up.weight[7, 3] = 15.0
+            self.blocks[1].down.weight[:, 7] *= 1e-3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.embed(x))
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+def build_rare_overflow() -> nn.Module:
+    """A RareOverflow model, seed 0."""
+    torch.manual_seed(0)
+    return RareOverflow().eval()
+
+
+def rare_overflow_data(samples: int = 320, rare: int = 40) -> np.ndarray:
+    """Inputs for RareOverflow: feature 15 set only in the last ``rare`` samples."""
+    x = np.random.default_rng(0).standard_normal((samples, 16)).astype(np.float32)
+    x[:, 15] = 0.0
+    x[samples - rare:, 15] = 1.0
+    return x

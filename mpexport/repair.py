@@ -1,0 +1,582 @@
+"""``repair``: when a deployable form fails parity, find a small set of extra FP32 nodes with which every
+backend passes the same gate, and say why each node is there.
+
+1. **Baseline**: verify the bundle as it is. A pass leaves nothing to repair. The gate's thresholds (the training
+   noise floor) are kept: a repair never loosens them.
+2. **Trial samples**: the samples on which the strict emulation breaks the thresholds by itself (non-finite values,
+   error beyond ``atol``, cosine below the minimum, top-1 disagreement; the worst :data:`MAX_FAILING` of them) plus
+   :data:`GUARD_SAMPLES` passing ones spread over the set, so a trial cannot fix one sample by breaking others.
+3. **Trials are cheap**: a trial re-plans with the extra FP32 nodes (``make_plan``, so downstream nodes follow their
+   inputs as training did), rewrites the FP32 working copy in memory with its weights cast at run time (no weight
+   converted or written), emulates it strictly and runs the trial samples. No export, no file.
+4. **Modules first, then nodes**: the module of the first node localisation names (on the worst failing sample)
+   goes FP32 as a whole, what a user would write as ``--keep-fp32-module``; while the trial still fails,
+   localisation under it names the next offender, whose module joins (growing along the data flow, at most
+   :data:`MAX_GROWTH` times). Delta debugging (non-contiguous, not prefix bisection) then reduces the passing set
+   to a 1-minimal set of nodes: without any one of them, the trial fails. If module growth does not pass, delta
+   debugging starts from every low-precision node; if even that fails, it is not a precision problem.
+5. **Confirm**: the repaired plan is written as the bundle's plan (rule ``repair``, each reason citing the failure it
+   fixes), the mixed model rewritten and linted, and verified with every backend on every sample; a sample that
+   still fails joins the trial samples and the search goes on (at most :data:`MAX_CONFIRMATIONS` times). Only a
+   confirmed repair is committed, in one transaction with ``repair.json``, ``repair.policy.toml`` and the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from mpexport.bundle import (
+    ENGINE,
+    FILE_NAMES,
+    FP32_ONNX,
+    MIXED_ONNX,
+    PLAN,
+    PROVENANCE,
+    RANGES,
+    REPAIR,
+    REPAIR_POLICY,
+    REPORT,
+    REPORT_HTML,
+    TEMP_PREFIX,
+    Bundle,
+    LintRecord,
+    PlanRecord,
+    VerifyRecord,
+)
+from mpexport.dtypes import TYPE_MAX
+from mpexport.emulate import strict_emulation
+from mpexport.errors import MpexportError
+from mpexport.lint import lint_model
+from mpexport.onnxfile import save_model
+from mpexport.plan import NodePlan, Overrides, PrecisionPlan, make_plan
+from mpexport.rewrite import apply_plan
+from mpexport.runners import Batch, OrtRunner, TorchRunner
+from mpexport.timing import StageClock
+from mpexport.valdata import LABELS
+from mpexport.verification import (
+    ParityReport,
+    SampleStats,
+    VerifyInputs,
+    VerifyOptions,
+    load_inputs,
+    localise,
+    verify_forms,
+)
+from mpexport.weights import max_abs, reduce_tensor
+
+STAGE = "repair"
+MAX_FAILING = 256
+GUARD_SAMPLES = 32
+MAX_GROWTH = 8
+MAX_CONFIRMATIONS = 3
+DEFAULT_MAX_TRIALS = 200
+
+
+@dataclass
+class RepairResult:
+    """What ``repair`` found and did: ``status`` is ``repaired``, ``already passing`` or ``not found``."""
+
+    status: str
+    added_fp32: list[dict[str, Any]] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)
+    trials: int = 0
+    seconds: float = 0.0
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    macs: dict[str, Any] = field(default_factory=dict)
+    tried: list[str] = field(default_factory=list)
+    report: ParityReport | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """True when the bundle passes verify now (repaired, or it already did)."""
+        return self.status in ("repaired", "already passing")
+
+    def to_json(self) -> dict[str, Any]:
+        """``repair.json``."""
+        return {"status": self.status, "added_fp32": self.added_fp32, "modules": self.modules, "nodes": self.nodes,
+                "trials": self.trials, "seconds": round(self.seconds, 2),
+                "trials_per_second": round(self.trials / self.seconds, 2) if self.seconds else None,
+                "before": self.before, "after": self.after, "macs": self.macs, "tried": self.tried,
+                "notes": self.notes}
+
+
+def repair(directory: str | Path, *, val_data: str | Path | None = None, options: VerifyOptions | None = None,
+           trust_pickle: bool = False, max_trials: int = DEFAULT_MAX_TRIALS,
+           on_trial: Callable[[int, str], None] | None = None) -> RepairResult:
+    """Repair a bundle that fails verify (see the module docstring). Commits the repaired plan, the rewritten mixed
+    model, ``repair.json``, ``repair.policy.toml`` and a passing report in one transaction, and returns what it
+    did; when no set passes within ``max_trials`` trials nothing is changed and ``status`` is ``not found``, with
+    what was tried. ``on_trial`` hears each trial's number and what it tried."""
+    started = time.perf_counter()
+    options = options or VerifyOptions()
+    clock = StageClock()
+    with clock.stage("open"):
+        bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, PROVENANCE, RANGES))
+    with clock.stage("load"):
+        inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size)
+    with clock.stage("baseline"):
+        baseline = verify_forms(bundle, inputs, options)
+    plan = bundle.plan()
+    if baseline.passed:
+        return RepairResult("already passing", report=baseline, seconds=time.perf_counter() - started)
+    strict = f"strict-{plan.options.low}"
+    _check_repairable(baseline, strict)
+    search = _Search(bundle, plan, inputs, options, baseline, strict, max_trials, on_trial)
+    with clock.stage("search"):
+        found = search.run()
+    result = RepairResult("not found", trials=search.count, tried=search.log,
+                          before=_summary(baseline, strict), seconds=time.perf_counter() - started)
+    if found is None:
+        result.notes.append(search.why)
+        return result
+    keep, repaired, report, mixed_dir = found
+    try:
+        _fill(result, plan, repaired, keep, report, strict)
+        result.seconds = time.perf_counter() - started
+        report.timings = clock.stages
+        _commit(bundle, repaired, result, report, mixed_dir, policy_file_text(plan, result))
+    finally:
+        shutil.rmtree(mixed_dir, ignore_errors=True)
+    return result
+
+
+def _check_repairable(baseline: ParityReport, strict: str) -> None:
+    """Refuse (one line) a failure no precision change can fix: the FP32 export itself, or a backend that did not
+    run."""
+    if baseline.backends.get("onnx-fp32", {}).get("state") != "ran" or any(
+            failure.startswith("onnx-fp32") for failure in baseline.failures):
+        raise MpexportError("the FP32 ONNX model itself fails parity: an export problem, not a precision one",
+                            stage=STAGE, hint="look at convert's export check, and report the exporter bug")
+    if not baseline.ran(strict):
+        raise MpexportError(f"{strict} did not run ({baseline.backends.get(strict, {}).get('why')}): nothing to "
+                            "repair against", stage=STAGE)
+
+
+# -- the search ----------------------------------------------------------------------------------------------
+@dataclass
+class _Trial:
+    passed: bool
+    failing: list[int]
+    summary: str
+
+
+class _Search:
+    """Trials of extra FP32 node sets on the trial samples, and the search over them."""
+
+    def __init__(self, bundle: Bundle, plan: PrecisionPlan, inputs: VerifyInputs, options: VerifyOptions,
+                 baseline: ParityReport, strict: str, max_trials: int,
+                 on_trial: Callable[[int, str], None] | None) -> None:
+        self.bundle = bundle
+        self.plan = plan
+        self.inputs = inputs
+        self.options = options
+        self.strict = strict
+        self.max_trials = max_trials
+        self.on_trial = on_trial
+        self.records = bundle.provenance()
+        self.ranges = bundle.ranges()
+        self.io_types = str(bundle.manifest.rewrite.get("io_types", "fp32"))
+        self.low = plan.options.low
+        self.thresholds = baseline.thresholds[strict]
+        self.failure = next((line for line in baseline.failures if line.startswith(strict)), baseline.failures[0])
+        self.observed = {row["node"]: row["observed"] for row in baseline.localisation}
+        self.total = baseline.samples
+        self.by_name = {node.name: node for node in plan.nodes}
+        self.candidates = [node.name for node in plan.nodes if node.precision == self.low]
+        self.cast_at_runtime = _fitting_initializers(bundle.path(FP32_ONNX), TYPE_MAX[self.low])
+        self.failing = _worst_first(baseline, strict)
+        self._set_samples(_trial_samples(baseline, strict, self.failing))
+        self.cache: dict[frozenset[str], _Trial] = {}
+        self.count = 0
+        self.log: list[str] = []
+        self.why = ""
+
+    def _set_samples(self, samples: list[int]) -> None:
+        """The trial samples' inputs in batches and the FP32 reference's outputs on them (computed once)."""
+        self.samples = samples
+        self.batches = _gather(self.inputs, samples, self.options.batch_size)
+        names = [spec.name for spec in self.inputs.specs]
+        reference = TorchRunner(self.inputs.loaded.callable(), names, positional=self.inputs.loaded.positional)
+        self.reference = [reference.run(batch) for batch, _ in self.batches]
+
+    # -- trials --------------------------------------------------------------------------------------------
+    def replanned(self, keep: Iterable[str]) -> tuple[PrecisionPlan, ir.Model]:
+        """The plan with ``keep`` forced FP32 (downstream nodes re-decided), and the FP32 model it was made on."""
+        model = ir.load(str(self.bundle.path(FP32_ONNX)))
+        overrides = self.plan.options.overrides.merged(Overrides(keep_fp32_nodes=sorted(keep)))
+        options = replace(self.plan.options, overrides=overrides)
+        return make_plan(model, self.records, options, self.ranges), model
+
+    def trial_model(self, keep: Iterable[str]) -> tuple[PrecisionPlan, ir.Model]:
+        """The mixed model of the plan with ``keep`` FP32, in memory, its weights cast at run time."""
+        plan, model = self.replanned(keep)
+        apply_plan(model, plan.precisions(), io_types=self.io_types, cast_at_runtime=self.cast_at_runtime)
+        return plan, model
+
+    def trial(self, keep: frozenset[str], what: str) -> _Trial:
+        """Run the strict emulation of the plan with ``keep`` FP32 on the trial samples (cached per set)."""
+        if keep in self.cache:
+            return self.cache[keep]
+        if self.count >= self.max_trials:
+            raise _OutOfTrials
+        self.count += 1
+        _, model = self.trial_model(keep)
+        runner = OrtRunner.from_model(strict_emulation(model), self.bundle.path(FP32_ONNX).parent, name="trial")
+        result = self._judge([runner.run(batch) for batch, _ in self.batches])
+        self.cache[keep] = result
+        self.log.append(f"trial {self.count}: {what} ({len(keep)} nodes FP32): "
+                        f"{'pass' if result.passed else 'fail, ' + result.summary}")
+        if self.on_trial:
+            self.on_trial(self.count, self.log[-1])
+        return result
+
+    def _judge(self, outputs: list[list[np.ndarray]]) -> _Trial:
+        """Each trial sample against the gate's thresholds by itself; top-1 disagreements within the allowance."""
+        names = [spec.name for spec in self.bundle.manifest.outputs]
+        failing: set[int] = set()
+        mismatches = 0
+        for (_, indices), expected, actual in zip(self.batches, self.reference, outputs, strict=True):
+            for name, want, have in zip(names, expected, actual, strict=False):
+                limits = self.thresholds.get(name)
+                if limits is None or np.shape(want) != np.shape(have):
+                    continue
+                stats = SampleStats()
+                stats.add(np.asarray(want), np.asarray(have))
+                alone = {key: value for key, value in limits.items() if key != "min_top1_agreement"}
+                failing.update(indices[position] for position in stats.failing(alone) if position < len(indices))
+                if "min_top1_agreement" in limits:
+                    mismatches += sum(not match for match in stats.top1_match)
+        allowed = self._allowed_mismatches()
+        passed = not failing and mismatches <= allowed
+        summary = f"{len(failing)} trial samples out of budget" if failing else \
+            f"{mismatches} top-1 disagreements (allowed {allowed})"
+        return _Trial(passed, sorted(failing, key=self._rank), summary)
+
+    def _rank(self, index: int) -> int:
+        """Worst failing samples first."""
+        return self.failing.index(index) if index in self.failing else len(self.failing) + index
+
+    def _allowed_mismatches(self) -> int:
+        limits = next((limits for limits in self.thresholds.values() if "min_top1_agreement" in limits), None)
+        return int((1 - limits["min_top1_agreement"]) * self.total) if limits else 0
+
+    # -- search --------------------------------------------------------------------------------------------
+    def run(self) -> tuple[frozenset[str], PrecisionPlan, ParityReport, Path] | None:
+        """The repaired set, its plan, its passing report and the directory of its mixed model; None if none."""
+        try:
+            for _ in range(MAX_CONFIRMATIONS):
+                keep = self._search()
+                if keep is None:
+                    return None
+                plan, report, mixed_dir = self._confirm(keep)
+                if report.passed:
+                    return keep, plan, report, mixed_dir
+                shutil.rmtree(mixed_dir, ignore_errors=True)
+                extra = [index for index in report.failing_samples(self.strict) if index not in self.samples]
+                if not extra:
+                    self.why = "a set passed every trial sample but not verify on the whole set: " + \
+                        "; ".join(report.failures[:2])
+                    return None
+                self.log.append(f"{len(extra)} samples that failed the confirmation join the trial samples")
+                self.failing += [index for index in extra if index not in self.failing]
+                self._set_samples(sorted({*self.samples, *extra[:MAX_FAILING]}))
+                self.cache.clear()
+            self.why = f"no set was confirmed on the whole set in {MAX_CONFIRMATIONS} rounds"
+        except _OutOfTrials:
+            self.why = f"stopped after {self.max_trials} trials (--max-trials)"
+        return None
+
+    def _search(self) -> frozenset[str] | None:
+        grown = self._grow_modules()
+        if grown is not None:
+            return self._ddmin(grown, "of the modules' nodes")
+        everything = frozenset(self.candidates)
+        if not self.trial(everything, "every low-precision node FP32").passed:
+            self.why = "even with every low-precision node FP32 the strict emulation fails: not a precision problem " \
+                "(look at the export check and the FP32 model)"
+            return None
+        return self._ddmin(everything, "of all low-precision nodes")
+
+    def _grow_modules(self) -> frozenset[str] | None:
+        """Modules of the nodes localisation names, added one by one along the data flow, until a trial passes."""
+        keep: frozenset[str] = frozenset()
+        modules: list[str] = []
+        for _ in range(MAX_GROWTH):
+            offender = self._first_offender(keep)
+            if offender is None:
+                return None
+            if offender.module is None or offender.module in modules:
+                group, what = {offender.name}, f"+ node {offender.name}"
+            else:
+                modules.append(offender.module)
+                group = {name for name in self.candidates if _in_module(self.by_name[name].module, offender.module)}
+                what = f"+ module '{offender.module or '<root>'}'"
+            keep = keep | group
+            if self.trial(keep, what).passed:
+                return keep
+        return None
+
+    def _first_offender(self, keep: frozenset[str]) -> NodePlan | None:
+        """The first low-precision node (not yet kept) that localisation names under the plan with ``keep`` FP32,
+        on the worst failing trial sample."""
+        trial = self.cache.get(keep)
+        failing = trial.failing if trial is not None else self.failing
+        if not failing:
+            return None
+        batch, _ = _gather(self.inputs, [failing[0]], 1)[0]
+        plan, model = self.trial_model(keep)
+        fp32 = self.bundle.path(FP32_ONNX)
+        rows, _ = localise(fp32, model, batch, {node.name: node.to_json() for node in plan.nodes}, low=self.low,
+                           base_dir=fp32.parent)
+        for row in rows:
+            if row["node"] in self.by_name and row["node"] in self.candidates and row["node"] not in keep:
+                self.observed.setdefault(row["node"], row["observed"])
+                return self.by_name[row["node"]]
+        return None
+
+    def _ddmin(self, passing: frozenset[str], where: str) -> frozenset[str]:
+        """Delta debugging: a 1-minimal subset of the passing set ``passing`` (without any one of its nodes, the
+        trial fails). Non-contiguous: it tests subsets and their complements, not prefixes."""
+        items = [name for name in self.candidates if name in passing]  # graph order: deterministic
+        granularity = 2
+        while len(items) >= 2:
+            chunks = _split(items, granularity)
+            reduced = next((chunk for chunk in chunks
+                            if self.trial(frozenset(chunk), f"{len(chunk)} {where}").passed), None)
+            if reduced is not None:
+                items, granularity = reduced, 2
+                continue
+            rests = [[name for name in items if name not in chunk] for chunk in chunks]
+            reduced = next((rest for rest in rests if self.trial(frozenset(rest), f"{len(rest)} {where}").passed),
+                           None)
+            if reduced is not None:
+                items, granularity = reduced, max(granularity - 1, 2)
+                continue
+            if granularity >= len(items):
+                break
+            granularity = min(len(items), 2 * granularity)
+        return frozenset(items)
+
+    # -- confirmation --------------------------------------------------------------------------------------
+    def _confirm(self, keep: frozenset[str]) -> tuple[PrecisionPlan, ParityReport, Path]:
+        """Write the mixed model of the repaired plan into a temporary directory inside the bundle and verify it
+        with every backend on every sample."""
+        plan = _with_repair_reasons(self.replanned(keep)[0], keep, self.plan, self.failure, self.observed)
+        model = ir.load(str(self.bundle.path(FP32_ONNX)))
+        apply_plan(model, plan.precisions(), io_types=self.io_types)
+        directory = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=self.bundle.directory))
+        mixed_file = FILE_NAMES[MIXED_ONNX]
+        external = len(self.bundle.manifest.artifacts[MIXED_ONNX].sha256) > 1
+        save_model(model, directory / mixed_file, external_data=f"{mixed_file}.data" if external else None)
+        report = verify_forms(self.bundle, self.inputs, self.options, mixed=directory / mixed_file, plan=plan)
+        self.log.append(f"confirmation with {len(keep)} nodes FP32 on all {report.samples} samples: {report.verdict}")
+        return plan, report, directory
+
+
+class _OutOfTrials(Exception):
+    """The trial budget is spent."""
+
+
+def _split(items: list[str], parts: int) -> list[list[str]]:
+    size, extra = divmod(len(items), parts)
+    chunks, start = [], 0
+    for index in range(parts):
+        stop = start + size + (1 if index < extra else 0)
+        if stop > start:
+            chunks.append(items[start:stop])
+        start = stop
+    return chunks
+
+
+def _in_module(module: str | None, prefix: str) -> bool:
+    return module is not None and (prefix == "" or module == prefix or module.startswith(f"{prefix}."))
+
+
+def _fitting_initializers(fp32_path: Path, limit: float) -> set[str]:
+    """Initializers whose values the low type holds (cast at run time in trials; the others are converted, with
+    mask sentinels saturated as the writer does)."""
+    model = ir.load(str(fp32_path))
+    fitting = set()
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is not None and value.dtype == ir.DataType.FLOAT and reduce_tensor(tensor, max_abs) <= limit:
+            fitting.add(name)
+    return fitting
+
+
+def _worst_first(baseline: ParityReport, strict: str) -> list[int]:
+    """The samples failing the strict emulation, the worst first (most non-finite values, then largest error)."""
+    stats = list(baseline.per_sample.values())
+
+    def badness(index: int) -> tuple[int, float]:
+        return (sum(s.nonfinite[index] for s in stats), max(s.max_abs[index] for s in stats))
+
+    return sorted(baseline.failing_samples(strict), key=badness, reverse=True)
+
+
+def _trial_samples(baseline: ParityReport, strict: str, failing: list[int]) -> list[int]:
+    """The worst failing samples (at most MAX_FAILING) and GUARD_SAMPLES passing ones spread over the set."""
+    chosen = set(failing[:MAX_FAILING])
+    passing = [index for index in range(baseline.samples) if index not in set(failing)]
+    step = max(1, len(passing) // GUARD_SAMPLES)
+    return sorted(chosen | set(passing[::step][:GUARD_SAMPLES]))
+
+
+def _gather(inputs: VerifyInputs, samples: list[int], batch_size: int) -> list[tuple[Batch, list[int]]]:
+    """The inputs of ``samples`` (global indices) in batches of up to ``batch_size`` (a model with a fixed batch size:
+    the whole batches that hold them), with the indices each batch holds."""
+    wanted = set(samples)
+    fixed = next((spec.shape[0] for spec in inputs.specs if spec.shape and isinstance(spec.shape[0], int)), None)
+    size = fixed or batch_size
+    found: list[tuple[Batch, list[int]]] = []
+    pending: list[tuple[dict[str, np.ndarray], int]] = []
+    start = 0
+    for batch in inputs.data.batches(size, inputs=inputs.specs, exact=fixed is not None):
+        count = len(next(iter(batch.values())))
+        hits = [position for position in range(count) if start + position in wanted]
+        if fixed is not None and hits:
+            found.append((_without_labels(batch), list(range(start, start + count))))
+        elif not fixed:
+            pending += [({name: array[position:position + 1] for name, array in _without_labels(batch).items()},
+                         start + position) for position in hits]
+        start += count
+        if start > max(samples, default=-1):
+            break
+    for offset in range(0, len(pending), batch_size):
+        group = pending[offset:offset + batch_size]
+        shapes = {tuple(array.shape for array in item.values()) for item, _ in group}
+        if len(shapes) == 1:
+            found.append(({name: np.concatenate([item[name] for item, _ in group]) for name in group[0][0]},
+                          [index for _, index in group]))
+        else:
+            found += [(item, [index]) for item, index in group]
+    return found
+
+
+def _without_labels(batch: Batch) -> Batch:
+    return {name: array for name, array in batch.items() if name != LABELS}
+
+
+# -- results -------------------------------------------------------------------------------------------------
+def _with_repair_reasons(plan: PrecisionPlan, keep: frozenset[str], original: PrecisionPlan, failure: str,
+                         observed: dict[str, str]) -> PrecisionPlan:
+    """The repaired plan with rule ``repair`` on the nodes the repair forced FP32; each reason cites the failure
+    it fixes, what localisation saw at the node where it named it, and what the plan had said."""
+    before = {node.name: node for node in original.nodes}
+    nodes = []
+    for node in plan.nodes:
+        if node.name in keep:
+            was = before[node.name]
+            seen = f"; here {observed[node.name]}" if node.name in observed else ""
+            node = replace(node, rule="repair", reason=f"repair: kept FP32 to fix '{failure}'{seen} (planned "
+                           f"{was.precision.upper()}: {was.reason})")
+        nodes.append(node)
+    repaired = replace(plan, nodes=nodes)
+    repaired.notes = [*plan.notes, f"repaired: {len(keep)} nodes kept FP32 (repair.json)"]
+    return repaired
+
+
+def _summary(report: ParityReport, strict: str) -> dict[str, Any]:
+    return {"verdict": report.verdict, "failures": report.failures[:10],
+            "strict": {name: metric.to_json() for name, metric in report.metrics.get(strict, {}).items()}}
+
+
+def _fill(result: RepairResult, original: PrecisionPlan, repaired: PrecisionPlan, keep: frozenset[str],
+          report: ParityReport, strict: str) -> None:
+    before = {node.name: node for node in original.nodes}
+    result.status = "repaired"
+    result.report = report
+    result.after = _summary(report, strict)
+    moved = [node for node in repaired.nodes if node.precision == "fp32" and before[node.name].precision != "fp32"]
+    result.added_fp32 = [{"node": node.name, "module": node.module, "op_type": node.op_type, "reason": node.reason,
+                          "macs": node.macs or 0} for node in moved]
+    result.nodes = sorted(keep, key=[node.name for node in repaired.nodes].index)
+    result.modules = _module_patterns(original, keep)
+    summary_before, summary_after = original.summary()["macs"], repaired.summary()["macs"]
+    result.macs = {"moved_to_fp32": sum(item["macs"] for item in result.added_fp32),
+                   "low_precision_share_before": summary_before["low_precision_share"],
+                   "low_precision_share_after": summary_after["low_precision_share"], "total": summary_after["total"]}
+
+
+def _module_patterns(plan: PrecisionPlan, keep: frozenset[str]) -> list[str]:
+    """Regexes of the modules whose every low-precision node the repair keeps FP32 (what a user would write)."""
+    low = [node for node in plan.nodes if node.precision == plan.options.low and node.module is not None]
+    modules = sorted({node.module for node in low if node.name in keep and node.module is not None})
+    whole = [module for module in modules if all(node.name in keep for node in low if node.module == module)]
+    return [f"^{re.escape(module)}$" for module in whole]
+
+
+def policy_file_text(plan: PrecisionPlan, result: RepairResult) -> str:
+    """``repair.policy.toml``: the options and overrides of ``plan`` (the plan before the repair) plus the
+    repair's nodes, in ``--policy`` form, so ``convert --policy repair.policy.toml`` plans the same precisions."""
+    overrides = plan.options.overrides
+
+    def strings(values: list[str]) -> str:
+        return "[" + ", ".join(_toml_string(value) for value in values) + "]"
+
+    lines = ["# Written by mpexport repair: convert --policy this file reproduces the repaired plan.",
+             f"policy = {_toml_string(plan.policy.name)}", f"target = {_toml_string(plan.options.low)}",
+             f"range_check = {str(plan.options.range_check).lower()}", f"headroom = {plan.options.headroom}", "",
+             "[keep_fp32]", f"modules = {strings(overrides.keep_fp32_modules)}",
+             f"ops = {strings(overrides.keep_fp32_ops)}",
+             f"nodes = {strings(list(dict.fromkeys([*overrides.keep_fp32_nodes, *result.nodes])))}", "",
+             "[force_low]",
+             f"modules = {strings(overrides.force_low_modules)}", f"ops = {strings(overrides.force_low_ops)}",
+             f"nodes = {strings(overrides.force_low_nodes)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _commit(bundle: Bundle, plan: PrecisionPlan, result: RepairResult, report: ParityReport, mixed_dir: Path,
+            policy_text: str) -> None:
+    """One transaction: plan, mixed model (linted), repair record and policy file, the report and the verdict.
+    The old verdicts and an engine built from the old model turn stale."""
+    from mpexport.report_html import render_html
+
+    mixed_files = sorted(path.name for path in mixed_dir.iterdir())
+    with bundle.transaction("repair") as transaction:
+        transaction.write_text(PLAN, FILE_NAMES[PLAN], json.dumps(plan.to_json(), indent=2) + "\n")
+        for name in mixed_files:
+            (mixed_dir / name).rename(transaction.file(name))
+        mixed = FILE_NAMES[MIXED_ONNX]
+        transaction.put(MIXED_ONNX, mixed, [name for name in mixed_files if name != mixed])
+        lint = lint_model(transaction.file(mixed), plan)
+        manifest = bundle.manifest
+        manifest.lint = LintRecord(lint.ok, lint.to_json()["checks"], mixed, bundle.digests(MIXED_ONNX, PLAN))
+        old = manifest.plan
+        manifest.plan = PlanRecord(plan.policy.name, plan.options.low, old.policy_source if old else "given",
+                                   plan.notes, {key: value for key, value in plan.summary().items()
+                                                if key in ("precision", "rules", "macs")})
+        transaction.write_text(REPAIR, FILE_NAMES[REPAIR], json.dumps(result.to_json(), indent=2) + "\n")
+        transaction.write_text(REPAIR_POLICY, FILE_NAMES[REPAIR_POLICY], policy_text)
+        manifest.repair = {key: value for key, value in result.to_json().items() if key not in ("tried", "added_fp32")}
+        if bundle.has(ENGINE):
+            result.notes.append("the engine was built from the model before the repair: it is stale until "
+                                "`mpexport build` rebuilds it (package refuses it until then)")
+        report.notes.extend(result.notes)
+        report.repair = {key: value for key, value in result.to_json().items() if key != "tried"}
+        transaction.write_text(REPORT, FILE_NAMES[REPORT], json.dumps(report.to_json(), indent=2) + "\n")
+        transaction.write_text(REPORT_HTML, FILE_NAMES[REPORT_HTML], render_html(report))
+        manifest.verify = VerifyRecord(report.verdict, report.samples, report.data, report.failures[:10],
+                                       {name: {k: v for k, v in state.items() if k != "ran"}
+                                        for name, state in report.backends.items()},
+                                       bundle.digests(FP32_ONNX, MIXED_ONNX, PLAN))
+        manifest.timings["repair"] = report.timings
