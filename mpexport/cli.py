@@ -363,10 +363,12 @@ DEFAULT_MAX_TRIALS = 200
 @click.option("--max-top1-drop", type=float, help="Explicit largest top-1 disagreement share (as verify).")
 @click.option("--max-trials", type=click.IntRange(1), default=DEFAULT_MAX_TRIALS, show_default=True,
               help="Stop searching after this many trials.")
+@click.option("--allow-costly", is_flag=True,
+              help="Commit a repair even when it moves most of the low-precision work to FP32.")
 @click.option("--json", "as_json", is_flag=True, help="Print repair.json instead of tables.")
 def repair(directory: str, val_data: str | None, trust_pickle: bool, batch_size: int, max_samples: int | None,
            budget_factor: float, atol: float | None, min_cosine: float | None, max_top1_drop: float | None,
-           max_trials: int, as_json: bool) -> None:
+           max_trials: int, allow_costly: bool, as_json: bool) -> None:
     """Find the smallest set of extra FP32 nodes with which every deployable form passes verify's gate
     (never by loosening it), and commit the repaired plan, model and report.
 
@@ -385,17 +387,18 @@ def repair(directory: str, val_data: str | None, trust_pickle: bool, batch_size:
 
     options = VerifyOptions(budget_factor=budget_factor, atol=atol, min_cosine=min_cosine,
                             max_top1_drop=max_top1_drop, batch_size=batch_size, max_samples=max_samples)
-    _run_repair(directory, val_data, trust_pickle, options, max_trials, as_json)
+    _run_repair(directory, val_data, trust_pickle, options, max_trials, as_json, allow_costly)
 
 
 def _run_repair(directory: str, val_data: str | None, trust_pickle: bool, options: Any, max_trials: int,
-                as_json: bool) -> None:
+                as_json: bool, allow_costly: bool = False) -> None:
     from mpexport.repair import repair as run_repair
 
     with _StageProgress(as_json) as progress:
         progress.stage("repair")
         result = run_repair(directory, val_data=val_data, options=options, trust_pickle=trust_pickle,
-                            max_trials=max_trials, on_trial=lambda number, _text: progress.advance(number, None))
+                            max_trials=max_trials, allow_costly=allow_costly,
+                            on_trial=lambda number, _text: progress.advance(number, None))
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
@@ -407,6 +410,10 @@ def _run_repair(directory: str, val_data: str | None, trust_pickle: bool, option
 def _print_repair(result: Any, directory: str) -> None:
     if result.status == "already passing":
         stdout.print(f"[green]nothing to repair:[/] {directory} passes verify")
+        return
+    if result.status == "too costly":
+        stdout.print(f"[red]not committed[/]: {escape(' '.join(result.notes))}; the set: "
+                     f"{', '.join(result.nodes)}", soft_wrap=True)
         return
     if result.status != "repaired":
         stdout.print(f"[red]no repair found[/] after {result.trials} trials: {escape(' '.join(result.notes))}",

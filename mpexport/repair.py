@@ -82,11 +82,14 @@ GUARD_SAMPLES = 32
 MAX_GROWTH = 8
 MAX_CONFIRMATIONS = 3
 DEFAULT_MAX_TRIALS = 200
+MIN_KEPT_SHARE = 0.5
+"""A repair must keep at least this share of the plan's low-precision multiply-accumulates low."""
 
 
 @dataclass
 class RepairResult:
-    """What ``repair`` found and did: ``status`` is ``repaired``, ``already passing`` or ``not found``."""
+    """What ``repair`` found and did: ``status`` is ``repaired``, ``already passing``, ``not found`` or ``too costly``
+    (a passing set was found but moves most of the low-precision work to FP32; nothing committed)."""
 
     status: str
     added_fp32: list[dict[str, Any]] = field(default_factory=list)
@@ -116,12 +119,13 @@ class RepairResult:
 
 
 def repair(directory: str | Path, *, val_data: str | Path | None = None, options: VerifyOptions | None = None,
-           trust_pickle: bool = False, max_trials: int = DEFAULT_MAX_TRIALS,
+           trust_pickle: bool = False, max_trials: int = DEFAULT_MAX_TRIALS, allow_costly: bool = False,
            on_trial: Callable[[int, str], None] | None = None) -> RepairResult:
     """Repair a bundle that fails verify (see the module docstring). Commits the repaired plan, the rewritten mixed
     model, ``repair.json``, ``repair.policy.toml`` and a passing report in one transaction, and returns what it
     did; when no set passes within ``max_trials`` trials nothing is changed and ``status`` is ``not found``, with
-    what was tried. ``on_trial`` hears each trial's number and what it tried."""
+    what was tried; a set that leaves less than half the low-precision share of the multiply-accumulates is not
+    committed (``too costly``) unless ``allow_costly``. ``on_trial`` hears each trial's number and what it tried."""
     started = time.perf_counter()
     options = options or VerifyOptions()
     clock = StageClock()
@@ -136,7 +140,7 @@ def repair(directory: str | Path, *, val_data: str | Path | None = None, options
         return RepairResult("already passing", report=baseline, seconds=time.perf_counter() - started)
     strict = f"strict-{plan.options.low}"
     _check_repairable(baseline, strict)
-    search = _Search(bundle, plan, inputs, options, baseline, strict, max_trials, on_trial)
+    search = Search(bundle, plan, inputs, options, baseline, strict, max_trials, on_trial)
     with clock.stage("search"):
         found = search.run()
     result = RepairResult("not found", trials=search.count, tried=search.log,
@@ -148,11 +152,26 @@ def repair(directory: str | Path, *, val_data: str | Path | None = None, options
     try:
         _fill(result, plan, repaired, keep, report, strict)
         result.seconds = time.perf_counter() - started
+        costly = _too_costly(result.macs)
+        if costly and not allow_costly:
+            result.status = "too costly"
+            result.notes.append(costly)
+            return result
         report.timings = clock.stages
         _commit(bundle, repaired, result, report, mixed_dir, policy_file_text(plan, result))
     finally:
         shutil.rmtree(mixed_dir, ignore_errors=True)
     return result
+
+
+def _too_costly(macs: dict[str, Any]) -> str | None:
+    """Why a passing set is not a repair to commit: it moves most of the low-precision work to FP32."""
+    before, after = macs.get("low_precision_share_before"), macs.get("low_precision_share_after")
+    if before and after is not None and after < MIN_KEPT_SHARE * before:
+        return (f"the set that passes moves the low-precision share of the multiply-accumulates from {before:.1%} to "
+                f"{after:.1%}: most of the model would run FP32. That is a finding to explain (is FP16 the right "
+                "target? try --target bf16), not a repair; --allow-costly commits it anyway")
+    return None
 
 
 def _check_repairable(baseline: ParityReport, strict: str) -> None:
@@ -175,7 +194,7 @@ class _Trial:
     summary: str
 
 
-class _Search:
+class Search:
     """Trials of extra FP32 node sets on the trial samples, and the search over them."""
 
     def __init__(self, bundle: Bundle, plan: PrecisionPlan, inputs: VerifyInputs, options: VerifyOptions,
@@ -283,7 +302,7 @@ class _Search:
                 keep = self._search()
                 if keep is None:
                     return None
-                plan, report, mixed_dir = self._confirm(keep)
+                plan, report, mixed_dir = self.confirm(keep)
                 if report.passed:
                     return keep, plan, report, mixed_dir
                 shutil.rmtree(mixed_dir, ignore_errors=True)
@@ -373,7 +392,7 @@ class _Search:
         return frozenset(items)
 
     # -- confirmation --------------------------------------------------------------------------------------
-    def _confirm(self, keep: frozenset[str]) -> tuple[PrecisionPlan, ParityReport, Path]:
+    def confirm(self, keep: frozenset[str]) -> tuple[PrecisionPlan, ParityReport, Path]:
         """Write the mixed model of the repaired plan into a temporary directory inside the bundle and verify it
         with every backend on every sample."""
         plan = _with_repair_reasons(self.replanned(keep)[0], keep, self.plan, self.failure, self.observed)

@@ -139,3 +139,26 @@ def test_a_bundle_with_an_engine_never_ships_it_unverified(cli, bundle_copy: Pat
     assert "plan.json was rewritten by mpexport repair" in bundle.staleness(bundle.manifest.engine)
     assert not bundle.covered(bundle.manifest.verify, ENGINE)
     assert_bad_input(cli("package", bundle_copy, "--out", tmp_path / "repo"), "engine that verify did not check")
+
+
+def test_a_repair_that_moves_most_of_the_work_to_fp32_is_not_committed(cli, bundle_copy: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Here the repair keeps 84% of the MACs low; with the bar raised above that it is "too costly": exit 1,
+    the set named, nothing written (and --allow-costly commits it)."""
+    from mpexport import repair
+
+    monkeypatch.setattr(repair, "MIN_KEPT_SHARE", 0.95)
+    before = (bundle_copy / "manifest.json").read_bytes()
+    result = cli("repair", bundle_copy)
+    assert result.exit_code == 1 and "not committed" in result.stdout and "node_mul_15" in result.stdout
+    assert (bundle_copy / "manifest.json").read_bytes() == before
+    assert cli("repair", bundle_copy, "--allow-costly").exit_code == 0
+
+
+def test_max_trials_and_verify_repair(cli, bundle_copy: Path, trap: dict[str, Path], tmp_path: Path) -> None:
+    stopped = cli("repair", bundle_copy, "--max-trials", "2")
+    assert stopped.exit_code == 1 and "stopped after 2 trials" in stopped.stdout
+    assert not (bundle_copy / "repair.json").exists()
+    result = cli("verify", bundle_copy, "--repair")
+    assert result.exit_code == 0 and "FAIL" in result.stdout and "repaired" in result.stdout
+    assert (bundle_copy / "repair.json").exists() and Bundle.open(bundle_copy).manifest.verify.verdict == "pass"
