@@ -209,6 +209,9 @@ class Search:
         self.on_trial = on_trial
         self.records = bundle.provenance()
         self.ranges = bundle.ranges()
+        # Without the calibration statistics (a bundle from an older mpexport) the range rule cannot be re-run:
+        # the nodes it kept FP32 stay FP32.
+        self.range_kept = [node.name for node in plan.nodes if node.rule == "range"] if self.ranges is None else []
         self.io_types = str(bundle.manifest.rewrite.get("io_types", "fp32"))
         self.low = plan.options.low
         self.thresholds = baseline.thresholds[strict]
@@ -237,8 +240,8 @@ class Search:
     def replanned(self, keep: Iterable[str]) -> tuple[PrecisionPlan, ir.Model]:
         """The plan with ``keep`` forced FP32 (downstream nodes re-decided), and the FP32 model it was made on."""
         model = ir.load(str(self.bundle.path(FP32_ONNX)))
-        overrides = self.plan.options.overrides.merged(Overrides(keep_fp32_nodes=sorted(keep)))
-        options = replace(self.plan.options, overrides=overrides)
+        extra = Overrides(keep_fp32_nodes=sorted({*keep, *self.range_kept}))
+        options = replace(self.plan.options, overrides=self.plan.options.overrides.merged(extra))
         return make_plan(model, self.records, options, self.ranges), model
 
     def trial_model(self, keep: Iterable[str]) -> tuple[PrecisionPlan, ir.Model]:
