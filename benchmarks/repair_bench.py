@@ -2,6 +2,7 @@
 onnxconverter-common's `auto_convert_mixed_precision`.
 
     .venv/bin/python benchmarks/repair_bench.py [--workdir DIR] [--baselines-python /tmp/bvenv/bin/python]
+    .venv/bin/python benchmarks/repair_bench.py --time-trials BUNDLE [--atol 1e-9]   # seconds per trial
 
 The baseline venv: `python3 -m venv /tmp/bvenv && /tmp/bvenv/bin/pip install onnxconverter-common onnxruntime`.
 
@@ -214,13 +215,38 @@ def _low_share(path: Path, bundle) -> float | None:
     return round(low / total, 4) if total else None
 
 
+def time_trials(directory: Path, atol: float | None) -> None:
+    """Seconds of one trial on an existing bundle (``--atol`` forces a failure on a bundle that passes)."""
+    from mpexport.bundle import Bundle
+    from mpexport.repair import Search
+    from mpexport.verification import VerifyOptions, load_inputs, verify_forms
+
+    bundle = Bundle.open(directory)
+    options = VerifyOptions(atol=atol)
+    inputs = load_inputs(bundle, batch_size=options.batch_size)
+    started = time.perf_counter()
+    baseline = verify_forms(bundle, inputs, options)
+    print(f"baseline verify {time.perf_counter() - started:.1f} s: {baseline.verdict}")
+    plan = bundle.plan()
+    search = Search(bundle, plan, inputs, options, baseline, f"strict-{plan.options.low}", 100, None)
+    for count in (0, 10, 40):
+        started = time.perf_counter()
+        search.trial(frozenset(search.candidates[:count]), f"first {count}")
+        print(f"trial with {count} nodes FP32 on {len(search.samples)} samples: {time.perf_counter() - started:.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--baselines-python", help="Python of a venv with onnxconverter-common.")
     parser.add_argument("--traps", nargs="+", default=["mlp", "attention", "layernorm"])
+    parser.add_argument("--time-trials", type=Path, metavar="BUNDLE", help="Only time trials on this bundle.")
+    parser.add_argument("--atol", type=float, help="With --time-trials: a budget that makes the bundle fail.")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    if args.time_trials:
+        time_trials(args.time_trials, args.atol)
+        return
     root = args.workdir or Path(tempfile.mkdtemp(prefix="mpexport-repair-"))
     root.mkdir(parents=True, exist_ok=True)
     rows = {}
