@@ -231,13 +231,16 @@ def _print_convert(result: Any) -> None:
         table.add_row("plan", f"{plan.policy} ({escape(plan.policy_source)}) → {plan.target}: {counts}"
                       + (f"; {share:.1%} of MACs in {plan.target}" if share is not None else ""))
     check = manifest.export_check
-    outputs = check.comparison["outputs"]
-    worst = max(outputs.values(), key=lambda output: output["relative_error"]) if outputs else None
-    verdict = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
-    table.add_row("export check", f"{verdict}  ONNX Runtime vs {escape(check.comparison['reference'])} on "
-                  f"{check.comparison['samples']} samples"
-                  + (f", max error {worst['relative_error']:.1e} of output scale (tolerance "
-                     f"{check.comparison['rtol']:g})" if worst else ""))
+    if check is None:
+        table.add_row("export check", f"[yellow]skipped[/]: {escape(manifest.skipped.get('export check', ''))}")
+    else:
+        outputs = check.comparison["outputs"]
+        worst = max(outputs.values(), key=lambda output: output["relative_error"]) if outputs else None
+        verdict = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
+        table.add_row("export check", f"{verdict}  ONNX Runtime vs {escape(check.comparison['reference'])} on "
+                      f"{check.comparison['samples']} samples"
+                      + (f", max error {worst['relative_error']:.1e} of output scale (tolerance "
+                         f"{check.comparison['rtol']:g})" if worst else ""))
     lint = manifest.lint
     if lint:
         statuses = ", ".join(f"{c['name']} {c['status']}" for c in lint.checks)
@@ -281,7 +284,8 @@ def _print_timings(stages: list[Any]) -> None:
 @click.option("--val-data", type=click.Path(path_type=str),
               help="Validation data (default: the data convert checked the export on).")
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=str),
-              help="Without DIRECTORY: the PyTorch model to compare --candidate against.")
+              help="The PyTorch model to compare with: --candidate's reference, or with DIRECTORY (a model converted "
+              "from ONNX) adds the PyTorch backends.")
 @click.option("--candidate", type=click.Path(dir_okay=False, path_type=str),
               help="Without DIRECTORY: any ONNX file (e.g. made by another tool) to check.")
 @click.option("--factory", metavar="MODULE:FUNCTION", help="With --reference: builds the model for a checkpoint.")
@@ -326,10 +330,10 @@ def verify(directory: str | None, val_data: str | None, reference: str | None, c
         raise click.UsageError("--repair needs DIRECTORY")
     with _batch_progress(as_json) as on_batch:
         if directory:
-            if reference or candidate:
+            if candidate:
                 raise click.UsageError("give DIRECTORY, or --reference and --candidate, not both")
             report = run_verify(directory, val_data=val_data, options=options, trust_pickle=trust_pickle,
-                                on_batch=on_batch)
+                                on_batch=on_batch, reference=reference)
         else:
             if not (reference and candidate and val_data):
                 raise click.UsageError("without DIRECTORY, give --reference, --candidate and --val-data")
@@ -465,7 +469,7 @@ class _batch_progress:
 def _print_verify(report: Any, directory: str | None) -> None:
     colour = "green" if report.passed else "red"
     stdout.print(f"[bold {colour}]{report.verdict.upper()}[/]: {report.samples} samples from {escape(report.data)}")
-    table = Table(title="parity against torch-fp32", title_justify="left")
+    table = Table(title=f"parity against {next(iter(report.backends), 'torch-fp32')}", title_justify="left")
     for column in ("backend", "output", "max abs", "p99 abs", "min cosine", "SNR dB", "non-finite", "top-1",
                    "accuracy", "budget (atol)"):
         table.add_column(column, justify="right" if column not in ("backend", "output") else "left")

@@ -56,8 +56,9 @@ from mpexport.errors import MpexportError, first_line
 from mpexport.export import ExportRequest, ExportResult, export_onnx
 from mpexport.inputs import example_inputs, resolve_inputs
 from mpexport.lint import lint_model
-from mpexport.loading import LoadedModel, load_model
+from mpexport.loading import FORMAT_ONNX, LoadedModel, load_model
 from mpexport.onnxfile import save_model
+from mpexport.onnxinput import provenance_kind, read_fp32_onnx
 from mpexport.parity import Comparison, batch_samples
 from mpexport.plan import DEFAULT_POLICY, PlanOptions, PrecisionPlan, RangeStats, make_plan
 from mpexport.ranges import ProbedRunner
@@ -65,7 +66,7 @@ from mpexport.rewrite import apply_plan
 from mpexport.runners import Batch, TorchRunner, best_device, flatten_outputs, output_names
 from mpexport.specs import TensorSpec, normalize_dtype
 from mpexport.timing import StageClock
-from mpexport.valdata import ValidationData, is_callable_spec, load_validation_data
+from mpexport.valdata import ValidationData, check_against, is_callable_spec, load_validation_data
 
 BF16_MIN_OPSET = 22
 """ONNX admits bfloat16 for Conv, MatMul, Gemm and the norms from opset 22 on."""
@@ -102,8 +103,9 @@ class ConvertResult:
 
     @property
     def export_check_passed(self) -> bool:
-        """True when ONNX Runtime reproduced the PyTorch FP32 outputs within tolerance."""
-        return self.manifest.export_check is not None and self.manifest.export_check.passed
+        """True when ONNX Runtime reproduced the PyTorch FP32 outputs within tolerance (or there was nothing to
+        check: an ONNX input has no PyTorch model)."""
+        return self.manifest.export_check is None or self.manifest.export_check.passed
 
     @property
     def lint_passed(self) -> bool:
@@ -204,7 +206,7 @@ def _requested_options(plan_options: PlanOptions | None, policy_file: str | Path
 
 def _notes(fp32: _FP32Stage, plan: PrecisionPlan, manifest: Manifest) -> list[str]:
     notes = fp32.notes + plan.notes
-    if not fp32.check.passed:
+    if fp32.check is not None and not fp32.check.passed:
         notes.append(_check_failure_note(fp32.check))
     lint = manifest.lint
     for failed in (check for check in (lint.checks if lint else []) if check["status"] == "fail"):
@@ -232,7 +234,8 @@ class _FP32Stage:
     """What the export stage leaves behind once the PyTorch model is dropped: no tensors, only records."""
 
     records: list[provenance.NodeProvenance]
-    check: Comparison
+    check: Comparison | None
+    """None for an ONNX input: there is no PyTorch model to check the ONNX against."""
     ranges: RangeStats | None
     options: PlanOptions
     policy_source: str
@@ -250,6 +253,8 @@ def _fp32_stage(bundle: Bundle, request: _FP32Request, clock: StageClock,
     with clock.stage("load"):
         loaded = load_model(request.model, factory=request.factory, trust_pickle=request.trust_pickle)
         data = load_validation_data(request.val_data) if request.val_data is not None else None
+    if loaded.format == FORMAT_ONNX:
+        return _onnx_stage(bundle, request, clock, loaded, data, on_progress)
     with clock.stage("inputs"):
         specs = resolve_inputs(loaded, data, request.inputs, dynamic_batch=request.dynamic_batch)
         examples = example_inputs(specs, data)
@@ -272,6 +277,74 @@ def _fp32_stage(bundle: Bundle, request: _FP32Request, clock: StageClock,
     notes = loaded.notes + exported.notes + ([device_note] if device_note else [])
     return _FP32Stage(records, check, ranges, options, options_source(request.plan_options, loaded), specs,
                       data, notes)
+
+
+def _onnx_stage(bundle: Bundle, request: _FP32Request, clock: StageClock, loaded: LoadedModel,
+                data: ValidationData | None, on_progress: ProgressCallback | None) -> _FP32Stage:
+    """An FP32 ONNX as the input (:mod:`mpexport.onnxinput`): checked, written into the bundle as its FP32 working
+    copy with what provenance it carries, and calibrated on the validation data. No export check: there is no
+    PyTorch model (verify uses onnx-fp32 as the reference; ``verify --reference`` adds the PyTorch backends)."""
+    with clock.stage("inputs"):
+        model = read_fp32_onnx(loaded.path)
+        if request.inputs:
+            raise MpexportError("--input describes a PyTorch model's inputs; an ONNX model declares its own",
+                                stage="inputs", hint="drop --input")
+        specs = _named_dims(graph_specs(model.graph.inputs))
+        if data is not None:
+            check_against(data, specs)
+        options = _plan_options(request.plan_options, loaded)
+        opset = model.opset_imports.get("", 0)
+        if options.low == "bf16" and opset < BF16_MIN_OPSET:
+            raise MpexportError(f"a BF16 target needs ONNX opset {BF16_MIN_OPSET} or newer; this model is opset "
+                                f"{opset}", stage="export", hint="deploy as --target fp16, or re-export the model")
+        notes = [f"--opset {request.opset} ignored: the ONNX model keeps its opset {opset}"] \
+            if request.opset not in (None, opset) else []
+    with clock.stage("write"):
+        kind = provenance_kind(model)
+        records = provenance.collect_provenance(model, "exporter" if kind == "exporter" else "scope")
+        external = _initializer_bytes(model) > min(FP32_EXTERNAL_DATA_THRESHOLD, EXTERNAL_DATA_THRESHOLD)
+        name = FILE_NAMES[FP32_ONNX]
+        save_model(model, bundle.directory / name, external_data=f"{name}.data" if external else None)
+        artifacts.write_json(bundle.directory / FILE_NAMES[PROVENANCE], provenance.to_json(records))
+        bundle.record_artifact(FP32_ONNX, name, (f"{name}.data",) if external else (), command="convert")
+        bundle.record_artifact(PROVENANCE, FILE_NAMES[PROVENANCE], command="convert")
+        manifest = bundle.manifest
+        manifest.source = loaded.source_record(bundle.directory)
+        manifest.validation = _validation_record(request.val_data, data, bundle.directory)
+        manifest.inputs, manifest.outputs = specs, graph_specs(model.graph.outputs)
+        manifest.export = ExportRecord("onnx-input", [], 0.0, opset, external, f"onnx ({kind})")
+        manifest.provenance = provenance.summarize(records)
+        manifest.skipped["export check"] = "the model came as ONNX: there is no PyTorch model to check it against " \
+            "(verify uses onnx-fp32 as the reference; verify --reference MODEL adds the PyTorch backends)"
+        del model
+    ranges = None
+    if options.range_check and data is not None and request.calibration_samples > 0:
+        with clock.stage("data pass"):
+            ranges = _calibrate_onnx(bundle, specs, data, request.calibration_samples, on_progress)
+    source = options_source(request.plan_options, loaded)
+    if kind != "exporter":
+        notes.append("the ONNX model records no aten ops: the plan infers them from op types and recognises the "
+                     "policy's patterns (attention, normalisations), and every such reason says so")
+    return _FP32Stage(records, None, ranges, options, source, specs, data, notes)
+
+
+def _named_dims(specs: list[TensorSpec]) -> list[TensorSpec]:
+    """Unknown dims (``?``) named after their input and axis, so data shapes can be checked against them."""
+    return [TensorSpec(spec.name, spec.dtype, tuple(f"{spec.name}_dim{axis}" if dim == "?" else dim
+                                                      for axis, dim in enumerate(spec.shape))) for spec in specs]
+
+
+def _calibrate_onnx(bundle: Bundle, specs: list[TensorSpec], data: ValidationData, samples: int,
+                    on_progress: ProgressCallback | None) -> RangeStats:
+    """The range rule's statistics of an ONNX input: its FP32 model in ONNX Runtime with the probes attached."""
+    runner = ProbedRunner(bundle.path(FP32_ONNX))
+    fixed = _fixed_batch(specs)
+    total = min(samples, data.num_samples) if data.num_samples else None
+    for batch in data.batches(fixed or CHECK_BATCH, limit=samples, inputs=specs, exact=fixed is not None):
+        runner.run(batch)
+        if on_progress:
+            on_progress(runner.stats.samples, total)
+    return runner.stats
 
 
 def _data_pass(bundle: Bundle, loaded: LoadedModel, specs: list[TensorSpec], data: ValidationData | None,

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from mpexport.dtypes import LOW_ONNX_TYPES as LOW_TYPES
-from mpexport.graphs import mark_added, subgraphs, walk
+from mpexport.graphs import infer_types, mark_added, subgraphs, walk
 
 
 class EmulationError(ValueError):
@@ -86,11 +86,7 @@ def _type_values(model: ir.Model) -> None:
     """Give untyped values their types (ONNX shape inference; mpexport's own models are typed throughout), and
     raise :class:`EmulationError` for a node that reads low-precision values but whose output type stays unknown:
     the emulation could not tell whether to round it."""
-    if all(value.dtype is not None for node in model.graph for value in node.outputs):
-        return
-    from onnx_ir.passes.common import ShapeInferencePass
-
-    ShapeInferencePass(strict_mode=False)(model)
+    infer_types(model)
     for node in model.graph:
         if any(value.dtype is None for value in node.outputs) and \
                 any(value is not None and value.dtype in LOW_TYPES for value in node.inputs):

@@ -85,3 +85,14 @@ def mark_added(node: ir.Node, role: str) -> ir.Node:
 def added_role(node: ir.Node) -> str | None:
     """Why mpexport added ``node`` (``cast``...), or None for a node of the model itself."""
     return node.metadata_props.get(ROLE)
+
+
+def infer_types(model: ir.Model) -> None:
+    """Give untyped values of the main graph their types and shapes with ONNX shape inference (in place; weights are
+    not serialized for it). Models from mpexport's exporter are typed throughout; the TorchScript exporter's and other
+    tools' often are not."""
+    if all(value.dtype is not None for node in model.graph for value in node.outputs):
+        return
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass(strict_mode=False)(model)

@@ -40,6 +40,7 @@ FORMAT_EXPORT = "torch.export"
 FORMAT_TORCHSCRIPT = "torchscript"
 FORMAT_CHECKPOINT = "checkpoint"
 FORMAT_PICKLE = "pickle"
+FORMAT_ONNX = "onnx"
 
 
 @dataclass
@@ -47,9 +48,10 @@ class LoadedModel:
     """A model ready for export, with what its file told about it.
 
     Exactly one of ``program`` (an ``ExportedProgram``) and ``module`` (an ``nn.Module`` or TorchScript module)
-    is set. ``input_specs`` is filled when the file records its inputs (``.pt2``); ``input_names`` when only
-    names are known (a ``forward`` signature); ``training`` holds what the file says about its training
-    precision (autocast device and dtype), empty if nothing.
+    is set, or neither for an ONNX file (``format == "onnx"``, read by :mod:`mpexport.onnxinput`).
+    ``input_specs`` is filled when the file records its inputs (``.pt2``); ``input_names`` when only names are
+    known (a ``forward`` signature); ``training`` holds what the file says about its training precision (autocast
+    device and dtype), empty if nothing.
     """
 
     format: str
@@ -70,10 +72,13 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
 
     def callable(self) -> torch.nn.Module:
-        """The FP32 model as a function of its inputs: by name, or in input order when ``positional``."""
+        """The FP32 model as a function of its inputs: by name, or in input order when ``positional``. An ONNX
+        input has none (one-line error)."""
         if self.program is not None:
             return self.program.module()
-        assert self.module is not None
+        if self.module is None:
+            raise MpexportError(f"'{self.path}' is an ONNX model: there is no PyTorch model to run", stage=STAGE,
+                                hint="pass the PyTorch model it was exported from (verify --reference)")
         return self.module
 
     def source_record(self, bundle_directory: Path) -> SourceRecord:
@@ -107,6 +112,8 @@ def load_model(
         raise MpexportError(f"cannot read '{path}': {exc.strerror}", stage=STAGE) from None
     digest = sha256_file(path)
     kind = _detect_format(path, head)
+    if kind == FORMAT_ONNX:
+        return LoadedModel(format=FORMAT_ONNX, path=path, sha256=digest)
     if kind == FORMAT_EXPORT:
         loaded = _load_exported_program(path, digest)
     elif kind == FORMAT_TORCHSCRIPT:
@@ -127,9 +134,11 @@ def _detect_format(path: Path, head: bytes) -> str:
         return _detect_zip_format(path)
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "legacy-pickle"
-    raise MpexportError(f"'{path}' is not a PyTorch model file ({_describe_foreign(path, head)})", stage=STAGE,
+    if head[:1] == b"\x08" and _is_onnx(path):
+        return FORMAT_ONNX
+    raise MpexportError(f"'{path}' is not a model file mpexport reads ({_describe_foreign(head)})", stage=STAGE,
                         hint="give a torch.export .pt2, a TorchScript file, a checkpoint with --factory, "
-                        "or a pickled module with --trust-pickle")
+                        "a pickled module with --trust-pickle, or an FP32 ONNX model")
 
 
 def _detect_zip_format(path: Path) -> str:
@@ -148,9 +157,7 @@ def _detect_zip_format(path: Path) -> str:
     raise MpexportError(f"'{path}' is a zip archive but not a PyTorch model file", stage=STAGE)
 
 
-def _describe_foreign(path: Path, head: bytes) -> str:
-    if head[:1] == b"\x08" and _is_onnx(path):
-        return "it is an ONNX model; mpexport convert takes the trained PyTorch model"
+def _describe_foreign(head: bytes) -> str:
     if len(head) >= 10 and head[8:10] == b'{"':
         return "it looks like a safetensors file, which mpexport does not read yet; save a state dict with torch.save"
     try:

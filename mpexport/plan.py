@@ -44,6 +44,7 @@ from mpexport.autocast_policy import (
 from mpexport.dtypes import BF16, FP16, FP32, NONE, TYPE_MAX, WIDTH, precision_of
 from mpexport.errors import MpexportError
 from mpexport.graphs import name_nodes_uniquely, subgraphs, walk
+from mpexport.patterns import recognise
 from mpexport.provenance import NodeProvenance
 from mpexport.weights import max_abs, reduce_tensor
 
@@ -365,6 +366,8 @@ class _Engine:
         self.producer_origin: dict[str | None, str | None] = {}
         self.rank: dict[str | None, int | None] = {}
         self.limit = TYPE_MAX[self.low] / options.headroom
+        without_aten = sum(record.aten is None for record in records) > len(records) // 2
+        self.recognised = recognise(model) if without_aten else {}
         self.weight_peaks: dict[str | None, float] = {}
 
     def run(self) -> list[NodePlan]:
@@ -429,7 +432,7 @@ class _Engine:
         op, cls = self._class_of(node, record)
         name = self.policy.name
         if cls == LOWER:
-            if op in FUSED_KERNELS and node.op_type not in LOW_INSIDE_FUSED:
+            if op is not None and op.split(" (")[0] in FUSED_KERNELS and node.op_type not in LOW_INSIDE_FUSED:
                 return FP32, (f"kernel: {op} runs its matmuls in {self.low.upper()} and keeps scores, masking "
                               "and softmax in FP32 inside the fused kernel"), "kernel"
             return self.low, f"policy: {op} runs in {self.training_low.upper()} under {name}", "policy"
@@ -445,12 +448,16 @@ class _Engine:
 
     def _class_of(self, node: ir.Node, record: NodeProvenance) -> tuple[str | None, str | None]:
         """The op autocast decided for this node, and its class: the intercepted op if listed, else (the
-        composite decomposed in eager) the node's own aten op; without any recorded op, a stand-in inferred
-        from the ONNX op type (said so in the op name)."""
+        composite decomposed in eager) the node's own aten op; without any recorded op, the op of a pattern the
+        node belongs to (:mod:`mpexport.patterns`), else a stand-in inferred from the ONNX op type (each said so
+        in the op name)."""
         for op in (record.autocast_op, record.aten):
             cls = self.policy.op_class(op)
             if cls is not None and op is not None:  # op_class is None for no op
                 return op_key(op), cls
+        if record.aten is None and record.autocast_op is None and record.name in self.recognised:
+            hit = self.recognised[record.name]
+            return f"{hit.aten} (recognised from the ONNX pattern of a {hit.pattern})", self.policy.op_class(hit.aten)
         if record.aten is None and record.autocast_op is None and record.op_type in OP_TYPE_TO_ATEN:
             stand_in = OP_TYPE_TO_ATEN[record.op_type].format(rank=_spatial_rank(node))
             return f"{stand_in} (inferred from {record.op_type})", self.policy.op_class(stand_in)

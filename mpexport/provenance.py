@@ -116,8 +116,20 @@ def _from_metadata(name: str, node: ir.Node) -> NodeProvenance:
 def _from_scope(name: str, node: ir.Node) -> NodeProvenance:
     if not name.startswith("/"):
         return NodeProvenance(name, node.op_type, None, None, None, "no module scope in the node name")
-    module = ".".join(name.strip("/").split("/")[:-1])
-    return NodeProvenance(name, node.op_type, module, None, None, "the TorchScript exporter records no aten op")
+    return NodeProvenance(name, node.op_type, scope_module(name), None, None,
+                          "the TorchScript exporter records no aten op")
+
+
+def scope_module(name: str) -> str:
+    """The module path in a TorchScript-exporter node name: ``/blocks/blocks.1/norm2/LayerNormalization`` ->
+    ``blocks.1.norm2`` (a container's child is written with the container's name in front, e.g. ``blocks.1``)."""
+    path: list[str] = []
+    for part in name.strip("/").split("/")[:-1]:
+        if path and part.startswith(f"{path[-1]}."):
+            path[-1] = part
+        else:
+            path.append(part)
+    return ".".join(path)
 
 
 def summarize(records: list[NodeProvenance]) -> dict[str, Any]:

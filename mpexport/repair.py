@@ -62,7 +62,7 @@ from mpexport.lint import lint_model
 from mpexport.onnxfile import save_model
 from mpexport.plan import NodePlan, Overrides, PrecisionPlan, make_plan
 from mpexport.rewrite import apply_plan
-from mpexport.runners import Batch, OrtRunner, TorchRunner
+from mpexport.runners import Batch, OrtRunner
 from mpexport.timing import StageClock
 from mpexport.valdata import LABELS
 from mpexport.verification import (
@@ -232,8 +232,7 @@ class Search:
         """The trial samples' inputs in batches and the FP32 reference's outputs on them (computed once)."""
         self.samples = samples
         self.batches = _gather(self.inputs, samples, self.options.batch_size)
-        names = [spec.name for spec in self.inputs.specs]
-        reference = TorchRunner(self.inputs.loaded.callable(), names, positional=self.inputs.loaded.positional)
+        reference = self.inputs.reference_runner(self.bundle)
         self.reference = [reference.run(batch) for batch, _ in self.batches]
 
     # -- trials --------------------------------------------------------------------------------------------

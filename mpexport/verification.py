@@ -45,7 +45,7 @@ from mpexport.dtypes import TYPE_MAX
 from mpexport.emulate import ROUNDING, strict_emulation
 from mpexport.errors import MpexportError, first_line
 from mpexport.graphs import added_role
-from mpexport.loading import LoadedModel, load_model
+from mpexport.loading import FORMAT_ONNX, LoadedModel, load_model
 from mpexport.metrics import OutputMetrics
 from mpexport.parity import FP32_RTOL, Comparison, batch_samples
 from mpexport.runners import Batch, OrtRunner, Runner, TorchRunner
@@ -56,6 +56,9 @@ from mpexport.valdata import LABELS, ValidationData, check_against, load_validat
 STAGE = "verify"
 REFERENCE = "torch-fp32"
 AMP = "torch-amp"
+ONNX_AMP = "onnx-amp"
+"""The noise floor without a PyTorch model: the training policy emulated strictly on the FP32 ONNX."""
+NOISE_FLOORS = (AMP, ONNX_AMP)
 ONNX_FP32 = "onnx-fp32"
 ABS_FLOOR = 1e-3
 """Smallest max-abs budget, relative to the output's scale."""
@@ -64,7 +67,9 @@ TOP1_FLOOR = 0.01
 LOCALISE_RTOL = 0.05
 RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
 ALLOWED_SKIPS = {
-    "torch-cuda": "no CUDA GPU visible to torch, or the policy is a CUDA one (torch-amp then runs it)",
+    "torch-amp": "no PyTorch model (an ONNX input without --reference): onnx-amp is the noise floor",
+    "torch-cuda": "no CUDA GPU visible to torch, or the policy is a CUDA one (torch-amp then runs it), or no PyTorch "
+                  "model",
     "onnx-mixed": "this ONNX Runtime build has no CPU kernel for the low type (BF16 Conv, for one); the strict "
                   "emulation still checks the mixed model",
     "tensorrt": "no engine in the bundle, or no TensorRT or GPU here",
@@ -106,6 +111,8 @@ class ParityReport:
     """Per output of the strict emulation: each sample's own statistics (repair picks the failing samples)."""
     repair: dict[str, Any] | None = None
     """What ``repair`` changed, when this report confirms a repair."""
+    reference: str = ""
+    """The backend every other was compared with: ``torch-fp32``, or ``onnx-fp32`` without a PyTorch model."""
 
     def failing_samples(self, backend: str) -> list[int]:
         """The samples on which ``backend`` breaks its thresholds by themselves (non-finite values, error beyond
@@ -129,7 +136,8 @@ class ParityReport:
     def to_json(self) -> dict[str, Any]:
         """``report.json``: verdict, thresholds, metrics per backend and output, failures, localisation."""
         return {
-            "verdict": self.verdict, "samples": self.samples, "batches": self.batches, "data": self.data,
+            "verdict": self.verdict, "reference": self.reference, "samples": self.samples, "batches": self.batches,
+            "data": self.data,
             "options": self.options, "failures": self.failures,
             "thresholds": self.thresholds, "backends": self.backends, "notes": self.notes,
             "metrics": {backend: {name: m.to_json() for name, m in outputs.items()}
@@ -179,35 +187,54 @@ class VerifyInputs:
     batch (the example some backends are built from)."""
 
     data: ValidationData
-    loaded: LoadedModel
+    loaded: LoadedModel | None
+    """None when there is no PyTorch model (an ONNX input without ``--reference``): onnx-fp32 is the reference."""
     specs: list[TensorSpec]
     example: Batch
 
+    def reference_runner(self, bundle: Bundle) -> Runner:
+        """The FP32 reference: the PyTorch model, else the bundle's FP32 ONNX."""
+        if self.loaded is None:
+            return OrtRunner(bundle.path(FP32_ONNX), name=ONNX_FP32)
+        names = [spec.name for spec in self.specs]
+        return TorchRunner(self.loaded.callable(), names, positional=self.loaded.positional)
+
 
 def load_inputs(bundle: Bundle, *, val_data: str | Path | None = None, trust_pickle: bool = False,
-                batch_size: int = 64) -> VerifyInputs:
+                batch_size: int = 64, reference: str | Path | None = None) -> VerifyInputs:
     """The validation data (``val_data``, else what convert recorded) checked against the model's inputs, and the
-    source model (its SHA-256 checked against convert's); one-line errors otherwise."""
+    source model (its SHA-256 checked against convert's), or ``reference`` (a PyTorch model file, e.g. the one an
+    ONNX input was exported from); for an ONNX input without ``reference`` there is no PyTorch model. One-line
+    errors otherwise."""
     data = _validation_data(bundle, val_data)
     specs = bundle.manifest.inputs
     check_against(data, specs)
-    loaded = _source_model(bundle, trust_pickle)
+    loaded: LoadedModel | None
+    if reference is not None:
+        loaded = load_model(reference, trust_pickle=trust_pickle)
+        if loaded.format == FORMAT_ONNX:
+            raise MpexportError("--reference takes the PyTorch model (an ONNX file is what verify checks)",
+                                stage=STAGE)
+    else:
+        loaded = _source_model(bundle, trust_pickle)
     example = next(data.batches(batch_size, limit=batch_size, inputs=specs))
     return VerifyInputs(data, loaded, specs, example)
 
 
 def verify(directory: str | Path, *, val_data: str | Path | None = None, options: VerifyOptions | None = None,
            trust_pickle: bool = False, on_batch: Callable[[int, int | None], None] | None = None,
-           write: bool = True) -> ParityReport:
+           write: bool = True, reference: str | Path | None = None) -> ParityReport:
     """Verify a bundle (the output directory of ``convert``): check its artifacts' hashes, run every backend on
     the validation data, gate, localise, and (``write``) store ``report.json``/``report.html`` and the verdict in
-    the bundle, recording which artifacts the verdict covers."""
+    the bundle, recording which artifacts the verdict covers. ``reference``: a PyTorch model to compare with (for
+    a bundle converted from ONNX, which otherwise uses its FP32 ONNX as the reference)."""
     options = options or VerifyOptions()
     clock = StageClock()
     with clock.stage("open"):
         bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, ENGINE))
     with clock.stage("load"):
-        inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size)
+        inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size,
+                             reference=reference)
     report = verify_forms(bundle, inputs, options, on_batch, clock=clock)
     report.timings = clock.stages
     if write:
@@ -232,11 +259,17 @@ def verify_forms(bundle: Bundle, inputs: VerifyInputs, options: VerifyOptions,
     loaded, example = inputs.loaded, inputs.example
     backends = _Backends()
     with clock.stage("backends"):
-        backends.runners.append(TorchRunner(loaded.callable(), names, positional=loaded.positional))
-        backends.states[REFERENCE] = {"state": RAN, "ran": True}
-        backends.add(AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
-        _add_torch_cuda(backends, loaded, names, policy, low, example)
-        backends.add(ONNX_FP32, lambda: OrtRunner(bundle.path(FP32_ONNX), name=ONNX_FP32))
+        reference = inputs.reference_runner(bundle)
+        backends.runners.append(reference)
+        backends.states[reference.name] = {"state": RAN, "ran": True}
+        if loaded is not None:
+            backends.add(AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
+            _add_torch_cuda(backends, loaded, names, policy, low, example)
+            backends.add(ONNX_FP32, lambda: OrtRunner(bundle.path(FP32_ONNX), name=ONNX_FP32))
+        else:
+            for name in (AMP, "torch-cuda"):
+                backends.skip(name, "no PyTorch model (an ONNX input; verify --reference adds it)")
+            backends.add(ONNX_AMP, lambda: _training_emulation(bundle, plan))
         backends.add("onnx-mixed", lambda: OrtRunner(mixed, name="onnx-mixed"), skip_if=_missing_kernel)
         strict = f"strict-{low}"
         backends.add(strict, lambda: OrtRunner.from_model(_strict_model(mixed), mixed.parent, name=strict))
@@ -245,11 +278,15 @@ def verify_forms(bundle: Bundle, inputs: VerifyInputs, options: VerifyOptions,
         else:
             _add_tensorrt(backends, bundle)
     with clock.stage("passes"):
+        required = (ONNX_FP32, strict) if loaded is not None else (strict,)
         report = _run(backends, inputs.data, inputs.specs, [spec.name for spec in manifest.outputs], options,
-                      on_batch, gated=(ONNX_FP32, "onnx-mixed", strict, "tensorrt"), required=(ONNX_FP32, strict),
+                      on_batch, gated=(ONNX_FP32, "onnx-mixed", strict, "tensorrt"), required=required,
                       watch=strict)
     if AMP in report.metrics:
         report.backends[AMP]["mode"] = next(r for r in backends.runners if r.name == AMP).mode  # type: ignore[attr-defined]
+    if ONNX_AMP in report.backends:
+        report.backends[ONNX_AMP]["mode"] = f"the {policy} plan in {policy.split('-')[1].upper()}, emulated strictly " \
+            "on the FP32 ONNX (no PyTorch model)"
     if not report.passed and report.ran(strict):
         with clock.stage("localisation"):
             nodes = {node.name: node.to_json() for node in plan.nodes} if plan is not None else {}
@@ -340,10 +377,12 @@ def _validation_data(bundle: Bundle, val_data: str | Path | None) -> ValidationD
     return load_validation_data(source, import_path=record.import_path if record else None)
 
 
-def _source_model(bundle: Bundle, trust_pickle: bool) -> LoadedModel:
+def _source_model(bundle: Bundle, trust_pickle: bool) -> LoadedModel | None:
     source = bundle.manifest.source
     if source is None:
         raise MpexportError(f"'{bundle.directory}' records no source model", stage=STAGE)
+    if source.format == FORMAT_ONNX:
+        return None
     if source.format == "pickle" and not trust_pickle:
         raise MpexportError("the source model is a pickled module; loading it runs code from the file",
                             stage=STAGE, hint="pass --trust-pickle if you trust it")
@@ -353,6 +392,21 @@ def _source_model(bundle: Bundle, trust_pickle: bool) -> LoadedModel:
         raise MpexportError(f"the source model '{path}' changed since convert (SHA-256 differs)",
                             stage=STAGE, hint="convert again")
     return loaded
+
+
+def _training_emulation(bundle: Bundle, plan: Any) -> OrtRunner:
+    """``onnx-amp``, the noise floor without PyTorch: the plan of the training policy alone (no deployment overrides,
+    no range rule) in the training's low type, applied to the FP32 ONNX and emulated strictly. It stands for what
+    training computed, as closely as the plan reproduces autocast (node by node, tested against real autocast)."""
+    from mpexport.plan import Overrides, PlanOptions, make_plan
+    from mpexport.rewrite import apply_plan
+
+    model = ir.load(str(bundle.path(FP32_ONNX)))
+    options = PlanOptions(policy=plan.policy.name, target=plan.policy.low, torch_version=plan.policy.torch_version,
+                          overrides=Overrides(), range_check=False)
+    training = make_plan(model, bundle.provenance(), options)
+    apply_plan(model, training.precisions())
+    return OrtRunner.from_model(strict_emulation(model), bundle.path(FP32_ONNX).parent, name=ONNX_AMP)
 
 
 def _strict_model(mixed: Path) -> ir.Model:
@@ -369,7 +423,7 @@ def _run(backends: _Backends, data: ValidationData, specs: list[TensorSpec], nam
     per_sample: dict[str, SampleStats] = {}
     timed = [_Timed(runner) for runner in backends.runners]
     reference, others = timed[0], timed[1:]
-    comparisons = {runner.name: Comparison.of(REFERENCE, runner.name, names) for runner in others}
+    comparisons = {runner.name: Comparison.of(reference.name, runner.name, names) for runner in others}
     reference_accuracy = OutputMetrics("reference")
     total = min(data.num_samples, options.max_samples or data.num_samples) if data.num_samples else None
     samples = batches = 0
@@ -405,10 +459,11 @@ def _run(backends: _Backends, data: ValidationData, specs: list[TensorSpec], nam
     for runner in timed:
         backends.states[runner.name]["seconds"] = round(runner.seconds, 3)
     if reference_accuracy.accuracy is not None:
-        backends.states[REFERENCE]["accuracy"] = reference_accuracy.accuracy
+        backends.states[reference.name]["accuracy"] = reference_accuracy.accuracy
     return ParityReport("pass" if not failures else "fail", backends.states, metrics, thresholds, failures,
                         samples=samples, data=data.describe(), batches=batches, options=asdict(options),
-                        worst=worst if worst.batch is not None else None, per_sample=per_sample)
+                        worst=worst if worst.batch is not None else None, per_sample=per_sample,
+                        reference=reference.name)
 
 
 @dataclass
@@ -521,12 +576,13 @@ def gate(metrics: dict[str, dict[str, OutputMetrics]], options: VerifyOptions) -
     """Thresholds per gated backend and output, and the failures (one line each, with the numbers)."""
     thresholds: dict[str, dict[str, Any]] = {}
     failures: list[str] = []
-    amp = metrics.get(AMP, {})
+    noise = next((name for name in NOISE_FLOORS if name in metrics), AMP)
+    amp = metrics.get(noise, {})
     for backend, outputs in metrics.items():
-        if backend == AMP:
+        if backend in NOISE_FLOORS:
             continue
         for name, m in outputs.items():
-            limits = _limits(backend, m, amp.get(name), options)
+            limits = _limits(backend, m, amp.get(name), options, noise)
             thresholds.setdefault(backend, {})[name] = limits
             if m.nonfinite:
                 failures.append(f"{backend}: output '{name}' has {m.nonfinite} non-finite values where FP32 is finite")
@@ -543,7 +599,8 @@ def gate(metrics: dict[str, dict[str, OutputMetrics]], options: VerifyOptions) -
     return thresholds, failures
 
 
-def _limits(backend: str, m: OutputMetrics, amp: OutputMetrics | None, options: VerifyOptions) -> dict[str, Any]:
+def _limits(backend: str, m: OutputMetrics, amp: OutputMetrics | None, options: VerifyOptions,
+            noise: str = AMP) -> dict[str, Any]:
     scale = max(m.scale, 1e-12)
     if backend == ONNX_FP32:
         return {"atol": FP32_RTOL * scale, "source": f"FP32 export: {FP32_RTOL:g} of the output scale {scale:.3g}"}
@@ -553,7 +610,7 @@ def _limits(backend: str, m: OutputMetrics, amp: OutputMetrics | None, options: 
         limits: dict[str, Any] = {
             "atol": max(factor * amp.max_abs, floor),
             "min_cosine": 1 - max(factor * (1 - amp.min_cosine), COSINE_FLOOR),
-            "source": f"{factor:g} x the torch-amp noise floor",
+            "source": f"{factor:g} x the {noise} noise floor",
         }
         if amp.top1_agreement is not None:
             limits["min_top1_agreement"] = 1 - max(factor * (1 - amp.top1_agreement), TOP1_FLOOR)

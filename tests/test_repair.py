@@ -162,3 +162,25 @@ def test_max_trials_and_verify_repair(cli, bundle_copy: Path, trap: dict[str, Pa
     result = cli("verify", bundle_copy, "--repair")
     assert result.exit_code == 0 and "FAIL" in result.stdout and "repaired" in result.stdout
     assert (bundle_copy / "repair.json").exists() and Bundle.open(bundle_copy).manifest.verify.verdict == "pass"
+
+
+def test_a_bundle_converted_from_onnx_is_repaired_against_its_fp32_onnx(cli, tmp_path: Path) -> None:
+    """No PyTorch model: the trials and the confirmation compare with onnx-fp32 (the TorchScript exporter's ONNX
+    of the same trap; its plan comes from op types and module scopes)."""
+    x = rare_overflow_data()
+    np.savez(tmp_path / "val.npz", x=x)
+    torch.onnx.export(build_rare_overflow(), (torch.from_numpy(x[:2]),), str(tmp_path / "trap.onnx"), dynamo=False,
+                      opset_version=17, input_names=["x"], output_names=["output"],
+                      dynamic_axes={"x": {0: "batch"}, "output": {0: "batch"}})
+    out = tmp_path / "out"
+    assert cli("convert", tmp_path / "trap.onnx", "--val-data", tmp_path / "val.npz", "--amp-policy", "cuda-bf16",
+               "--target", "fp16", "--out", out).exit_code == 0
+    assert cli("verify", out).exit_code == 1
+    repaired = cli("repair", out, "--json")
+    assert repaired.exit_code == 0, repaired.stdout + repaired.stderr
+    record = json.loads(repaired.stdout)
+    assert record["status"] == "repaired" and 1 <= len(record["nodes"]) <= 3
+    plan = Bundle.open(out).plan()
+    assert all(node.module.startswith("blocks.1") for node in plan.nodes if node.rule == "repair")
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "pass" and report["reference"] == "onnx-fp32"

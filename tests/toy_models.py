@@ -35,6 +35,29 @@ def bert_config():
                       intermediate_size=64, max_position_embeddings=64, num_labels=3)
 
 
+class TextLogits(nn.Module):
+    """A transformers text model returning plain logits (a `.pt2` whose output is a ModelOutput cannot be loaded
+    back by torch), taking ``input_ids`` and ``attention_mask`` positionally."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+class ImageLogits(nn.Module):
+    """A transformers vision model returning plain logits, taking ``pixel_values``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits
+
+
 def build_bert() -> nn.Module:
     """A tiny BertForSequenceClassification from its config, seed 0."""
     from transformers import BertForSequenceClassification
