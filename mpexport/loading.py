@@ -22,7 +22,7 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -167,14 +167,43 @@ def _describe_foreign(head: bytes) -> str:
         return "unknown binary content"
 
 
-def _is_onnx(path: Path) -> bool:
-    import onnx
+ONNX_MODEL_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
+"""ModelProto's field numbers and their protobuf wire types (0 varint, 2 length-delimited)."""
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - anything unreadable is simply not ONNX
-        return False
-    return bool(model.graph.node) or bool(model.opset_import)
+
+def _is_onnx(path: Path) -> bool:
+    """Whether the file starts as a serialized ``ModelProto`` does: ``ir_version`` first, then ModelProto fields
+    with their wire types, lengths within the file. Reads a few bytes and seeks past the payloads (the whole model
+    is parsed once, later, when it is read)."""
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        fields = 0
+        while file.tell() < size and fields < 16:
+            tag = _varint(file)
+            if tag is None or ONNX_MODEL_FIELDS.get(tag >> 3) != tag & 7 or (fields == 0 and tag != 0x08):
+                return False
+            value = _varint(file)
+            if value is None or (fields == 0 and not 1 <= value <= 64):  # ir_version
+                return False
+            if tag & 7 == 2:
+                if file.tell() + value > size:
+                    return True  # ir_version, then a truncated field: reading the model says so
+                file.seek(value, 1)
+            fields += 1
+    return fields >= 2
+
+
+def _varint(file: BinaryIO) -> int | None:
+    value = shift = 0
+    for _ in range(10):
+        byte = file.read(1)
+        if not byte:
+            return None
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+    return None
 
 
 def _load_exported_program(path: Path, digest: str) -> LoadedModel:

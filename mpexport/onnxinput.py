@@ -29,16 +29,19 @@ def read_fp32_onnx(path: str | Path) -> ir.Model:
     one-line :class:`MpexportError` (exit 2). Untyped values are typed by shape inference, nodes without a unique
     name are named."""
     path = Path(path)
+    try:  # first, on its own: its parsed copy is freed before the model is read (the peak is one copy, not two)
+        onnx.checker.check_model(str(path))
+        invalid = None
+    except Exception as exc:  # noqa: BLE001 - the checker's verdict is the finding
+        invalid = first_line(exc)
     try:
         model = ir.load(str(path))
     except Exception as exc:  # noqa: BLE001 - anything unreadable is bad input
         raise MpexportError(f"'{path}' is not a readable ONNX model: {first_line(exc)}", stage=STAGE) from None
     _check_external_data(model, path)
+    if invalid is not None:
+        raise MpexportError(f"'{path}' is not a valid ONNX model: {invalid}", stage=STAGE)
     infer_types(model)
-    try:
-        onnx.checker.check_model(str(path))
-    except Exception as exc:  # noqa: BLE001 - the checker's verdict is the finding
-        raise MpexportError(f"'{path}' is not a valid ONNX model: {first_line(exc)}", stage=STAGE) from None
     opset = model.opset_imports.get("", 0)
     if opset < MIN_OPSET:
         raise MpexportError(f"'{path}' uses ONNX opset {opset}; mpexport writes mixed precision from opset "

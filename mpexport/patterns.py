@@ -9,7 +9,9 @@ it was recognised from the pattern.
 * **layer norm decomposed** (exporters before opset 17): ``ReduceMean(x)``, ``Sub``, ``Pow(2)``, ``ReduceMean``,
   ``Add(eps)``, ``Sqrt``, ``Div``, then the optional affine ``Mul``/``Add``: ``aten.layer_norm``.
 * **RMS norm decomposed**: ``Pow(x, 2)``, ``ReduceMean``, ``Add(eps)``, ``Sqrt``, then ``Div(x, .)`` or
-  ``Reciprocal`` and ``Mul(x, .)``, then the optional weight ``Mul``: ``aten.rms_norm``.
+  ``Reciprocal`` or ``Div(1, .)`` and ``Mul(x, .)``, then the optional weight ``Mul``: ``aten.rms_norm``.
+  A layer norm's weight and bias do not promote its output (``aten.layer_norm`` keeps its input's type); an RMS
+  norm's weight ``Mul`` does, as the hand-written module it stands for does in PyTorch.
 
 * **linear with bias** as the TorchScript exporter writes ``nn.Linear`` on inputs of rank > 2: ``MatMul`` by a
   constant weight, then ``Add`` of a constant bias: both stand for ``aten.linear`` (autocast runs the bias add inside
@@ -54,10 +56,10 @@ def recognise(model: ir.Model) -> dict[str, Recognised]:
 
 
 def _linear(matmul: ir.Node, found: dict[str, Recognised]) -> None:
-    if len(matmul.inputs) != 2 or not _is_constant(matmul.inputs[1]) or _is_constant(matmul.inputs[0]):
+    if len(matmul.inputs) != 2 or not is_constant(matmul.inputs[1]) or is_constant(matmul.inputs[0]):
         return
     users = [user for user, _ in matmul.outputs[0].uses()]
-    if len(users) != 1 or users[0].op_type != "Add" or not any(_is_constant(value) for value in users[0].inputs):
+    if len(users) != 1 or users[0].op_type != "Add" or not any(is_constant(value) for value in users[0].inputs):
         return
     for node in (matmul, users[0]):
         found.setdefault(node.name or "", Recognised(LINEAR, "linear"))
@@ -80,7 +82,7 @@ def _consumers(value: ir.Value) -> list[ir.Node]:
     return found
 
 
-def _is_constant(value: ir.Value | None) -> bool:
+def is_constant(value: ir.Value | None) -> bool:
     """An initializer or a Constant, maybe behind Identity nodes (exporters alias shared weights that way)."""
     while value is not None:
         if value.const_value is not None or value.is_initializer():
@@ -148,11 +150,11 @@ def _normalisation(sqrt: ir.Node, found: dict[str, Recognised]) -> None:
     add = _producer(sqrt.inputs[0])
     if add is None or add.op_type != "Add":
         return
-    mean = next((_producer(value) for value in add.inputs if not _is_constant(value)), None)
+    mean = next((_producer(value) for value in add.inputs if not is_constant(value)), None)
     if mean is None or mean.op_type != "ReduceMean":
         return
     square = _producer(mean.inputs[0])
-    if square is None or square.op_type != "Pow" or not _is_constant(square.inputs[1]):
+    if square is None or square.op_type != "Pow" or not is_constant(square.inputs[1]):
         return
     centred = _producer(square.inputs[0])
     is_layer_norm = centred is not None and centred.op_type == "Sub" and \
@@ -173,11 +175,11 @@ def _normalisation(sqrt: ir.Node, found: dict[str, Recognised]) -> None:
 
 
 def _normalise_step(sqrt: ir.Node) -> list[ir.Node] | None:
-    """``Div(x, sqrt)``, or ``Reciprocal(sqrt)`` then ``Mul(x, .)``."""
+    """``Div(x, sqrt)``, or ``Reciprocal(sqrt)`` or ``Div(1, sqrt)`` (``torch.rsqrt``) then ``Mul(x, .)``."""
     users = _consumers(sqrt.outputs[0])
-    if len(users) == 1 and users[0].op_type == "Div":
+    if len(users) == 1 and users[0].op_type == "Div" and not is_constant(users[0].inputs[0]):
         return [users[0]]
-    if len(users) == 1 and users[0].op_type == "Reciprocal":
+    if len(users) == 1 and users[0].op_type in ("Reciprocal", "Div"):
         after = _consumers(users[0].outputs[0])
         if len(after) == 1 and after[0].op_type == "Mul":
             return [users[0], after[0]]
@@ -189,7 +191,7 @@ def _affine(last: ir.Node) -> list[ir.Node]:
     nodes: list[ir.Node] = []
     for op_type in ("Mul", "Add"):
         users = _consumers(last.outputs[0])
-        if len(users) != 1 or users[0].op_type != op_type or not any(_is_constant(value)
+        if len(users) != 1 or users[0].op_type != op_type or not any(is_constant(value)
                                                                       for value in users[0].inputs):
             break
         last = users[0]

@@ -44,7 +44,7 @@ from mpexport.autocast_policy import (
 from mpexport.dtypes import BF16, FP16, FP32, NONE, TYPE_MAX, WIDTH, precision_of
 from mpexport.errors import MpexportError
 from mpexport.graphs import name_nodes_uniquely, subgraphs, walk
-from mpexport.patterns import recognise
+from mpexport.patterns import LAYER_NORM, is_constant, recognise
 from mpexport.provenance import NodeProvenance
 from mpexport.weights import max_abs, reduce_tensor
 
@@ -485,6 +485,12 @@ class _Engine:
             first = self.dtype.get(node.inputs[0].name)
             if first:
                 return FP32 if record.fp32_inputs_from else first
+        hit = self.recognised.get(record.name) if record.aten is None else None
+        if hit is not None and hit.aten == LAYER_NORM:  # its weight and bias do not promote the output
+            inputs = [value for value in node.inputs if value is not None and not is_constant(value)]
+            dtypes = [dtype for value in inputs if (dtype := self.dtype.get(value.name)) is not None]
+            if dtypes:
+                return self._widest(dtypes) or FP32
         dtypes = self._float_inputs(node, record, ignore_scalars=True) or \
             self._float_inputs(node, record, ignore_scalars=False)
         return self._widest(dtypes) or FP32

@@ -26,11 +26,11 @@ POLICIES = ("cpu-fp16", "cpu-bf16", "cuda-fp16", "cuda-bf16")
 
 
 def torchscript_export(module: torch.nn.Module, example: tuple[torch.Tensor, ...], names: list[str],
-                       path: Path) -> Path:
-    """The legacy TorchScript exporter at opset 17 (what Optimum and older pipelines produce): module scopes in
-    node names, no aten metadata."""
+                       path: Path, opset: int = 17) -> Path:
+    """The legacy TorchScript exporter (opset 17 by default: what Optimum and older pipelines produce): module
+    scopes in node names, no aten metadata."""
     axes = {name: {0: "batch"} for name in [*names, "logits"]}
-    torch.onnx.export(module, example, str(path), dynamo=False, opset_version=17, input_names=names,
+    torch.onnx.export(module, example, str(path), dynamo=False, opset_version=opset, input_names=names,
                       output_names=["logits"], dynamic_axes=axes)
     return path
 
@@ -129,6 +129,37 @@ def test_torchscript_cnn_converts_verifies_and_agrees(cli, tmp_path: Path, pixel
     assert Bundle.open(tmp_path / "onnx").manifest.lint.ok  # type: ignore[union-attr]
     assert_agrees_everywhere(tmp_path / "pt2", tmp_path / "onnx", at_least=2)
     assert cli("verify", tmp_path / "onnx").exit_code == 0
+
+
+class Norms(torch.nn.Module):
+    """A LayerNorm (decomposed into ReduceMean/Sub/Pow/Sqrt/Div by the TorchScript exporter below opset 17) and a
+    hand-written RMSNorm (pow, mean, rsqrt) between two linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(8, 16)
+        self.norm = torch.nn.LayerNorm(16)
+        self.scale = torch.nn.Parameter(torch.ones(16))
+        self.down = torch.nn.Linear(16, 4)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        hidden = self.norm(self.up(pixels.flatten(1)[:, :8]))
+        hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6) * self.scale
+        return self.down(hidden)
+
+
+def test_decomposed_layer_norm_and_rms_norm_agree_with_the_pt2_plan(tmp_path: Path, pixels_npz: Path) -> None:
+    module = Norms().eval()
+    example = (torch.zeros(2, 1, 8, 8),)
+    torch.export.save(torch.export.export(module, example, dynamic_shapes=({0: torch.export.Dim("batch")},)),
+                      tmp_path / "norms.pt2")
+    model = torchscript_export(module, example, ["pixels"], tmp_path / "norms.onnx", opset=16)
+    assert "LayerNormalization" not in {node.op_type for node in onnx.load(model).graph.node}
+    mpexport.convert(tmp_path / "norms.pt2", out=tmp_path / "pt2", val_data=pixels_npz)
+    mpexport.convert(model, out=tmp_path / "onnx", val_data=pixels_npz)
+    assert_agrees_everywhere(tmp_path / "pt2", tmp_path / "onnx", at_least=4)
+    reasons = " ".join(node.reason for node in plan_of(tmp_path / "onnx", "cuda-fp16").nodes)
+    assert "layer_norm" in reasons and "rms" in reasons.lower()
 
 
 def awkward_graph(path: Path) -> Path:
