@@ -6,8 +6,9 @@ handwritten digits (8x8 images, shipped inside scikit-learn), and save them for 
                                     LayerNorm, GELU MLP)
     models/<name>.val.npz           the held-out validation set: 'pixels' (N, 1, 8, 8) float32, 'labels'
 
-Each .pt2 is a torch.export archive with a dynamic batch dimension; it records how it was trained (autocast
-device and dtype, GradScaler, accuracies) in its extra file 'mpexport.json'.
+Each .pt2 is a torch.export archive with a dynamic batch dimension, written by ``mpexport.save``: it records how
+it was trained (autocast device and dtype, GradScaler, torch version, accuracies) in its extra file
+'mpexport.json'.
 
     python models/train.py            # both models (about a minute on 2 CPU cores)
     python models/train.py resnet     # one of them
@@ -26,6 +27,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.nn import functional as F
+
+import mpexport
 
 HERE = Path(__file__).resolve().parent
 SEED = 0
@@ -161,25 +164,21 @@ def train(name: str) -> dict:
             scaler.update()
             schedule.step()
     model = model.cpu().eval()
-    autocast = {"device_type": device, "dtype": str(amp_dtype).removeprefix("torch.")}
     record = {
         "example": name,
-        "autocast": autocast,
-        "grad_scaler": use_scaler,
         "epochs": epochs,
-        "torch": torch.__version__,
         "data": "sklearn.datasets.load_digits",
         "val_samples": len(val_x),
         "val_accuracy_fp32": round(accuracy(model, val_x, val_y), 4),
         "val_accuracy_amp_cpu": round(
             accuracy(model, val_x, val_y, {"device_type": "cpu", "dtype": amp_dtype}), 4),
     }
-    program = torch.export.export(model, (torch.from_numpy(val_x[:4]),),
-                                  dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1, max=65536)}})
-    torch.export.save(program, HERE / f"digits_{name}.pt2",
-                      extra_files={"mpexport.json": json.dumps({"training": record}, sort_keys=True)})
+    # The recommended last line of a training script: the FP32 model as a .pt2 with how it was trained.
+    mpexport.save(model, HERE / f"digits_{name}.pt2", (torch.from_numpy(val_x[:4]),),
+                  dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1, max=65536)}},
+                  autocast=torch.autocast(device, dtype=amp_dtype), grad_scaler=scaler, extra=record)
     np.savez(HERE / f"digits_{name}.val.npz", pixels=val_x, labels=val_y)
-    return record
+    return mpexport.load_model(HERE / f"digits_{name}.pt2").training
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ The Python API mirrors the CLI::
     import mpexport
     result = mpexport.convert("model.pt2", val_data="val.npz", out="build/m")
     report = mpexport.verify("build/m")
+    mpexport.save(model, "model.pt2", (example,))   # the last line of a training script: FP32 .pt2 + its autocast
     bundle = mpexport.Bundle.open("build/m")       # the typed record every command reads and commits
     print(bundle.manifest.verify.verdict, bundle.plan().summary()["macs"])
 """
@@ -30,6 +31,7 @@ _LAZY = {
     "ParityReport": "mpexport.verification", "verify": "mpexport.verification",
     "verify_candidate": "mpexport.verification",
     "lint_model": "mpexport.lint", "inspect_plan": "mpexport.inspection",
+    "save": "mpexport.saving", "TrainingRecord": "mpexport.records",
 }
 
 
@@ -53,6 +55,7 @@ __all__ = [
     "PlanOptions",
     "PrecisionPlan",
     "TensorSpec",
+    "TrainingRecord",
     "ValidationData",
     "VerifyOptions",
     "__version__",
@@ -63,6 +66,7 @@ __all__ = [
     "load_model",
     "load_validation_data",
     "parse_input_option",
+    "save",
     "verify",
     "verify_candidate",
 ]

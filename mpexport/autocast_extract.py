@@ -211,6 +211,10 @@ KNOWN_CLASSES: dict[str, dict[str, str]] = {
         "aten.linalg_matrix_norm": FP32_SET_OPT_DTYPE, "aten.linalg_matrix_norm.str_ord": FP32_SET_OPT_DTYPE,
         "aten.sum.dim_IntList": FP32_SET_OPT_DTYPE, "aten.norm.ScalarOpt_dim": FP32_APPEND_DTYPE,
         "aten.cross": PROMOTE,
+        # CUDA builds: the wrapper asks the driver which SDPA kernel to use before it redispatches.
+        "aten.scaled_dot_product_attention": LOWER,
+        # CUDA builds: registered as _cudnn_rnn_cast_reflatten (casts inputs and weights to the low type).
+        "aten._cudnn_rnn": LOWER,
     },
     "cpu": {
         "aten._convolution.deprecated": LOWER, "aten.prelu": LOWER,
@@ -223,10 +227,12 @@ CLASSES = (LOWER, FP32, FP32_SET_OPT_DTYPE, FP32_APPEND_DTYPE, PROMOTE, BANNED)
 
 def extract_policy_table() -> dict[str, Any]:
     """Classify every op with an autocast kernel, per device, from the installed torch: by probing its
-    wrapper, else from :data:`KNOWN_CLASSES` (listed under ``from_source``); ops neither resolves are listed
+    wrapper, else from :data:`KNOWN_CLASSES` (listed under ``from_source``), else, for a named-tensor overload,
+    by probing its integer-dim sibling (listed under ``from_sibling``); ops none of these resolves are listed
     under ``unresolved`` (none for the shipped tables)."""
     devices: dict[str, dict[str, str]] = {}
     from_source: dict[str, list[str]] = {}
+    from_sibling: dict[str, dict[str, str]] = {}
     unresolved: dict[str, dict[str, str]] = {}
     for device in DEVICE_KEYS:
         low = torch.float16 if device == "cuda" else torch.bfloat16
@@ -237,13 +243,48 @@ def extract_policy_table() -> dict[str, Any]:
             if found not in CLASSES and key in KNOWN_CLASSES[device]:
                 from_source.setdefault(device, []).append(key)
                 found = KNOWN_CLASSES[device][key]
+            sibling = _named_tensor_sibling(name) if found not in CLASSES else None
+            if sibling is not None:
+                from_sibling.setdefault(device, {})[key] = op_key(sibling)
+                found = _probed_or_known(sibling, device, low)
             if found not in CLASSES:
                 unresolved.setdefault(device, {})[key] = found
                 continue
             table[key] = found
         devices[device] = table
     return {"torch": torch_minor(torch.__version__), "method": "probe of the autocast kernels registered in torch",
-            "from_source": from_source, "unresolved": unresolved, "devices": devices}
+            "from_source": from_source, "from_sibling": from_sibling, "unresolved": unresolved, "devices": devices}
+
+
+def _probed_or_known(name: str, device: str, low: torch.dtype) -> str:
+    """The class :func:`classify` reads from the wrapper, else the one :data:`KNOWN_CLASSES` lists (else the
+    probe's outcome)."""
+    found = classify(name, device, low)
+    return KNOWN_CLASSES[device].get(op_key(name), found) if found not in CLASSES else found
+
+
+def _named_tensor_sibling(name: str) -> str | None:
+    """For a named-tensor overload (a ``Dimname`` argument, which placeholder arguments cannot fill: torch up to
+    2.12 registers autocast kernels for them), the overload of the same op whose arguments have the same names with
+    integer dims: ATen lists both under one policy. None for other ops."""
+    schema = _overload(name)._schema
+    if not _is_named_tensor_overload(schema):
+        return None
+    op_name = name.removeprefix("aten::").partition(".")[0]
+    packet = getattr(torch.ops.aten, op_name)
+    wanted = [argument.name for argument in schema.arguments]
+    for overload in packet.overloads():
+        candidate = getattr(packet, overload)._schema
+        if not _is_named_tensor_overload(candidate) and [argument.name for argument in candidate.arguments] == wanted:
+            return f"aten::{op_name}" + (f".{overload}" if overload != "default" else "")
+    return None
+
+
+def _is_named_tensor_overload(schema: Any) -> bool:
+    """Older torch prints a ``Dimname`` argument's type as ``str``: the overload name tells as well."""
+    overload = schema.overload_name.lower()
+    return "dimname" in overload or overload.startswith("names") or \
+        any("Dimname" in str(argument.type) for argument in schema.arguments)
 
 
 def main() -> None:

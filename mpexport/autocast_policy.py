@@ -100,6 +100,21 @@ def resolve_policy(name: str, torch_version: str | None = None) -> tuple[Autocas
     return AutocastPolicy(name, device, low, table["torch"], dict(table["devices"][device])), note
 
 
+def diff_tables(old: str, new: str) -> dict[str, dict[str, Any]]:
+    """What changed in the autocast lists between two shipped tables (torch ``major.minor``), per device: ops
+    ``added`` and ``removed`` (with their class) and ops whose class ``changed`` (``[old, new]``)."""
+    before, after = load_table(old)["devices"], load_table(new)["devices"]
+    diff: dict[str, dict[str, Any]] = {}
+    for device in sorted(set(before) | set(after)):
+        was, now = before.get(device, {}), after.get(device, {})
+        diff[device] = {
+            "added": {op: now[op] for op in sorted(set(now) - set(was))},
+            "removed": {op: was[op] for op in sorted(set(was) - set(now))},
+            "changed": {op: [was[op], now[op]] for op in sorted(set(was) & set(now)) if was[op] != now[op]},
+        }
+    return diff
+
+
 def _nearest(wanted: str, versions: list[str]) -> str:
     def key(version: str) -> tuple[int, ...]:
         return tuple(int(part) for part in version.split("."))

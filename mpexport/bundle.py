@@ -88,6 +88,7 @@ class SourceRecord:
     import_path: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    task: str | None = None
 
 
 @dataclass
@@ -100,6 +101,8 @@ class ValidationRecord:
     relative_path: str | None = None
     import_path: str | None = None
     samples: int | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    """Input (or ``labels``) -> column, for tables whose columns are named otherwise (``--columns``)."""
 
 
 @dataclass
@@ -420,6 +423,16 @@ class Bundle:
         if source is None:
             raise MpexportError(f"'{self.directory}' records no source model", stage=STAGE)
         return _existing(source.path, source.relative_path, self.directory, "the source model")
+
+    def recorded_validation_data(self) -> Any:
+        """The validation data convert used, opened (a :class:`mpexport.valdata.ValidationData`), with its
+        import path and column mapping; None when convert had none."""
+        from mpexport.valdata import load_validation_data
+
+        source, record = self.validation_source(), self.manifest.validation
+        if source is None or record is None:
+            return None
+        return load_validation_data(source, import_path=record.import_path, columns=record.columns or None)
 
     def validation_source(self) -> str | None:
         """The validation data convert used, as a path that exists from here or a ``module:function``; None

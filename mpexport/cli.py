@@ -25,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from mpexport.autocast_policy import POLICY_NAMES
 from mpexport.errors import MpexportError, first_line
+from mpexport.hf import TASKS as HF_TASKS
 
 PIPE_WIDTH = 140
 """Width of tables written to a pipe or file (a terminal uses its own width)."""
@@ -86,12 +87,15 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("model", type=click.Path(path_type=str))
 @click.option("--out", "-o", required=True, type=click.Path(file_okay=False, path_type=str),
               help="Output directory (written atomically; must not exist unless --force).")
 @click.option("--val-data", type=click.Path(path_type=str),
               help="Validation data: .npz with arrays named after the inputs (+ optional 'labels'), a "
-              "directory of .npz shards, or module:function returning batches (e.g. a DataLoader).")
+              "directory of .npz shards, Parquet/Arrow files (or a directory of them), a datasets directory "
+              "(save_to_disk), or module:function returning batches (e.g. a DataLoader).")
+@click.option("--columns", "columns", multiple=True, metavar="INPUT=COLUMN,...",
+              help="For Parquet/Arrow data: the column of each input (and labels), e.g. pixels=image,labels=label.")
 @click.option("--input", "input_options", multiple=True, metavar="NAME:SHAPE:DTYPE",
               help="An input's shape and dtype, e.g. pixels:batch,3,224,224:float32 (named dims are dynamic; "
               "seq=128 gives an example size). Repeat for several inputs.")
@@ -99,6 +103,8 @@ def main() -> None:
               help="For a checkpoint (state dict): the function that builds the nn.Module, e.g. mypkg.models:build.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow loading a fully pickled nn.Module (runs code from the file: only for files you trust).")
+@click.option("--task", type=click.Choice(sorted(HF_TASKS)),
+              help="For a Hugging Face model directory: the head to build (default: the config's architecture).")
 @click.option("--static-batch", is_flag=True, help="Fix the batch dimension instead of keeping it dynamic.")
 @click.option("--opset", type=click.IntRange(13, 30), help="ONNX opset (default: the exporter's).")
 @click.option("--amp-policy", type=click.Choice(POLICY_NAMES),
@@ -131,16 +137,21 @@ def main() -> None:
 @click.option("--allow-tf32", is_flag=True, help="Let the engine's FP32 layers use TF32 (off: FP32 means FP32).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
-def convert(model: str, out: str, val_data: str | None, input_options: tuple[str, ...], factory: str | None,
-            trust_pickle: bool, static_batch: bool, opset: int | None, amp_policy: str | None, target: str | None,
-            policy_file: str | None, keep_fp32_module: tuple[str, ...], keep_fp32_op: tuple[str, ...],
+def convert(model: str, out: str, val_data: str | None, columns: tuple[str, ...], input_options: tuple[str, ...],
+            factory: str | None, trust_pickle: bool, task: str | None, static_batch: bool, opset: int | None,
+            amp_policy: str | None, target: str | None, policy_file: str | None, keep_fp32_module: tuple[str, ...],
+            keep_fp32_op: tuple[str, ...],
             force_low_module: tuple[str, ...], force_low_op: tuple[str, ...], no_range_check: bool,
             calibration_samples: int, check_samples: int, io_types: str, engine: str, shapes: tuple[str, ...],
             allow_tf32: bool, force: bool, as_json: bool) -> None:
     """Export MODEL to an FP32 ONNX that records where every node came from, and check it against PyTorch.
 
-    MODEL is a torch.export archive (.pt2, recommended), a TorchScript file, a checkpoint with
-    --factory, or a pickled module with --trust-pickle; the format is read from the file's content.
+    MODEL is a torch.export archive (.pt2, recommended: write it with mpexport.save), a Hugging Face
+    model directory (config.json + weights, e.g. a Trainer's output), an FP32 ONNX, a TorchScript
+    file, a checkpoint with --factory (timm and Lightning checkpoints included), or a pickled module
+    with --trust-pickle; the format is read from the content. The training precision is read from
+    the framework's record (training_args.bin, timm's args, Lightning's precision state, mpexport.save's
+    record) without running code from it; --amp-policy overrides it, and the override is noted.
     It then plans each node's precision after the training autocast policy and writes the
     mixed-precision ONNX (model.mixed.onnx), linted. Exit code 1 means ONNX Runtime did not reproduce
     the PyTorch FP32 outputs or the mixed model failed lint (the directory is written for inspection).
@@ -149,12 +160,14 @@ def convert(model: str, out: str, val_data: str | None, input_options: tuple[str
     Examples:
       mpexport convert models/digits_resnet.pt2 --val-data models/digits_resnet.val.npz --out build/resnet
       mpexport convert ckpt.pt --factory mypkg.models:build --input pixels:batch,3,224,224:float32 --out build/m
+      mpexport convert trainer_out/ --val-data val.npz --out build/bert
     """
     from mpexport.conversion import EngineOptions
     from mpexport.conversion import convert as run_convert
     from mpexport.engine import parse_shapes_option
     from mpexport.plan import Overrides, PlanOptions
     from mpexport.specs import parse_input_option
+    from mpexport.valdata import parse_columns_option
 
     specs = [parse_input_option(text) for text in input_options]
     overrides = Overrides(keep_fp32_modules=list(keep_fp32_module), keep_fp32_ops=list(keep_fp32_op),
@@ -162,7 +175,8 @@ def convert(model: str, out: str, val_data: str | None, input_options: tuple[str
     options = PlanOptions(policy=amp_policy or "", target=target, range_check=not no_range_check, overrides=overrides)
     with _StageProgress(as_json) as progress:
         result = run_convert(
-            model, out=out, val_data=val_data, inputs=specs, factory=factory, trust_pickle=trust_pickle,
+            model, out=out, val_data=val_data, inputs=specs, factory=factory, trust_pickle=trust_pickle, task=task,
+            columns=parse_columns_option(columns),
             force=force, dynamic_batch=not static_batch, opset=opset, plan_options=options, policy_file=policy_file,
             calibration_samples=calibration_samples, check_samples=check_samples, io_types=io_types, engine=engine,
             engine_options=EngineOptions(shapes=parse_shapes_option(shapes), allow_tf32=allow_tf32),
@@ -283,6 +297,8 @@ def _print_timings(stages: list[Any]) -> None:
 @click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=str))
 @click.option("--val-data", type=click.Path(path_type=str),
               help="Validation data (default: the data convert checked the export on).")
+@click.option("--columns", "columns", multiple=True, metavar="INPUT=COLUMN,...",
+              help="For Parquet/Arrow data: the column of each input (and labels), e.g. pixels=image,labels=label.")
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=str),
               help="The PyTorch model to compare with: --candidate's reference, or with DIRECTORY (a model converted "
               "from ONNX) adds the PyTorch backends.")
@@ -304,7 +320,8 @@ def _print_timings(stages: list[Any]) -> None:
 @click.option("--repair", "then_repair", is_flag=True,
               help="With DIRECTORY: when verify fails, run mpexport repair on it (same options).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(directory: str | None, val_data: str | None, reference: str | None, candidate: str | None,
+def verify(directory: str | None, val_data: str | None, columns: tuple[str, ...], reference: str | None,
+           candidate: str | None,
            factory: str | None, trust_pickle: bool, amp_policy: str, low: str, batch_size: int,
            max_samples: int | None, budget_factor: float, atol: float | None, min_cosine: float | None,
            max_top1_drop: float | None, then_repair: bool, as_json: bool) -> None:
@@ -321,11 +338,13 @@ def verify(directory: str | None, val_data: str | None, reference: str | None, c
       mpexport verify build/resnet --repair
       mpexport verify --reference model.pt2 --candidate other_tool.onnx --val-data val.npz
     """
+    from mpexport.valdata import parse_columns_option
     from mpexport.verification import VerifyOptions, verify_candidate
     from mpexport.verification import verify as run_verify
 
     options = VerifyOptions(budget_factor=budget_factor, atol=atol, min_cosine=min_cosine,
-                            max_top1_drop=max_top1_drop, batch_size=batch_size, max_samples=max_samples)
+                            max_top1_drop=max_top1_drop, batch_size=batch_size, max_samples=max_samples,
+                            columns=parse_columns_option(columns))
     if then_repair and not directory:
         raise click.UsageError("--repair needs DIRECTORY")
     with _batch_progress(as_json) as on_batch:
@@ -357,6 +376,8 @@ DEFAULT_MAX_TRIALS = 200
 @click.argument("directory", type=click.Path(file_okay=False, path_type=str))
 @click.option("--val-data", type=click.Path(path_type=str),
               help="Validation data (default: the data convert checked the export on).")
+@click.option("--columns", "columns", multiple=True, metavar="INPUT=COLUMN,...",
+              help="For Parquet/Arrow data: the column of each input (and labels), e.g. pixels=image,labels=label.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled source model (runs its code).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--max-samples", type=click.IntRange(1), help="Verify on at most this many samples.")
@@ -370,7 +391,8 @@ DEFAULT_MAX_TRIALS = 200
 @click.option("--allow-costly", is_flag=True,
               help="Commit a repair even when it moves most of the low-precision work to FP32.")
 @click.option("--json", "as_json", is_flag=True, help="Print repair.json instead of tables.")
-def repair(directory: str, val_data: str | None, trust_pickle: bool, batch_size: int, max_samples: int | None,
+def repair(directory: str, val_data: str | None, columns: tuple[str, ...], trust_pickle: bool, batch_size: int,
+           max_samples: int | None,
            budget_factor: float, atol: float | None, min_cosine: float | None, max_top1_drop: float | None,
            max_trials: int, allow_costly: bool, as_json: bool) -> None:
     """Find the smallest set of extra FP32 nodes with which every deployable form passes verify's gate
@@ -387,10 +409,12 @@ def repair(directory: str, val_data: str | None, trust_pickle: bool, batch_size:
     Example:
       mpexport repair build/m && mpexport package build/m --out repo
     """
+    from mpexport.valdata import parse_columns_option
     from mpexport.verification import VerifyOptions
 
     options = VerifyOptions(budget_factor=budget_factor, atol=atol, min_cosine=min_cosine,
-                            max_top1_drop=max_top1_drop, batch_size=batch_size, max_samples=max_samples)
+                            max_top1_drop=max_top1_drop, batch_size=batch_size, max_samples=max_samples,
+                            columns=parse_columns_option(columns))
     _run_repair(directory, val_data, trust_pickle, options, max_trials, as_json, allow_costly)
 
 

@@ -141,6 +141,8 @@ def convert(
     engine: str = "auto",
     engine_options: EngineOptions | None = None,
     custom_translation_table: dict[Any, Any] | None = None,
+    task: str | None = None,
+    columns: dict[str, str] | None = None,
     on_stage: StageCallback | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> ConvertResult:
@@ -154,7 +156,8 @@ def convert(
     gives the mixed model inputs and outputs in the type their nodes compute in. ``engine``: ``auto`` builds a
     TensorRT engine where TensorRT and a GPU exist and records why not elsewhere, ``on`` requires one (exit 2 up
     front when it cannot), ``off`` skips it. ``custom_translation_table`` gives the exporter ONNX translations
-    for ops it lacks.
+    for ops it lacks. ``task`` picks the head of a Hugging Face model directory (:data:`mpexport.hf.TASKS`).
+    ``columns`` maps model inputs (and ``labels``) to the columns of a Parquet/Arrow ``val_data``.
 
     Raises :class:`MpexportError` (nothing written, an existing ``out`` untouched) for bad input or an
     impossible export. A failed export check or lint does not raise: the result records it.
@@ -165,7 +168,7 @@ def convert(
         raise MpexportError(f"unknown io types '{io_types}'", stage="rewrite", hint="use fp32 or native")
     engine_status = _engine_status(engine)
     request = _FP32Request(model, val_data, list(inputs), factory, trust_pickle, dynamic_batch, opset, check_samples,
-                           options, calibration_samples, custom_translation_table)
+                           options, calibration_samples, custom_translation_table, task, columns or {})
     clock = StageClock(on_stage)
     with artifacts.staged_output(out, force=force) as staging:
         bundle = Bundle.create(staging)
@@ -227,6 +230,8 @@ class _FP32Request:
     plan_options: PlanOptions | None
     calibration_samples: int
     custom_translation_table: dict[Any, Any] | None
+    task: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -251,8 +256,10 @@ def _fp32_stage(bundle: Bundle, request: _FP32Request, clock: StageClock,
     PyTorch module, the reference runner, the in-memory ONNX) dies with this frame: a large model's FP32 weights
     are in memory once, and not at all in the later stages."""
     with clock.stage("load"):
-        loaded = load_model(request.model, factory=request.factory, trust_pickle=request.trust_pickle)
-        data = load_validation_data(request.val_data) if request.val_data is not None else None
+        loaded = load_model(request.model, factory=request.factory, trust_pickle=request.trust_pickle,
+                            task=request.task)
+        data = load_validation_data(request.val_data, columns=request.columns or None) \
+            if request.val_data is not None else None
     if loaded.format == FORMAT_ONNX:
         return _onnx_stage(bundle, request, clock, loaded, data, on_progress)
     with clock.stage("inputs"):
@@ -267,14 +274,15 @@ def _fp32_stage(bundle: Bundle, request: _FP32Request, clock: StageClock,
                                              request.custom_translation_table))
         export_seconds = time.perf_counter() - started
     with clock.stage("write"):
-        records = _write_fp32(bundle, loaded, exported, export_seconds, request.val_data, data)
+        records = _write_fp32(bundle, loaded, exported, export_seconds, request, data)
     calibrate = options.range_check and data is not None and request.calibration_samples > 0
     with clock.stage("data pass"):
         check, ranges, device_note = _data_pass(bundle, loaded, specs, data, examples, request, output_bytes,
                                                 shareable_weights(exported.model), calibrate, on_progress)
         bundle.manifest.export_check = ExportCheckRecord(check.passed, check.to_json(), _data_description(data),
                                                          bundle.digests(FP32_ONNX))
-    notes = loaded.notes + exported.notes + ([device_note] if device_note else [])
+    notes = loaded.notes + _record_notes(request.plan_options, loaded) + exported.notes + \
+        ([device_note] if device_note else [])
     return _FP32Stage(records, check, ranges, options, options_source(request.plan_options, loaded), specs,
                       data, notes)
 
@@ -310,7 +318,7 @@ def _onnx_stage(bundle: Bundle, request: _FP32Request, clock: StageClock, loaded
         bundle.record_artifact(PROVENANCE, FILE_NAMES[PROVENANCE], command="convert")
         manifest = bundle.manifest
         manifest.source = loaded.source_record(bundle.directory)
-        manifest.validation = _validation_record(request.val_data, data, bundle.directory)
+        manifest.validation = _validation_record(request.val_data, data, bundle.directory, request.columns)
         manifest.inputs, manifest.outputs = specs, graph_specs(model.graph.outputs)
         manifest.export = ExportRecord("onnx-input", [], 0.0, opset, external, f"onnx ({kind})")
         manifest.provenance = provenance.summarize(records)
@@ -458,9 +466,10 @@ def _write_mixed(bundle: Bundle, model: ir.Model, plan: PrecisionPlan, io_types:
 
 
 def training_policy(loaded: LoadedModel) -> str | None:
-    """The autocast policy name a model file records for its training (``cpu-bf16``...), if any."""
+    """The autocast policy name a model's training record settles (``cpu-bf16``...), if any: None when there is
+    no record, the record says the run used no autocast, or it names a device or type autocast policies lack."""
     autocast = loaded.training.get("autocast") if loaded.training else None
-    if not isinstance(autocast, dict):
+    if not isinstance(autocast, dict) or autocast.get("enabled") is False:
         return None
     low = CANONICAL_NAMES.get(str(autocast.get("dtype")).removeprefix("torch."))
     device = autocast.get("device_type")
@@ -468,10 +477,33 @@ def training_policy(loaded: LoadedModel) -> str | None:
 
 
 def options_source(options: PlanOptions | None, loaded: LoadedModel) -> str:
-    """Where the policy came from: the caller, the model file's training record, or the default."""
+    """Where the policy came from, in words: the training record's evidence (file and fields), the caller's
+    choice (and the record it contradicts, if any), or the default (and why the record did not settle it)."""
+    record = training_policy(loaded)
+    evidence = str(loaded.training.get("evidence") or "training record in the model file")
     if options is not None and options.policy:
+        if record is not None and record != options.policy:
+            return f"given: --amp-policy {options.policy} contradicts the training record ({record}: {evidence})"
         return "given"
-    return "training record in the model file" if training_policy(loaded) else "default"
+    if record is not None:
+        return evidence
+    if loaded.training.get("evidence"):
+        autocast = loaded.training.get("autocast")
+        why = "trained without autocast" if isinstance(autocast, dict) and autocast.get("enabled") is False \
+            else "does not settle the training precision"
+        return f"default ({DEFAULT_POLICY}): the record {why} ({evidence})"
+    return "default"
+
+
+def _record_notes(options: PlanOptions | None, loaded: LoadedModel) -> list[str]:
+    """What the manifest and CLI say about the training record: a contradicting --amp-policy, and what the
+    record's reader assumed rather than read."""
+    notes = [f"training record: {assumption}" for assumption in loaded.training.get("assumptions", [])]
+    record = training_policy(loaded)
+    if options is not None and options.policy and record is not None and record != options.policy:
+        notes.append(f"--amp-policy {options.policy} contradicts the training record, which says {record} "
+                     f"({loaded.training.get('evidence', 'in the model file')}): planned with {options.policy}")
+    return notes
 
 
 def _plan_options(options: PlanOptions | None, loaded: LoadedModel) -> PlanOptions:
@@ -505,7 +537,7 @@ def _output_names(loaded: LoadedModel, specs: list[TensorSpec],
 
 
 def _write_fp32(bundle: Bundle, loaded: LoadedModel, exported: ExportResult, seconds: float,
-                val_data: str | Path | None, data: ValidationData | None) -> list[provenance.NodeProvenance]:
+                request: _FP32Request, data: ValidationData | None) -> list[provenance.NodeProvenance]:
     """Save the FP32 ONNX and its provenance into the bundle and fill the manifest's source, validation, I/O
     and export records."""
     staging = bundle.directory
@@ -520,7 +552,7 @@ def _write_fp32(bundle: Bundle, loaded: LoadedModel, exported: ExportResult, sec
     bundle.record_artifact(PROVENANCE, FILE_NAMES[PROVENANCE], command="convert")
     manifest = bundle.manifest
     manifest.source = loaded.source_record(staging)
-    manifest.validation = _validation_record(val_data, data, staging)
+    manifest.validation = _validation_record(request.val_data, data, staging, request.columns)
     manifest.inputs = graph_specs(model.graph.inputs)
     manifest.outputs = graph_specs(model.graph.outputs)
     manifest.export = ExportRecord(exported.strategy, [attempt.to_json() for attempt in exported.attempts],
@@ -530,15 +562,16 @@ def _write_fp32(bundle: Bundle, loaded: LoadedModel, exported: ExportResult, sec
     return records
 
 
-def _validation_record(val_data: str | Path | None, data: ValidationData | None,
-                       bundle_directory: Path) -> ValidationRecord | None:
-    """Where the validation data is, recorded so that ``verify`` finds it from any working directory."""
+def _validation_record(val_data: str | Path | None, data: ValidationData | None, bundle_directory: Path,
+                       columns: dict[str, str]) -> ValidationRecord | None:
+    """Where the validation data is (and how its columns map), recorded so that ``verify`` finds it from any
+    working directory."""
     if val_data is None or data is None:
         return None
     if not Path(val_data).exists() and is_callable_spec(str(val_data)):
         return ValidationRecord(str(val_data), "callable", import_path=getattr(data, "import_path", None))
     absolute, relative = portable_paths(Path(val_data), bundle_directory)
-    return ValidationRecord(absolute, "files", relative, samples=data.num_samples or None)
+    return ValidationRecord(absolute, "files", relative, samples=data.num_samples or None, columns=dict(columns))
 
 
 def _data_description(data: ValidationData | None) -> str:

@@ -318,13 +318,12 @@ def rebuild(directory: Path, *, shapes: dict[str, Profile] | None = None, allow_
 
 def _observed_shapes(bundle: Any, shapes: dict[str, Profile] | None) -> list[dict[str, tuple[int, ...]]]:
     """Input shapes of the validation batches recorded at convert time (none when ``shapes`` are given)."""
-    from mpexport.valdata import load_validation_data
+    from mpexport.valdata import check_against
 
-    source = None if shapes else bundle.validation_source()
-    if source is None:
+    data = None if shapes else bundle.recorded_validation_data()
+    if data is None:
         return []
-    record = bundle.manifest.validation
-    data = load_validation_data(source, import_path=record.import_path if record else None)
+    check_against(data, bundle.manifest.inputs)  # a table's other columns are left out
     return [{name: tuple(array.shape) for name, array in batch.items()}
             for batch in data.batches(PROFILE_BATCH, limit=PROFILE_SAMPLES, inputs=bundle.manifest.inputs)]
 

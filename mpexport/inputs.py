@@ -1,7 +1,9 @@
 """Decide the model's inputs (names, dtypes, shapes with dynamic dims) and make example tensors for export.
 
 Sources, most authoritative first: what the model file records (a ``.pt2`` archive), ``--input`` options,
-the validation data, the ``forward`` signature (names only). Contradictions are one-line errors.
+the validation data (its dims made dynamic where the model's config says so: a Hugging Face model's sequence),
+the shapes the model's config implies, the ``forward`` signature (names only). Contradictions are one-line
+errors.
 """
 
 from __future__ import annotations
@@ -70,7 +72,11 @@ def _same_layout(recorded: TensorSpec, given: TensorSpec) -> bool:
 
 def _from_signature(model: LoadedModel, data: ValidationData | None, given: list[TensorSpec]) -> list[TensorSpec]:
     by_name = {spec.name: spec for spec in data.input_specs()} if data is not None else {}
+    suggested = {spec.name: spec for spec in model.suggested_specs or []}
+    by_name = {name: _with_dynamic_dims(spec, suggested.get(name)) for name, spec in by_name.items()}
     by_name.update({spec.name: spec for spec in given})
+    if not by_name and suggested:
+        by_name = dict(suggested)
     if not by_name:
         required = model.required_inputs
         raise MpexportError(
@@ -78,6 +84,8 @@ def _from_signature(model: LoadedModel, data: ValidationData | None, given: list
             stage=STAGE, hint="pass --val-data PATH or --input NAME:SHAPE:DTYPE, e.g. pixels:batch,3,224,224:float32",
         )
     signature = model.input_names or []
+    if data is not None and data.ignores_extra_columns and signature and not model.accepts_any_kwargs:
+        by_name = {name: spec for name, spec in by_name.items() if name in signature}  # a table's other columns
     for name in by_name:
         if signature and name not in signature and not model.accepts_any_kwargs:
             raise MpexportError(
@@ -89,6 +97,18 @@ def _from_signature(model: LoadedModel, data: ValidationData | None, given: list
                             hint="add them to the validation data or pass --input")
     ordered = [name for name in signature if name in by_name] + [n for n in by_name if n not in signature]
     return [by_name[name] for name in ordered]
+
+
+def _with_dynamic_dims(spec: TensorSpec, suggested: TensorSpec | None) -> TensorSpec:
+    """The data's spec with the dims the model's config calls dynamic (a sequence) named as it names them; the
+    data's sizes stay the example sizes. Unchanged when the ranks differ."""
+    if suggested is None or len(suggested.shape) != len(spec.shape):
+        return spec
+    example = spec.example_shape()
+    shape = tuple(want if isinstance(want, str) else have for want, have in zip(suggested.shape, spec.shape,
+                                                                                strict=True))
+    sizes = {dim: example[axis] for axis, dim in enumerate(shape) if isinstance(dim, str)}
+    return TensorSpec(spec.name, spec.dtype, shape, sizes)
 
 
 def _fix_batch(spec: TensorSpec) -> TensorSpec:

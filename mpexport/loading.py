@@ -6,8 +6,13 @@ Formats, in order of preference:
 * a TorchScript archive (``torch.jit.save``);
 * a checkpoint (a state dict, or a dict holding one under ``state_dict``/``model``/...) plus a factory
   ``package.module:function`` that builds the ``nn.Module``;
+* a Hugging Face model directory (``config.json`` and weights: :mod:`mpexport.hf`);
 * a fully pickled ``nn.Module`` (``torch.save(model)``), only when the caller trusts the file: unpickling
-  runs arbitrary code. Everything else is read with ``weights_only=True``.
+  runs arbitrary code. Everything else is read with ``weights_only=True``; a checkpoint whose records hold other
+  objects (timm's ``argparse.Namespace`` args, Lightning's hyper-parameters) reads them as inert data
+  (:mod:`mpexport.records`), never by running the file's code.
+
+The training precision the file's framework recorded (:mod:`mpexport.records`) is kept in ``training``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import torch
 
 from mpexport.bundle import SourceRecord, portable_paths, sha256_file
 from mpexport.errors import MpexportError, first_line
+from mpexport.hf import FORMAT_HF, directory_digest, is_hf_directory, load_hf_directory
+from mpexport.records import checkpoint_record, load_checkpoint_without_code, mpexport_record
 from mpexport.specs import Dim, TensorSpec, normalize_dtype
 
 STAGE = "load"
@@ -50,8 +57,10 @@ class LoadedModel:
     Exactly one of ``program`` (an ``ExportedProgram``) and ``module`` (an ``nn.Module`` or TorchScript module)
     is set, or neither for an ONNX file (``format == "onnx"``, read by :mod:`mpexport.onnxinput`).
     ``input_specs`` is filled when the file records its inputs (``.pt2``); ``input_names`` when only names are
-    known (a ``forward`` signature); ``training`` holds what the file says about its training precision (autocast
-    device and dtype), empty if nothing.
+    known (a ``forward`` signature), with ``suggested_specs`` when the model's config implies shapes (Hugging Face:
+    which dims are dynamic, and examples without data); ``training`` holds what the file says about its training
+    precision (:meth:`mpexport.records.TrainingRecord.to_training`: autocast device, dtype and enabled, the torch
+    version, the evidence in words), empty if nothing.
     """
 
     format: str
@@ -65,8 +74,11 @@ class LoadedModel:
     positional: bool = False
     """True when the model is called with positional inputs (TorchScript, archives exported with args)."""
     required_inputs: list[str] = field(default_factory=list)
+    suggested_specs: list[TensorSpec] | None = None
     training: dict[str, Any] = field(default_factory=dict)
     factory: str | None = None
+    task: str | None = None
+    """The head built for a Hugging Face directory (``--task``), None for the config's own architecture."""
     import_path: str | None = None
     """Where the factory's (or a pickled module's) code was imported from (None: the working directory)."""
     notes: list[str] = field(default_factory=list)
@@ -86,25 +98,29 @@ class LoadedModel:
         absolute, relative = portable_paths(self.path, bundle_directory)
         import_path = str(Path(self.import_path or Path.cwd()).absolute()) if self.factory else None
         return SourceRecord(absolute, self.format, self.sha256, relative, self.factory, import_path,
-                            dict(self.training), list(self.notes))
+                            dict(self.training), list(self.notes), self.task)
 
 
 def load_model(
     path: str | Path, *, factory: str | None = None, trust_pickle: bool = False,
-    import_path: str | Path | None = None,
+    import_path: str | Path | None = None, task: str | None = None,
 ) -> LoadedModel:
     """Load ``path`` by its content (not its extension) into a :class:`LoadedModel`, in eval mode, on CPU.
 
     Raises :class:`MpexportError` with one line for a missing, unreadable, corrupt or unsupported file, for an
-    untrusted pickle (unless ``trust_pickle``), for a checkpoint without ``factory``, and for a factory that
-    does not import or whose model does not accept the checkpoint. ``import_path``: where the factory's or a
-    pickled module's code is imported from (default: the working directory).
+    untrusted pickle (unless ``trust_pickle``), for a checkpoint without ``factory`` (or timm), and for a factory
+    that does not import or whose model does not accept the checkpoint. ``import_path``: where the factory's or a
+    pickled module's code is imported from (default: the working directory). ``task``: the head to build for a
+    Hugging Face directory (:data:`mpexport.hf.TASKS`; default: the config's architecture).
     """
     path = Path(path)
     if not path.exists():
         raise MpexportError(f"model file '{path}' does not exist", stage=STAGE)
     if path.is_dir():
-        raise MpexportError(f"'{path}' is a directory, not a model file", stage=STAGE)
+        if is_hf_directory(path):
+            return _load_hf(path, task)
+        raise MpexportError(f"'{path}' is a directory without a config.json, not a model", stage=STAGE,
+                            hint="pass a model file, or a Hugging Face model directory (save_pretrained)")
     try:
         with path.open("rb") as handle:
             head = handle.read(16)
@@ -121,9 +137,18 @@ def load_model(
     else:
         loaded = _load_pickled(path, digest, factory=factory, trust_pickle=trust_pickle, import_path=import_path)
     loaded.import_path = str(import_path) if import_path is not None else None
+    if task is not None:
+        loaded.notes.append("--task ignored: it chooses the head of a Hugging Face model directory")
     if factory and loaded.format in (FORMAT_EXPORT, FORMAT_TORCHSCRIPT):
         loaded.notes.append(f"--factory ignored: a {loaded.format} archive carries its own code")
     return loaded
+
+
+def _load_hf(path: Path, task: str | None) -> LoadedModel:
+    built = load_hf_directory(path, task)
+    return LoadedModel(format=FORMAT_HF, path=path, sha256=directory_digest(path), module=built.module,
+                       input_names=built.input_names, required_inputs=built.required_inputs,
+                       suggested_specs=built.suggested_specs, training=built.training, task=task, notes=built.notes)
 
 
 def _detect_format(path: Path, head: bytes) -> str:
@@ -216,6 +241,9 @@ def _load_exported_program(path: Path, digest: str) -> LoadedModel:
         raise MpexportError(f"'{path}' is a torch.export archive that cannot be loaded: {cause}", stage=STAGE,
                             hint=_archive_hint(cause)) from None
     training = _read_training_record(extra.get(EXTRA_FILE, ""))
+    record = mpexport_record(training, f"{EXTRA_FILE} in {path.name}")
+    if record is not None:
+        training = {**training, "evidence": record.evidence}
     return LoadedModel(
         format=FORMAT_EXPORT, path=path, sha256=digest, program=program,
         input_specs=exported_program_inputs(program), training=training, positional=not _takes_kwargs(program),
@@ -338,15 +366,17 @@ def _load_pickled(path: Path, digest: str, *, factory: str | None, trust_pickle:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if not trust_pickle:
+        obj = _checkpoint_with_records(path) if not trust_pickle else None
+        if obj is None and not trust_pickle:
             raise MpexportError(
                 f"'{path}' holds pickled Python objects beyond tensors ({_unsafe_global(exc)}); loading it "
                 "would run arbitrary code", stage=STAGE,
                 hint="pass --trust-pickle only if you trust where the file came from, "
                 "or save a state dict and use --factory",
             ) from None
-        with importable_from(import_path):
-            obj = _load_trusted_pickle(path)
+        if obj is None:
+            with importable_from(import_path):
+                obj = _load_trusted_pickle(path)
     except Exception as exc:  # noqa: BLE001 - any failure to read the file is bad input
         raise MpexportError(f"'{path}' cannot be read as a PyTorch file: {first_line(exc)}", stage=STAGE,
                             hint="the file may be truncated or corrupt") from None
@@ -357,17 +387,49 @@ def _load_pickled(path: Path, digest: str, *, factory: str | None, trust_pickle:
     if state_dict is None:
         raise MpexportError(f"'{path}' holds neither a model nor a state dict ({_describe_object(obj)})",
                             stage=STAGE)
-    if not factory:
+    arch = obj.get("arch") if isinstance(obj, Mapping) and isinstance(obj.get("arch"), str) else None
+    if factory:
+        module = build_from_factory(factory, import_path)
+    elif arch is not None:
+        module = _timm_model(path, arch)
+    else:
         raise MpexportError(
             f"'{path}' is a checkpoint ({len(state_dict)} tensors) and needs the code that builds the model",
             stage=STAGE, hint="pass --factory package.module:function returning the nn.Module",
         )
-    module = build_from_factory(factory, import_path)
-    _load_state_dict(module, state_dict, factory)
+    _load_state_dict(module, state_dict, factory or f"timm.create_model('{arch}')")
     model = _module_model(FORMAT_CHECKPOINT, path, digest, module, factory=factory)
-    if isinstance(obj, Mapping) and "scaler" in obj:
-        model.training["grad_scaler_state"] = True
+    record = checkpoint_record(obj, path)
+    if record is not None:
+        model.training = record.to_training()
     return model
+
+
+def _checkpoint_with_records(path: Path) -> Any:
+    """A zip checkpoint whose non-tensor objects are read as inert records; None when the file is not one (a
+    pickled module, a legacy-format file): those need trust."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        obj = load_checkpoint_without_code(path)
+    except MpexportError:
+        raise
+    except Exception:  # noqa: BLE001 - not readable this way: the caller's message stands
+        return None
+    return obj if _find_state_dict(obj) is not None else None
+
+
+def _timm_model(path: Path, arch: str) -> torch.nn.Module:
+    try:
+        import timm  # type: ignore[import-not-found]
+    except ImportError:
+        raise MpexportError(f"'{path}' is a timm checkpoint of '{arch}', and timm is not installed", stage=STAGE,
+                            hint="pass --factory package.module:function building the model, or install timm") from None
+    try:
+        return timm.create_model(arch, pretrained=False)
+    except Exception as exc:  # noqa: BLE001 - an unknown architecture is bad input
+        raise MpexportError(f"timm cannot build '{arch}': {first_line(exc)}", stage=STAGE,
+                            hint="pass --factory package.module:function building the model") from None
 
 
 def _unsafe_global(exc: pickle.UnpicklingError) -> str:
@@ -481,7 +543,7 @@ def build_from_factory(factory: str, import_path: str | Path | None = None) -> t
 
 
 def _load_state_dict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], factory: str) -> None:
-    state_dict = _strip_wrapper_prefixes(state_dict)
+    state_dict = _strip_owner_prefix(_strip_wrapper_prefixes(state_dict), set(module.state_dict()))
     result = module.load_state_dict(state_dict, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
@@ -501,6 +563,19 @@ def _strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Mapping[s
     for prefix in WRAPPER_PREFIXES:
         if all(key.startswith(prefix) for key in state_dict):
             state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+    return state_dict
+
+
+def _strip_owner_prefix(state_dict: Mapping[str, torch.Tensor], wanted: set[str]) -> Mapping[str, torch.Tensor]:
+    """Remove the attribute name a training wrapper (a LightningModule's ``self.model``) put before every key,
+    when the factory builds the inner model and the stripped keys are exactly the model's."""
+    if set(state_dict) == wanted or not state_dict:
+        return state_dict
+    heads = {key.split(".", 1)[0] for key in state_dict}
+    if len(heads) == 1 and all("." in key for key in state_dict):
+        stripped = {key.split(".", 1)[1]: value for key, value in state_dict.items()}
+        if set(stripped) == wanted:
+            return stripped
     return state_dict
 
 

@@ -132,7 +132,8 @@ def repair(directory: str | Path, *, val_data: str | Path | None = None, options
     with clock.stage("open"):
         bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, PROVENANCE, RANGES))
     with clock.stage("load"):
-        inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size)
+        inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size,
+                             columns=options.columns or None)
     with clock.stage("baseline"):
         baseline = verify_forms(bundle, inputs, options)
     plan = bundle.plan()

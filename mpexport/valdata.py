@@ -1,6 +1,7 @@
 """Validation data: ``.npz`` files (arrays named after the model inputs, optional ``labels``), a directory
-of ``.npz`` shards read shard by shard, or ``module:function`` returning an iterable of batches (e.g. a torch
-DataLoader), all checked against the model's input specs.
+of ``.npz`` shards read shard by shard, Parquet/Arrow files or a ``datasets`` directory (:mod:`mpexport.tabledata`),
+or ``module:function`` returning an iterable of batches (e.g. a torch DataLoader), all checked against the model's
+input specs.
 
 Every problem (missing file, wrong names, shapes or dtypes, NaN/Inf, no samples) is a one-line
 :class:`MpexportError` (exit 2).
@@ -13,7 +14,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -36,6 +37,9 @@ class ValidationData:
     num_samples: int
     first_arrays: dict[str, np.ndarray]
 
+    ignores_extra_columns: ClassVar[bool] = False
+    """True for tables, which carry columns the model does not read (they are left out, not refused)."""
+
     def input_specs(self) -> list[TensorSpec]:
         """One spec per input array (``labels`` excluded), axis 0 a dynamic ``batch``."""
         return [spec_from_array(name, self.first_arrays[name]) for name in self.names]
@@ -43,6 +47,9 @@ class ValidationData:
     def describe(self) -> str:
         """Where the data comes from, for reports."""
         return str(self.path)
+
+    def select(self, names: list[str]) -> None:
+        """Keep only these inputs (tables, see :attr:`ignores_extra_columns`); files keep every array."""
 
     def batches(self, batch_size: int, *, limit: int | None = None, inputs: list[TensorSpec] | None = None,
                 exact: bool = False) -> Iterator[Batch]:
@@ -66,16 +73,28 @@ class ValidationData:
             yield shard, self.first_arrays if shard == self.shards[0] else _read_shard(shard, self.names)
 
 
-def load_validation_data(path: str | Path, *, import_path: str | Path | None = None) -> ValidationData:
-    """Open an ``.npz`` file, a directory of ``.npz`` shards, or ``module:function`` (see
+def load_validation_data(path: str | Path, *, import_path: str | Path | None = None,
+                         columns: dict[str, str] | None = None) -> ValidationData:
+    """Open an ``.npz`` file, a directory of ``.npz`` shards, Parquet/Arrow files or a ``datasets`` directory
+    (``columns`` maps input names to other column names: :mod:`mpexport.tabledata`), or ``module:function`` (see
     :class:`CallableValidationData`; imported from ``import_path``, default the working directory), checking
     that it is readable, non-empty and consistent."""
     text = str(path)
     if not Path(text).exists() and is_callable_spec(text):
+        if columns:
+            raise MpexportError("--columns maps the columns of Parquet/Arrow data", stage=STAGE,
+                                hint="name the batches' entries after the inputs")
         return CallableValidationData.open(text, import_path)
     path = Path(path)
     if not path.exists():
         raise MpexportError(f"validation data '{path}' does not exist", stage=STAGE)
+    from mpexport.tabledata import is_table_source, open_table_data
+
+    if is_table_source(path):
+        return open_table_data(path, columns)
+    if columns:
+        raise MpexportError("--columns maps the columns of Parquet/Arrow data", stage=STAGE,
+                            hint="name the .npz arrays after the inputs")
     shards = sorted(path.glob("*.npz")) if path.is_dir() else [path]
     if not shards:
         raise MpexportError(f"validation data directory '{path}' holds no .npz files", stage=STAGE)
@@ -89,6 +108,22 @@ def load_validation_data(path: str | Path, *, import_path: str | Path | None = N
     if total == 0:
         raise MpexportError(f"validation data '{path}' holds no samples", stage=STAGE)
     return ValidationData(path, shards, names, LABELS in first, total, first)
+
+
+def parse_columns_option(text: str | tuple[str, ...] | list[str] | None) -> dict[str, str]:
+    """``"pixels=image,labels=label"`` (or several such texts) -> ``{"pixels": "image", "labels": "label"}``: model
+    input (or ``labels``) = column. One-line error for anything else."""
+    texts = [text] if isinstance(text, str) else list(text or [])
+    mapping: dict[str, str] = {}
+    for item in (part.strip() for chunk in texts for part in chunk.split(",")):
+        name, equals, column = item.partition("=")
+        if not equals or not name.strip() or not column.strip():
+            raise MpexportError(f"--columns takes INPUT=COLUMN pairs, not '{item}'", stage=STAGE,
+                                hint="e.g. --columns pixels=image,labels=label")
+        if name.strip() in mapping:
+            raise MpexportError(f"--columns maps '{name.strip()}' twice", stage=STAGE)
+        mapping[name.strip()] = column.strip()
+    return mapping
 
 
 _CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -239,6 +274,8 @@ def check_against(data: ValidationData, inputs: list[TensorSpec]) -> None:
     if isinstance(data, CallableValidationData):
         data.bind(inputs)
     wanted = [spec.name for spec in inputs]
+    if data.ignores_extra_columns:
+        data.select(wanted)
     missing = [name for name in wanted if name not in data.names]
     extra = [name for name in data.names if name not in wanted]
     if missing or extra:

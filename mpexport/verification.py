@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -87,6 +87,8 @@ class VerifyOptions:
     max_top1_drop: float | None = None
     batch_size: int = 64
     max_samples: int | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    """For a table given as ``val_data``: input (or ``labels``) -> column (``--columns``)."""
 
 
 @dataclass
@@ -201,12 +203,13 @@ class VerifyInputs:
 
 
 def load_inputs(bundle: Bundle, *, val_data: str | Path | None = None, trust_pickle: bool = False,
-                batch_size: int = 64, reference: str | Path | None = None) -> VerifyInputs:
+                batch_size: int = 64, reference: str | Path | None = None,
+                columns: dict[str, str] | None = None) -> VerifyInputs:
     """The validation data (``val_data``, else what convert recorded) checked against the model's inputs, and the
     source model (its SHA-256 checked against convert's), or ``reference`` (a PyTorch model file, e.g. the one an
     ONNX input was exported from); for an ONNX input without ``reference`` there is no PyTorch model. One-line
-    errors otherwise."""
-    data = _validation_data(bundle, val_data)
+    errors otherwise. ``columns`` maps the columns of a table given as ``val_data``."""
+    data = _validation_data(bundle, val_data, columns)
     specs = bundle.manifest.inputs
     check_against(data, specs)
     loaded: LoadedModel | None
@@ -234,7 +237,7 @@ def verify(directory: str | Path, *, val_data: str | Path | None = None, options
         bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, ENGINE))
     with clock.stage("load"):
         inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size,
-                             reference=reference)
+                             reference=reference, columns=options.columns or None)
     report = verify_forms(bundle, inputs, options, on_batch, clock=clock)
     report.timings = clock.stages
     if write:
@@ -305,7 +308,7 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
     (``onnx-candidate`` in ONNX Runtime and its strict emulation)."""
     options = options or VerifyOptions()
     loaded = load_model(reference, factory=factory, trust_pickle=trust_pickle)
-    data = load_validation_data(val_data)
+    data = load_validation_data(val_data, columns=options.columns or None)
     candidate = Path(candidate)
     try:
         graph = ir.load(str(candidate)).graph
@@ -366,15 +369,14 @@ def _add_tensorrt(backends: _Backends, bundle: Bundle) -> None:
     backends.add("tensorrt", lambda: TensorRTRunner(bundle.path(ENGINE)))
 
 
-def _validation_data(bundle: Bundle, val_data: str | Path | None) -> ValidationData:
+def _validation_data(bundle: Bundle, val_data: str | Path | None, columns: dict[str, str] | None) -> ValidationData:
     if val_data is not None:
-        return load_validation_data(val_data)
-    source = bundle.validation_source()
-    if source is None:
+        return load_validation_data(val_data, columns=columns)
+    data = bundle.recorded_validation_data()
+    if data is None:
         raise MpexportError("no validation data given, and convert had none to record", stage=STAGE,
                             hint="pass --val-data PATH")
-    record = bundle.manifest.validation
-    return load_validation_data(source, import_path=record.import_path if record else None)
+    return cast(ValidationData, data)
 
 
 def _source_model(bundle: Bundle, trust_pickle: bool) -> LoadedModel | None:
@@ -387,7 +389,8 @@ def _source_model(bundle: Bundle, trust_pickle: bool) -> LoadedModel | None:
         raise MpexportError("the source model is a pickled module; loading it runs code from the file",
                             stage=STAGE, hint="pass --trust-pickle if you trust it")
     path = bundle.source_path()
-    loaded = load_model(path, factory=source.factory, trust_pickle=trust_pickle, import_path=source.import_path)
+    loaded = load_model(path, factory=source.factory, trust_pickle=trust_pickle, import_path=source.import_path,
+                        task=source.task)
     if loaded.sha256 != source.sha256:
         raise MpexportError(f"the source model '{path}' changed since convert (SHA-256 differs)",
                             stage=STAGE, hint="convert again")

@@ -56,7 +56,9 @@ def test_checkpoint_with_factory(tmp_path: Path, wrap: str) -> None:
     for key, value in build_cnn().state_dict().items():
         assert torch.equal(loaded.module.state_dict()[key], value)
     if wrap in ("state_dict", "model"):
-        assert loaded.training == {"grad_scaler_state": True}
+        assert loaded.training["grad_scaler"] is True  # a GradScaler state: FP16 autocast, CUDA assumed (noted)
+        assert loaded.training["autocast"] == {"device_type": "cuda", "dtype": "float16", "enabled": True}
+        assert "scaler" in loaded.training["evidence"] and loaded.training["assumptions"]
 
 
 def test_checkpoint_without_factory_asks_for_one(cnn_checkpoint: Path) -> None:
