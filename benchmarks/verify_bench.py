@@ -1,6 +1,6 @@
 """Verify overhead and the strict emulation's speed.
 
-    .venv/bin/python benchmarks/verify_bench.py [--samples 512] [--layers 4]
+    .venv/bin/python benchmarks/verify_bench.py [--samples 512] [--layers 4] [--strict-only | --amp-only]
 
 1. A BERT (hidden 256, --layers layers, 128 tokens) converted by mpexport; `verify` on --samples samples.
    Reports verify's total wall time against the sum of raw backend inference time on the same batches
@@ -8,11 +8,13 @@
    building and reporting add.
 2. The strict-fp16 emulation against onnx.reference (ONNX's reference evaluator, faithful but slow) on the
    bundled examples' mixed models (cuda-fp16 plans), 360 samples in one batch: time for each.
+3. (--amp-only) the emulated torch-amp pass of a CUDA policy against a plain FP32 pass, BERT-base 64 x 64 tokens.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 import warnings
@@ -107,13 +109,51 @@ def _time_strict(example: str, out: Path, feeds: dict[str, np.ndarray], root: Pa
           f"onnx.reference on the mixed model {reference * 1e3:.0f} ms: {reference / emulated:.0f}x faster")
 
 
+def amp_speed(repeats: int = 2) -> None:
+    """The emulated torch-amp pass (cuda-fp16 without a GPU) against a plain FP32 pass of the same program:
+    BERT-base (12 layers, hidden 768), 64 samples of 64 tokens."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from mpexport.amp import TorchAmpRunner
+    from mpexport.loading import FORMAT_EXPORT, LoadedModel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.toy_models import TextLogits
+
+    torch.manual_seed(0)
+    model = TextLogits(BertForSequenceClassification(BertConfig()).eval())
+    ids = np.random.default_rng(0).integers(1, 1000, (64, 64))
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    tensors = tuple(torch.from_numpy(array) for array in batch.values())
+    dim = torch.export.Dim("batch")
+    program = torch.export.export(model, tuple(t[:2] for t in tensors), dynamic_shapes=({0: dim}, {0: dim}))
+    loaded = LoadedModel(format=FORMAT_EXPORT, path=Path("bert.pt2"), sha256="", program=program, positional=True)
+    runner = TorchAmpRunner(loaded, list(batch), "cuda-fp16", batch)
+    plain = program.module()
+    for run in range(repeats):
+        start = time.perf_counter()
+        with torch.no_grad():
+            plain(*tensors)
+        fp32 = time.perf_counter() - start
+        start = time.perf_counter()
+        runner.run(batch)
+        emulated = time.perf_counter() - start
+        print(f"BERT-base 64x64, run {run}: plain FP32 pass {fp32:.2f} s, emulated torch-amp (cuda-fp16) "
+              f"{emulated:.2f} s: {emulated / fp32:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--strict-only", action="store_true", help="Only the strict-emulation timing.")
+    parser.add_argument("--amp-only", action="store_true", help="Only the emulated torch-amp pass vs a plain one.")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
+    if args.amp_only:
+        amp_speed()
+        return
     with tempfile.TemporaryDirectory() as folder:
         strict_speed(Path(folder))
         if not args.strict_only:
