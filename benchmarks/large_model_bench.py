@@ -10,9 +10,12 @@ Each step runs in its own process, and peak RSS is that process's own (``ru_maxr
    check against PyTorch and the range rule's statistics -, plan, mixed-precision rewrite, lint). Seconds and
    peak RSS per stage are the manifest's own record (``timings.convert``);
 3. writer: the mixed-precision writer alone on the FP32 ONNX that step 2 wrote (read with external data, plan
-   without calibration, rewrite, save with external data, lint), in a fresh process.
+   without calibration, rewrite, save with external data, lint), in a fresh process;
+4. verify: ``mpexport.verify`` of step 2's bundle on its 8 sequences (every backend: PyTorch FP32, torch-amp,
+   ONNX Runtime FP32 and mixed, strict emulation). Seconds and peak RSS per stage from the report's timings.
 
-The target (issue 4): the conversion peaks below twice the model's FP16 size (= its FP32 weight bytes).
+Targets: the conversion peaks below twice the model's FP16 size (= its FP32 weight bytes; issue 4); verify below
+2.5x its FP32 weights (issue 16). ``--steps verify`` reruns one step on an existing workdir.
 """
 
 from __future__ import annotations
@@ -93,6 +96,20 @@ def writer(workdir: Path) -> dict:
             "lint_ok": lint.ok, "mixed_data_mb": round((target / "model.mixed.onnx.data").stat().st_size / MB)}
 
 
+def verify(workdir: Path) -> dict:
+    """``mpexport.verify`` of the bundle in ``workdir/build``; seconds and peak RSS overall and per stage."""
+    import mpexport
+
+    started = time.perf_counter()
+    report = mpexport.verify(workdir / "build", trust_pickle=True, write=False)
+    stages = {stage.stage: stage.peak_rss_mb for stage in report.timings}
+    peak = max([_peak_mb(), *(value for value in stages.values() if value)])
+    return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": peak,
+            "stage_peak_rss_mb": stages, "stage_seconds": {stage.stage: stage.seconds for stage in report.timings},
+            "verdict": report.verdict, "samples": report.samples,
+            "backends": {name: state.get("state") for name, state in report.backends.items()}}
+
+
 def fp32_weight_bytes(build: Path) -> int:
     """Bytes of the FP32 ONNX's initializers (its external data file and the inline ones)."""
     import onnx_ir as ir
@@ -130,30 +147,36 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=36)
     parser.add_argument("--hidden", type=int, default=1280)
     parser.add_argument("--heads", type=int, default=20)
-    parser.add_argument("--child", choices=("prepare", "convert", "writer"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", default="convert,writer,verify", help="comma-separated steps to run")
+    parser.add_argument("--child", choices=("prepare", "convert", "writer", "verify"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mpexport-large-"))
     workdir.mkdir(parents=True, exist_ok=True)
     if args.child:
         steps = {"prepare": lambda: prepare(workdir, args.layers, args.hidden, args.heads) or {},
-                 "convert": lambda: convert(workdir), "writer": lambda: writer(workdir)}
+                 "convert": lambda: convert(workdir), "writer": lambda: writer(workdir),
+                 "verify": lambda: verify(workdir)}
         print(json.dumps(steps[args.child]()))
         return
     if not (workdir / "model.pt").exists():
         _child("prepare", workdir, args)
-    results = {"convert": _child("convert", workdir, args), "writer": _child("writer", workdir, args)}
+    results: dict = {step: _child(step, workdir, args) for step in args.steps.split(",")}
     fp32_mb = fp32_weight_bytes(workdir / "build") / MB
     results["fp32_weights_mb"] = round(fp32_mb)
     results["fp16_size_mb"] = round(fp32_mb / 2)
     print(json.dumps(results, indent=1))
     fp16_mb = fp32_mb / 2
     print(f"\nFP32 weights {fp32_mb:,.0f} MB, FP16 size {fp16_mb:,.0f} MB (target: peak < {fp32_mb:,.0f} MB)")
-    rows = [("writer: plan + rewrite + save", results["writer"]["seconds"], results["writer"]["peak_rss_mb"]),
-            ("writer + lint (ORT loads the mixed model)", results["writer"]["with_lint_seconds"],
-             results["writer"]["with_lint_peak_rss_mb"]),
-            ("convert end to end", results["convert"]["seconds"], results["convert"]["peak_rss_mb"])]
-    rows += [(f"- convert stage '{stage}'", results["convert"]["stage_seconds"][stage], peak)
-             for stage, peak in results["convert"]["stage_peak_rss_mb"].items()]
+    rows = []
+    if "writer" in results:
+        rows += [("writer: plan + rewrite + save", results["writer"]["seconds"], results["writer"]["peak_rss_mb"]),
+                 ("writer + lint (ORT loads the mixed model)", results["writer"]["with_lint_seconds"],
+                  results["writer"]["with_lint_peak_rss_mb"])]
+    for step in ("convert", "verify"):
+        if step in results:
+            rows.append((f"{step} end to end", results[step]["seconds"], results[step]["peak_rss_mb"]))
+            rows += [(f"- {step} stage '{stage}'", results[step]["stage_seconds"][stage], peak)
+                     for stage, peak in results[step]["stage_peak_rss_mb"].items()]
     print("| step | seconds | peak RSS MB | / FP16 size |\n| --- | --- | --- | --- |")
     for name, seconds, peak in rows:
         print(f"| {name} | {seconds} | {peak:,} | {peak / fp16_mb:.2f} |")

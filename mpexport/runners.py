@@ -101,11 +101,12 @@ class OrtRunner:
     """An ONNX model in an ONNX Runtime session (CPU unless ``providers`` says otherwise)."""
 
     def __init__(self, path: str | Path, *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 name: str = "onnx-fp32", shared_weights: Mapping[str, np.ndarray] | None = None) -> None:
-        """``shared_weights``: see :func:`session_options`."""
+                 name: str = "onnx-fp32", shared_weights: Mapping[str, np.ndarray] | None = None,
+                 low_memory: bool = False) -> None:
+        """``shared_weights`` and ``low_memory``: see :func:`session_options`."""
         import onnxruntime as ort
 
-        options, self._shared = session_options(shared_weights)
+        options, self._shared = session_options(shared_weights, low_memory=low_memory)
         self.name = name
         self.session = ort.InferenceSession(str(path), options, providers=list(providers))
         self._describe_session()
@@ -117,13 +118,14 @@ class OrtRunner:
                              if value.type in ORT_FLOAT_TYPES}
 
     @classmethod
-    def from_model(cls, model: Any, base_dir: str | Path, *, name: str) -> OrtRunner:
+    def from_model(cls, model: Any, base_dir: str | Path, *, name: str, low_memory: bool = False) -> OrtRunner:
         """A runner of an in-memory onnx-ir model (a variant of a model file, e.g. its strict emulation): no
         file is written; external weights are read from ``base_dir`` (see :func:`ir_session`)."""
         runner = cls.__new__(cls)
         runner.name = name
         runner._shared = []
-        runner.session = ir_session(model, base_dir, optimization="all")
+        runner.session = ir_session(model, base_dir, optimization="none" if low_memory else "all",
+                                    low_memory=low_memory)
         runner._describe_session()
         return runner
 
@@ -140,14 +142,21 @@ class OrtRunner:
         return list(self.session.run(None, feeds))
 
 
-def session_options(shared_weights: Mapping[str, np.ndarray] | None = None) -> tuple[Any, list[Any]]:
+def session_options(shared_weights: Mapping[str, np.ndarray] | None = None, *,
+                    low_memory: bool = False) -> tuple[Any, list[Any]]:
     """Quiet ONNX Runtime session options, and the values a session made with them must keep alive.
     ``shared_weights``: initializers by name that the session uses in place instead of reading them from the
     file (no copy), e.g. the PyTorch parameters the model was exported from. Weight pre-packing is then off:
-    a packed copy would duplicate them after all."""
+    a packed copy would duplicate them after all. ``low_memory``: no graph optimizations and no memory arena,
+    for a large low-precision model on the CPU: constant folding would keep an FP32 copy of every weight the CPU
+    kernels need cast, and the arena would keep each run's casts (GPT-2-large: 2.0 GB instead of 4.1 GB per
+    session, about 25% slower)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if low_memory:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.enable_cpu_mem_arena = False
     options.log_severity_level = 3
     # ONNX Runtime's worker threads spin after each run by default: with several sessions beside PyTorch on a
     # few cores, the spinning starves the next backend (a one-sample PyTorch call measured 125 ms instead of 5).
@@ -161,18 +170,21 @@ def session_options(shared_weights: Mapping[str, np.ndarray] | None = None) -> t
 
 
 def ir_session(model: Any, base_dir: str | Path, *, in_graph_order: bool = False,
-               shared_weights: Mapping[str, np.ndarray] | None = None, optimization: str = "basic") -> Any:
+               shared_weights: Mapping[str, np.ndarray] | None = None, optimization: str = "basic",
+               low_memory: bool = False) -> Any:
     """An ONNX Runtime CPU session of an in-memory onnx-ir model; its external tensors (a model loaded from a
     file with external data) are read from ``base_dir``, so a model of any size loads without a copy on disk.
     ``in_graph_order``: run nodes in the graph's order where dependencies allow (ONNX Runtime's default order
     may run a node placed right after its input's producer much later, keeping that input alive meanwhile).
-    ``shared_weights``: see :func:`session_options`. ``optimization``: ONNX Runtime's graph optimizations,
-    ``basic`` (constant folding and the like: the graph's own numerics) or ``all`` (its default, fusions too)."""
+    ``shared_weights``, ``low_memory``: see :func:`session_options`. ``optimization``: ONNX Runtime's graph
+    optimizations, ``none``, ``basic`` (constant folding and the like: the graph's own numerics) or ``all`` (its
+    default, fusions too)."""
     import onnx_ir as ir
     import onnxruntime as ort
 
-    options, shared = session_options(shared_weights)
-    options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    options, shared = session_options(shared_weights, low_memory=low_memory)
+    options.graph_optimization_level = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                                        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
                                         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
     options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(base_dir).resolve()))
     if in_graph_order:

@@ -77,6 +77,10 @@ ALLOWED_SKIPS = {
 """The only backends verify may skip, and when. Any other backend that cannot run fails the verdict."""
 
 
+LOW_MEMORY_WEIGHTS = 1 << 30
+"""FP32 weight bytes from which the low-precision sessions trade speed for memory (:func:`session_options`)."""
+
+
 @dataclass
 class VerifyOptions:
     """Budget factor over the training noise floor, explicit thresholds (None: from the budget), batching."""
@@ -268,14 +272,18 @@ def verify_forms(bundle: Bundle, inputs: VerifyInputs, options: VerifyOptions,
         if loaded is not None:
             backends.add(AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
             _add_torch_cuda(backends, loaded, names, policy, low, example)
-            backends.add(ONNX_FP32, lambda: OrtRunner(bundle.path(FP32_ONNX), name=ONNX_FP32))
+            shared = _shared_parameters(getattr(reference, "model", None), bundle.path(FP32_ONNX))
+            backends.add(ONNX_FP32, lambda: OrtRunner(bundle.path(FP32_ONNX), name=ONNX_FP32, shared_weights=shared))
         else:
             for name in (AMP, "torch-cuda"):
                 backends.skip(name, "no PyTorch model (an ONNX input; verify --reference adds it)")
             backends.add(ONNX_AMP, lambda: _training_emulation(bundle, plan))
-        backends.add("onnx-mixed", lambda: OrtRunner(mixed, name="onnx-mixed"), skip_if=_missing_kernel)
+        low_memory = _weight_bytes(bundle) >= LOW_MEMORY_WEIGHTS
+        backends.add("onnx-mixed", lambda: OrtRunner(mixed, name="onnx-mixed", low_memory=low_memory),
+                     skip_if=_missing_kernel)
         strict = f"strict-{low}"
-        backends.add(strict, lambda: OrtRunner.from_model(_strict_model(mixed), mixed.parent, name=strict))
+        backends.add(strict, lambda: OrtRunner.from_model(_strict_model(mixed), mixed.parent, name=strict,
+                                                          low_memory=low_memory))
         if candidate and bundle.has(ENGINE):
             backends.skip("tensorrt", "the bundle's engine was built from the model this one replaces")
         else:
@@ -285,6 +293,9 @@ def verify_forms(bundle: Bundle, inputs: VerifyInputs, options: VerifyOptions,
         report = _run(backends, inputs.data, inputs.specs, [spec.name for spec in manifest.outputs], options,
                       on_batch, gated=(ONNX_FP32, "onnx-mixed", strict, "tensorrt"), required=required,
                       watch=strict)
+    if low_memory:
+        report.notes.append(f"{_weight_bytes(bundle) / 2**30:.1f} GiB of FP32 weights: onnx-mixed and {strict} ran "
+                            "without graph optimizations or a memory arena (weights cast per run, not held in FP32)")
     if AMP in report.metrics:
         report.backends[AMP]["mode"] = next(r for r in backends.runners if r.name == AMP).mode  # type: ignore[attr-defined]
     if ONNX_AMP in report.backends:
@@ -353,6 +364,33 @@ def _add_torch_cuda(backends: _Backends, loaded: LoadedModel, names: list[str], 
         backends.skip("torch-cuda", "torch-amp already runs the model under real CUDA autocast")
     else:
         backends.add("torch-cuda", lambda: TorchAmpRunner(loaded, names, f"cuda-{low}", example, name="torch-cuda"))
+
+
+def _weight_bytes(bundle: Bundle) -> int:
+    """Bytes of the FP32 ONNX's external weights (0 for a model small enough to hold them inline)."""
+    data = bundle.path(FP32_ONNX).with_name(bundle.path(FP32_ONNX).name + ".data")
+    return data.stat().st_size if data.is_file() else 0
+
+
+def _shared_parameters(model: Any, fp32_onnx: Path) -> dict[str, np.ndarray]:
+    """The PyTorch model's FP32 parameters and buffers (1 MB and up) that the FP32 ONNX holds under the same name and
+    shape, as arrays viewing the tensors: ONNX Runtime runs ``onnx-fp32`` on them in place instead of loading a
+    second copy of the weights. Weights the exporter transformed (a folded transpose) are read from the file."""
+    import onnx
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return {}
+    proto = onnx.load(str(fp32_onnx), load_external_data=False)
+    wanted = {tensor.name: tuple(tensor.dims) for tensor in proto.graph.initializer
+              if tensor.data_type == onnx.TensorProto.FLOAT}
+    del proto
+    shared = {}
+    for name, tensor in model.state_dict().items():
+        if name in wanted and tensor.dtype == torch.float32 and tuple(tensor.shape) == wanted[name] \
+                and tensor.device.type == "cpu" and tensor.is_contiguous() and tensor.nbytes >= 1 << 20:
+            shared[name] = tensor.detach().numpy()
+    return shared
 
 
 def _add_tensorrt(backends: _Backends, bundle: Bundle) -> None:

@@ -271,3 +271,51 @@ def test_localisation_says_why_when_it_cannot_run(hazard: dict[str, Path], tmp_p
     assert rows == [] and note.startswith("localisation could not run:")
     rows, note = localise(hazard["out"] / "model.fp32.onnx", hazard["out"] / "model.mixed.onnx", batch, {})
     assert rows == [] and "found no single node out of budget" in note  # the policy's plan is sound here
+
+
+class Wide(torch.nn.Module):
+    """A 2 MB linear layer: large enough for onnx-fp32 to run on the PyTorch weight in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 8192)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.fc(pixels.flatten(1))
+
+
+def test_onnx_fp32_runs_on_the_pytorch_parameters_in_place(tmp_path: Path, pixels_npz: Path) -> None:
+    from mpexport.bundle import FP32_ONNX, Bundle
+    from mpexport.verification import _shared_parameters
+
+    torch.manual_seed(0)
+    module = Wide().eval()
+    program = torch.export.export(module, (torch.zeros(2, 1, 8, 8),),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, tmp_path / "wide.pt2")
+    mpexport.convert(tmp_path / "wide.pt2", out=tmp_path / "out", val_data=pixels_npz)
+    loaded = torch.export.load(tmp_path / "wide.pt2").module()
+    shared = _shared_parameters(loaded, Bundle.open(tmp_path / "out").path(FP32_ONNX))
+    assert list(shared) == ["fc.weight"]
+    assert np.shares_memory(shared["fc.weight"], loaded.state_dict()["fc.weight"].numpy())
+    report = mpexport.verify(tmp_path / "out", write=False)
+    assert report.verdict == "pass"
+    assert report.metrics["onnx-fp32"]["output"].max_abs < 1e-5
+
+
+def test_low_memory_sessions_compute_what_the_optimized_ones_do(tmp_path: Path) -> None:
+    """Large models run onnx-mixed and the strict emulation unoptimized and without ONNX Runtime's arena."""
+    from mpexport.bundle import MIXED_ONNX
+    from mpexport.runners import OrtRunner
+    from mpexport.verification import _strict_model
+
+    out = tmp_path / "t"
+    mpexport.convert(MODELS / "digits_transformer.pt2", out=out, val_data=MODELS / "digits_transformer.val.npz",
+                     plan_options=PlanOptions(policy="cuda-fp16"))
+    mixed = Bundle.open(out).path(MIXED_ONNX)
+    with np.load(MODELS / "digits_transformer.val.npz") as data:
+        batch = {"pixels": data["pixels"][:32]}
+    for build in (lambda low: OrtRunner(mixed, name="m", low_memory=low),
+                  lambda low: OrtRunner.from_model(_strict_model(mixed), mixed.parent, name="s", low_memory=low)):
+        fast, small = build(False).run(batch)[0], build(True).run(batch)[0]
+        np.testing.assert_allclose(small, fast, rtol=1e-3, atol=1e-3)
