@@ -49,13 +49,16 @@ def directory_digest(path: Path) -> str:
     """SHA-256 over the files that define the model (config, weights and their index, training arguments),
     by name and content: the same directory gives the same digest wherever it lies."""
     from mpexport.bundle import sha256_file
+    from mpexport.records import find_training_args
 
     digest = hashlib.sha256()
-    names = ["config.json", "training_args.bin", *WEIGHT_FILES]
+    names = ["config.json", *WEIGHT_FILES]
     files = sorted({path / name for name in names if (path / name).is_file()} |
                    {file for pattern in ("model-*.safetensors", "pytorch_model-*.bin") for file in path.glob(pattern)})
+    training_args = find_training_args(path)
+    files += [training_args] if training_args is not None else []
     for file in files:
-        digest.update(f"{file.name}:{sha256_file(file)}\n".encode())
+        digest.update(f"{file.relative_to(path)}:{sha256_file(file)}\n".encode())
     return digest.hexdigest()
 
 
@@ -115,7 +118,7 @@ def load_hf_directory(path: Path, task: str | None = None) -> HFModel:
     if args_path is not None:
         record = read_trainer_args(args_path, shown=str(args_path.relative_to(path)))
         training = record.to_training()
-    specs = suggested_specs(model.config, names, getattr(model, "main_input_name", names[0]))
+    specs = suggested_specs(model.config, names, getattr(model, "main_input_name", None) or (names or [""])[0])
     return HFModel(model, names, required, specs, training, notes)
 
 
@@ -151,10 +154,10 @@ def _signature(model: Any) -> tuple[list[str], list[str]]:
 
 
 def suggested_specs(config: Any, names: list[str], main_input: str) -> list[TensorSpec]:
-    """Input specs the config implies, for convert without validation data: token ids and their mask with a
-    dynamic batch and sequence (example ids below the vocabulary size), or pixel values of the config's image
-    size with a dynamic batch; none for other inputs (validation data or ``--input`` then say). Also gives which
-    dims of validation data are dynamic."""
+    """Input specs the config implies: token ids, mask, token types and positions with a dynamic batch and
+    sequence, or pixel values of the config's image size with a dynamic batch; none for other inputs (validation
+    data or ``--input`` then say). They give which dims of validation data are dynamic; without data, convert
+    takes those of the required inputs and the attention mask (example ids: ones, below any vocabulary)."""
     sizes = {"batch": 2, "sequence": min(EXAMPLE_SEQUENCE, getattr(config, "max_position_embeddings", 512) or 512)}
     specs = []
     if main_input == "pixel_values":
@@ -165,5 +168,5 @@ def suggested_specs(config: Any, names: list[str], main_input: str) -> list[Tens
         specs.append(TensorSpec("pixel_values", "float32", ("batch", channels, height, width), {"batch": 2}))
     elif main_input in SEQUENCE_INPUTS:
         specs += [TensorSpec(name, "int64", ("batch", "sequence"), dict(sizes))
-                  for name in (main_input, "attention_mask") if name in names]
+                  for name in dict.fromkeys((main_input, *SEQUENCE_INPUTS)) if name in names]
     return specs

@@ -74,18 +74,19 @@ def _from_signature(model: LoadedModel, data: ValidationData | None, given: list
     by_name = {spec.name: spec for spec in data.input_specs()} if data is not None else {}
     suggested = {spec.name: spec for spec in model.suggested_specs or []}
     by_name = {name: _with_dynamic_dims(spec, suggested.get(name)) for name, spec in by_name.items()}
+    signature = model.input_names or []
+    if data is not None and data.ignores_extra_columns and signature and not model.accepts_any_kwargs:
+        by_name = {name: spec for name, spec in by_name.items() if name in signature}  # a table's other columns
     by_name.update({spec.name: spec for spec in given})
     if not by_name and suggested:
-        by_name = dict(suggested)
+        by_name = {name: spec for name, spec in suggested.items()
+                   if name in model.required_inputs or name == "attention_mask"}
     if not by_name:
         required = model.required_inputs
         raise MpexportError(
             "cannot tell the model's input shapes" + (f" (forward takes {', '.join(required)})" if required else ""),
             stage=STAGE, hint="pass --val-data PATH or --input NAME:SHAPE:DTYPE, e.g. pixels:batch,3,224,224:float32",
         )
-    signature = model.input_names or []
-    if data is not None and data.ignores_extra_columns and signature and not model.accepts_any_kwargs:
-        by_name = {name: spec for name, spec in by_name.items() if name in signature}  # a table's other columns
     for name in by_name:
         if signature and name not in signature and not model.accepts_any_kwargs:
             raise MpexportError(

@@ -22,6 +22,7 @@ import argparse
 import io
 import pickle
 import re
+import sys
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -161,11 +162,37 @@ def read_pickle_record(path: Path) -> Any:
                             stage=STAGE) from None
 
 
-def plain(value: Any, depth: int = 0) -> Any:
+PLAIN_NODES = 100_000
+"""Most objects :func:`plain` converts: a pickle can share one list everywhere (or hold itself), and a record is
+small."""
+
+
+def plain(value: Any) -> Any:
     """Plain data for a record: a stub becomes the dict of its state and items (or its single argument, for
-    enum-like values); containers are converted recursively."""
-    if depth > 40:
+    enum-like values); containers are converted recursively. An object met again inside itself becomes None, and
+    conversion stops (None) after :data:`PLAIN_NODES` objects, so a crafted pickle cannot make it loop."""
+    return _plain(value, set(), [PLAIN_NODES])
+
+
+def _plain(value: Any, active: set[int], budget: list[int]) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0 or id(value) in active:
         return None
+    if isinstance(value, (PickledObject, Mapping, list, tuple, argparse.Namespace)):
+        active.add(id(value))
+        try:
+            return _plain_container(value, active, budget)
+        finally:
+            active.discard(id(value))
+    if isinstance(value, torch.Tensor):
+        return value.tolist() if value.numel() == 1 else f"<tensor {tuple(value.shape)}>"
+    return value
+
+
+def _plain_container(value: Any, active: set[int], budget: list[int]) -> Any:
+    def convert(item: Any) -> Any:
+        return _plain(item, active, budget)
+
     if isinstance(value, PickledObject):
         data = value.__dict__
         out: dict[str, Any] = {}
@@ -178,40 +205,55 @@ def plain(value: Any, depth: int = 0) -> Any:
             out.update(state)
         out.update(data["pickled_items"])
         if out:
-            return {str(key): plain(item, depth + 1) for key, item in out.items()}
+            return {str(key): convert(item) for key, item in out.items()}
         args = data["pickled_args"]
         if data["pickled_list"]:
-            return [plain(item, depth + 1) for item in data["pickled_list"]]
+            return [convert(item) for item in data["pickled_list"]]
         if len(args) == 1:
-            return plain(args[0], depth + 1)
-        return {"__class__": value.qualname, "args": [plain(item, depth + 1) for item in args]}
+            return convert(args[0])
+        return {"__class__": value.qualname, "args": [convert(item) for item in args]}
     if isinstance(value, Mapping):
-        return {str(key): plain(item, depth + 1) for key, item in value.items()}
+        return {str(key): convert(item) for key, item in value.items()}
     if isinstance(value, argparse.Namespace):  # a trusted checkpoint, fully unpickled
-        return {key: plain(item, depth + 1) for key, item in vars(value).items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(item, depth + 1) for item in value]
-    if isinstance(value, torch.Tensor):
-        return value.tolist() if value.numel() == 1 else f"<tensor {tuple(value.shape)}>"
-    return value
+        return {key: convert(item) for key, item in vars(value).items()}
+    return [convert(item) for item in value]
 
 
 def load_checkpoint_without_code(path: Path) -> Any:
-    """``torch.load(weights_only=True)`` of a zip checkpoint whose records hold objects beyond tensors
-    (``argparse.Namespace``, a Lightning ``AttributeDict``...): each such global is read as an inert
-    :class:`PickledObject`. Tensors load as tensors.
+    """A zip checkpoint whose records hold objects beyond tensors (``argparse.Namespace``, a Lightning
+    ``AttributeDict``...), loaded by torch with an unpickler that builds only what ``weights_only`` allows (tensors,
+    dtypes, plain containers) and reads every other global as an inert :class:`PickledObject`.
 
-    Raises :class:`MpexportError` when the file names a function that runs commands (``os.system``...): no code
-    of the file runs either way, but such a file is not a training checkpoint.
+    Raises :class:`MpexportError` when the file names a module torch's ``weights_only`` blocks or a command
+    runner (``os.system``, ``subprocess``...): nothing of the file runs either way, but such a file is not a
+    training checkpoint.
     """
     unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     dangerous = [name for name in unsafe if name.split(".")[0] in BLOCKED_MODULES or name in BLOCKED_MODULES]
     if dangerous:
         raise MpexportError(f"'{path}' names {', '.join(dangerous[:3])}: unpickling it would run commands",
                             stage=STAGE, hint="nothing was run; re-save the checkpoint from a trusted source")
-    stubs: list[Any] = [(stub_class(name), name) for name in unsafe]
-    with torch.serialization.safe_globals(stubs):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TORCH_RECORD_PICKLE, mmap=True)
+
+
+class _TorchRecordUnpickler(pickle.Unpickler):
+    """torch.load's unpickler for a checkpoint with records: the globals ``weights_only`` allows (tensor rebuilds,
+    dtypes...) are the real ones, every other global an inert stub; torch supplies the storages. Unlike
+    ``weights_only`` itself, dict and list subclasses (a Lightning ``AttributeDict``) are read, as stubs."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _weights_only_globals().get(f"{module}.{name}")
+        return allowed if allowed is not None else stub_class(f"{module}.{name}")
+
+
+def _weights_only_globals() -> dict[str, Any]:
+    from torch import _weights_only_unpickler
+
+    return _weights_only_unpickler._get_allowed_globals()
+
+
+_TORCH_RECORD_PICKLE = type(sys)("mpexport_record_pickle")
+_TORCH_RECORD_PICKLE.Unpickler = _TorchRecordUnpickler  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,7 +409,7 @@ def _scaler_record(framework: str, evidence: str, state: Mapping[str, Any],
 
 def mpexport_record(training: Mapping[str, Any], shown: str) -> TrainingRecord | None:
     """The record ``mpexport.save`` (or a training script) wrote into a ``.pt2``'s ``mpexport.json``."""
-    autocast = training.get("autocast")
+    autocast = training.get("autocast") if isinstance(training, Mapping) else None
     if not isinstance(autocast, Mapping):
         return None
     enabled = autocast.get("enabled", True)

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from mpexport.errors import MpexportError, first_line
-from mpexport.valdata import LABELS, STAGE, ValidationData
+from mpexport.specs import TensorSpec
+from mpexport.valdata import LABELS, STAGE, Batch, ValidationData, _prepare
 
 ROWS_PER_PIECE = 1024
 PARQUET_MAGIC = b"PAR1"
@@ -32,7 +33,7 @@ def is_table_source(path: Path) -> bool:
     """True for a Parquet or Arrow file, a directory of them, or a ``datasets`` ``save_to_disk`` directory."""
     if path.is_dir():
         return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file() or \
-            any(path.glob("*.parquet")) or any(path.glob("*.arrow"))
+            any(any(path.glob(f"*{suffix}")) for suffix in TABLE_SUFFIXES)
     try:
         with path.open("rb") as handle:
             head = handle.read(8)
@@ -92,17 +93,53 @@ class TableValidationData(ValidationData):
                 raise MpexportError(f"column '{column}' holds {field.type}, not numbers", stage=STAGE)
         return column_of
 
+    def batches(self, batch_size: int, *, limit: int | None = None, inputs: list[TensorSpec] | None = None,
+                exact: bool = False) -> Iterator[Batch]:
+        """As :meth:`ValidationData.batches`, with batches spanning pieces and files: only the set's last batch
+        may be short (``exact`` drops it)."""
+        pending: list[Batch] = []
+        held = produced = 0
+        for piece in self._pieces():
+            pending.append(piece)
+            held += _rows(piece)
+            while held >= batch_size and (limit is None or produced < limit):
+                wanted = batch_size if limit is None else min(batch_size, limit - produced)
+                batch, pending, held = _take(pending, wanted)
+                yield _prepare(batch, inputs, self.path, produced)
+                produced += _rows(batch)
+            if limit is not None and produced >= limit:
+                return
+        if pending and not exact and held:
+            batch, _, _ = _take(pending, held if limit is None else min(held, limit - produced))
+            if _rows(batch):
+                yield _prepare(batch, inputs, self.path, produced)
+
     def _pieces(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         produced = 0
         for file, kind in self.files:
-            for batch in _record_batches(file, kind, list(self.column_of.values())):
-                for start in range(0, batch.num_rows, ROWS_PER_PIECE):
-                    piece = batch.slice(start, ROWS_PER_PIECE)
-                    yield {name: column_to_numpy(piece.column(column), column, file)
-                           for name, column in self.column_of.items()}
-                    produced += piece.num_rows
-                    if limit is not None and produced >= limit:
-                        return
+            try:
+                for batch in _record_batches(file, kind, list(self.column_of.values())):
+                    for start in range(0, batch.num_rows, ROWS_PER_PIECE):
+                        piece = batch.slice(start, ROWS_PER_PIECE)
+                        yield self._checked({name: column_to_numpy(piece.column(column), column, file)
+                                             for name, column in self.column_of.items()}, file)
+                        produced += piece.num_rows
+                        if limit is not None and produced >= limit:
+                            return
+            except MpexportError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a later file that does not read as the first one did
+                raise MpexportError(f"'{file}' does not read like the first file of '{self.path}': "
+                                    f"{first_line(exc)}", stage=STAGE) from None
+
+    def _checked(self, piece: dict[str, np.ndarray], file: Path) -> dict[str, np.ndarray]:
+        """A piece whose samples have the first piece's shapes (one line naming the column otherwise)."""
+        for name, array in piece.items():
+            first = getattr(self, "first_arrays", {}).get(name)
+            if first is not None and array.shape[1:] != first.shape[1:]:
+                raise MpexportError(f"column '{self.column_of[name]}' in '{file.name}' has samples of shape "
+                                    f"{array.shape[1:]}, the first rows {first.shape[1:]}", stage=STAGE)
+        return piece
 
     def _sources(self) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
         for piece in self._pieces():
@@ -117,9 +154,8 @@ def open_table_data(path: Path, columns: dict[str, str] | None = None) -> TableV
     except ImportError:
         raise MpexportError(f"'{path}' is a Parquet/Arrow validation set, and pyarrow is not installed",
                             stage=STAGE, hint="pip install 'mpexport[data]'") from None
-    files = _table_files(path)
     try:
-        return TableValidationData(path, files, columns or {})
+        return TableValidationData(path, _table_files(path), columns or {})
     except MpexportError:
         raise
     except Exception as exc:  # noqa: BLE001 - any unreadable table is bad input
@@ -206,6 +242,20 @@ def _row_count(file: Path, kind: str) -> int:
         return sum(batch.num_rows for batch in pa.ipc.open_stream(source))
 
 
+def _rows(batch: Batch) -> int:
+    return len(next(iter(batch.values())))
+
+
+def _take(pending: list[Batch], count: int) -> tuple[Batch, list[Batch], int]:
+    """The first ``count`` rows of the pending pieces as one batch, the rest, and how many rows remain."""
+    joined = {name: np.concatenate([piece[name] for piece in pending]) if len(pending) > 1 else pending[0][name]
+              for name in pending[0]}
+    batch = {name: array[:count] for name, array in joined.items()}
+    rest = {name: array[count:] for name, array in joined.items()}
+    remaining = _rows(rest)
+    return batch, ([rest] if remaining else []), remaining
+
+
 def _is_numeric(data_type: Any) -> bool:
     import pyarrow as pa
 
@@ -228,6 +278,8 @@ def column_to_numpy(column: Any, name: str, file: Path) -> np.ndarray:
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if isinstance(column.type, pa.FixedShapeTensorType):
+        if column.null_count:
+            raise MpexportError(f"column '{name}' in '{file.name}' has missing values", stage=STAGE)
         tensor = column.to_numpy_ndarray()
         return tensor if tensor.flags.writeable else tensor.copy()
     if isinstance(column, pa.ExtensionArray):

@@ -293,7 +293,7 @@ def verify_forms(bundle: Bundle, inputs: VerifyInputs, options: VerifyOptions,
         report = _run(backends, inputs.data, inputs.specs, [spec.name for spec in manifest.outputs], options,
                       on_batch, gated=(ONNX_FP32, "onnx-mixed", strict, "tensorrt"), required=required,
                       watch=strict)
-    if low_memory:
+    if low_memory and (report.ran("onnx-mixed") or report.ran(strict)):
         report.notes.append(f"{_weight_bytes(bundle) / 2**30:.1f} GiB of FP32 weights: onnx-mixed and {strict} ran "
                             "without graph optimizations or a memory arena (weights cast per run, not held in FP32)")
     if AMP in report.metrics:

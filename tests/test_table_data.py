@@ -92,6 +92,8 @@ def test_rows_stream_in_pieces(tmp_path: Path, digits: dict[str, np.ndarray], mo
     assert max(len(piece) for piece in pieces) == 50 and sum(len(piece) for piece in pieces) == 360
     batches = list(data.batches(64))
     assert np.array_equal(np.concatenate([batch["pixels"] for batch in batches]), digits["pixels"])
+    exact = [len(batch["pixels"]) for batch in data.batches(100, exact=True)]  # batches span the pieces
+    assert exact == [100, 100, 100]
 
 
 def test_columns_map_other_names_through_convert_and_verify(cli, tmp_path: Path,
@@ -149,6 +151,11 @@ def bad_tables(root: Path, digits: dict[str, np.ndarray]) -> dict[str, tuple[Pat
     pq.write_table(pa.table({"pixels": pa.array([[[[1.0] * 8] * 8], None])}), nulls)
     good = root / "good.parquet"
     pq.write_table(pixel_table(digits), good)
+    mixed_shapes = root / "mixed_shapes"
+    mixed_shapes.mkdir()
+    pq.write_table(pixel_table(digits), mixed_shapes / "a.parquet")
+    pq.write_table(pa.table({"pixels": pa.array([[[[1.0] * 4] * 4]] * 3), "labels": pa.array([1, 2, 3])}),
+                   mixed_shapes / "b.parquet")
     splits = root / "splits"
     import datasets
 
@@ -160,6 +167,8 @@ def bad_tables(root: Path, digits: dict[str, np.ndarray]) -> dict[str, tuple[Pat
         "nulls": (nulls, [], "missing values"),
         "unknown column": (good, ["--columns", "pixels=image"], "no column image"),
         "bad mapping": (good, ["--columns", "pixels"], "INPUT=COLUMN"), "dataset dict": (splits, [], "choose a split"),
+        "shapes differ between files": (mixed_shapes, ["--calibration-samples", "512", "--check-samples", "512"],
+                                        "samples of shape"),
         "npz with columns": (VAL, ["--columns", "pixels=x"], "--columns maps the columns of Parquet/Arrow"),
     }
 

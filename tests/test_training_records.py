@@ -154,7 +154,10 @@ class RunsCode:
 
 def test_malicious_training_args_are_read_without_running_them(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
-    state = {"output_dir": "x", "fp16": True, "bf16": False, "use_cpu": False, "payload": RunsCode(marker)}
+    loop: list = []
+    loop += [loop, loop]  # shared and self-referencing: read once, not expanded forever
+    state = {"output_dir": "x", "fp16": True, "bf16": False, "use_cpu": False, "payload": RunsCode(marker),
+             "loop": loop}
     path = tmp_path / "training_args.bin"
     with path.open("wb") as handle:
         pickle.dump(state, handle, protocol=2)
@@ -243,6 +246,18 @@ def test_lightning_checkpoint_with_a_grad_scaler_plans_fp16(cli, tmp_path: Path,
     assert plan["policy"] == "cuda-fp16"
     assert "MixedPrecision" in plan["policy_source"]
     assert "CUDA" in " ".join(result.stdout.split())  # the device assumed, and why
+
+
+class AttributeDict(dict):
+    """Lightning's hyper-parameter container: a dict subclass, which torch's weights_only loader refuses."""
+
+
+def test_lightning_hyper_parameters_in_a_dict_subclass_are_read(tmp_path: Path) -> None:
+    state = {f"model.{key}": value for key, value in build_cnn().state_dict().items()}
+    torch.save({"state_dict": state, "pytorch-lightning_version": "2.4.0",
+                "hyper_parameters": AttributeDict(lr=0.1, precision="bf16-mixed")}, tmp_path / "last.ckpt")
+    training = load_model(tmp_path / "last.ckpt", factory=CNN_FACTORY).training
+    assert training["autocast"] == {"device_type": "cuda", "dtype": "bfloat16", "enabled": True}
 
 
 def test_lightning_checkpoint_without_precision_state_says_the_record_does_not_settle_it(tmp_path: Path) -> None:
