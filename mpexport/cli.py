@@ -338,13 +338,10 @@ def verify(directory: str | None, val_data: str | None, columns: tuple[str, ...]
       mpexport verify build/resnet --repair
       mpexport verify --reference model.pt2 --candidate other_tool.onnx --val-data val.npz
     """
-    from mpexport.valdata import parse_columns_option
-    from mpexport.verification import VerifyOptions, verify_candidate
     from mpexport.verification import verify as run_verify
+    from mpexport.verification import verify_candidate
 
-    options = VerifyOptions(budget_factor=budget_factor, atol=atol, min_cosine=min_cosine,
-                            max_top1_drop=max_top1_drop, batch_size=batch_size, max_samples=max_samples,
-                            columns=parse_columns_option(columns))
+    options = _verify_options(budget_factor, atol, min_cosine, max_top1_drop, batch_size, max_samples, columns)
     if then_repair and not directory:
         raise click.UsageError("--repair needs DIRECTORY")
     with _batch_progress(as_json) as on_batch:
@@ -409,13 +406,19 @@ def repair(directory: str, val_data: str | None, columns: tuple[str, ...], trust
     Example:
       mpexport repair build/m && mpexport package build/m --out repo
     """
+    options = _verify_options(budget_factor, atol, min_cosine, max_top1_drop, batch_size, max_samples, columns)
+    _run_repair(directory, val_data, trust_pickle, options, max_trials, as_json, allow_costly)
+
+
+def _verify_options(budget_factor: float, atol: float | None, min_cosine: float | None,
+                    max_top1_drop: float | None, batch_size: int, max_samples: int | None,
+                    columns: tuple[str, ...]) -> Any:
+    """The gate and data options verify and repair share, as a :class:`VerifyOptions`."""
     from mpexport.valdata import parse_columns_option
     from mpexport.verification import VerifyOptions
 
-    options = VerifyOptions(budget_factor=budget_factor, atol=atol, min_cosine=min_cosine,
-                            max_top1_drop=max_top1_drop, batch_size=batch_size, max_samples=max_samples,
-                            columns=parse_columns_option(columns))
-    _run_repair(directory, val_data, trust_pickle, options, max_trials, as_json, allow_costly)
+    return VerifyOptions(budget_factor=budget_factor, atol=atol, min_cosine=min_cosine, max_top1_drop=max_top1_drop,
+                         batch_size=batch_size, max_samples=max_samples, columns=parse_columns_option(columns))
 
 
 def _run_repair(directory: str, val_data: str | None, trust_pickle: bool, options: Any, max_trials: int,

@@ -482,9 +482,9 @@ def options_source(options: PlanOptions | None, loaded: LoadedModel) -> str:
     record = training_policy(loaded)
     evidence = str(loaded.training.get("evidence") or "training record in the model file")
     if options is not None and options.policy:
-        if record is not None and record != options.policy:
-            return f"given: --amp-policy {options.policy} contradicts the training record ({record}: {evidence})"
-        return "given"
+        contradicted = _contradicted_record(options, loaded)
+        return f"given: --amp-policy {options.policy} contradicts the training record ({contradicted}: {evidence})" \
+            if contradicted else "given"
     if record is not None:
         return evidence
     if loaded.training.get("evidence"):
@@ -499,11 +499,18 @@ def _record_notes(options: PlanOptions | None, loaded: LoadedModel) -> list[str]
     """What the manifest and CLI say about the training record: a contradicting --amp-policy, and what the
     record's reader assumed rather than read."""
     notes = [f"training record: {assumption}" for assumption in loaded.training.get("assumptions", [])]
-    record = training_policy(loaded)
-    if options is not None and options.policy and record is not None and record != options.policy:
-        notes.append(f"--amp-policy {options.policy} contradicts the training record, which says {record} "
+    contradicted = _contradicted_record(options, loaded)
+    if options is not None and contradicted:
+        notes.append(f"--amp-policy {options.policy} contradicts the training record, which says {contradicted} "
                      f"({loaded.training.get('evidence', 'in the model file')}): planned with {options.policy}")
     return notes
+
+
+def _contradicted_record(options: PlanOptions | None, loaded: LoadedModel) -> str | None:
+    """The policy the training record settles, when the caller's ``--amp-policy`` says another one."""
+    record = training_policy(loaded)
+    given = options.policy if options is not None else ""
+    return record if given and record is not None and record != given else None
 
 
 def _plan_options(options: PlanOptions | None, loaded: LoadedModel) -> PlanOptions:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,7 +123,6 @@ def load_hf_directory(path: Path, task: str | None = None) -> HFModel:
 
 def _config(transformers: Any, path: Path) -> Any:
     try:
-        json.loads((path / "config.json").read_text())
         return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable config is bad input
         raise MpexportError(f"'{path / 'config.json'}' is not a readable transformers config: {first_line(exc)}",

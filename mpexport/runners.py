@@ -124,8 +124,7 @@ class OrtRunner:
         runner = cls.__new__(cls)
         runner.name = name
         runner._shared = []
-        runner.session = ir_session(model, base_dir, optimization="none" if low_memory else "all",
-                                    low_memory=low_memory)
+        runner.session = ir_session(model, base_dir, optimization="all", low_memory=low_memory)
         runner._describe_session()
         return runner
 
@@ -177,15 +176,15 @@ def ir_session(model: Any, base_dir: str | Path, *, in_graph_order: bool = False
     ``in_graph_order``: run nodes in the graph's order where dependencies allow (ONNX Runtime's default order
     may run a node placed right after its input's producer much later, keeping that input alive meanwhile).
     ``shared_weights``, ``low_memory``: see :func:`session_options`. ``optimization``: ONNX Runtime's graph
-    optimizations, ``none``, ``basic`` (constant folding and the like: the graph's own numerics) or ``all`` (its
-    default, fusions too)."""
+    optimizations unless ``low_memory``, ``basic`` (constant folding and the like: the graph's own numerics) or
+    ``all`` (its default, fusions too)."""
     import onnx_ir as ir
     import onnxruntime as ort
 
     options, shared = session_options(shared_weights, low_memory=low_memory)
-    options.graph_optimization_level = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-                                        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
+    if not low_memory:  # low memory runs unoptimized (session_options)
+        options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimization]
     options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(Path(base_dir).resolve()))
     if in_graph_order:
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED

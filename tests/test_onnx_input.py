@@ -224,12 +224,17 @@ def test_onnxconverter_common_breaks_the_same_graph(tmp_path: Path) -> None:
         ort.InferenceSession(str(tmp_path / "occ.onnx"), providers=["CPUExecutionProvider"])
 
 
-def test_fp16_model_is_refused(cli, tmp_path: Path) -> None:
+def relu_model(path: Path, element_type: int, opset: int) -> Path:
+    """A one-Relu ONNX model of ``element_type`` at ``opset``."""
     graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4])])
-    model = tmp_path / "half.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+                              [helper.make_tensor_value_info("x", element_type, [1, 4])],
+                              [helper.make_tensor_value_info("y", element_type, [1, 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), path)
+    return path
+
+
+def test_fp16_model_is_refused(cli, tmp_path: Path) -> None:
+    model = relu_model(tmp_path / "half.onnx", TensorProto.FLOAT16, 17)
     out = tmp_path / "out"
     assert_bad_input(cli("convert", model, "--out", out), "is not an FP32 model", "FP16")
     assert_nothing_written(out)
@@ -271,11 +276,7 @@ def test_onnx_is_recognised_by_content_not_name(cli, tmp_path: Path) -> None:
 
 
 def test_opset_older_than_the_writer_supports_is_refused(cli, tmp_path: Path) -> None:
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    model = tmp_path / "old.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)]), model)
+    model = relu_model(tmp_path / "old.onnx", TensorProto.FLOAT, 11)
     out = tmp_path / "out"
     assert_bad_input(cli("convert", model, "--out", out), "opset 11")
     assert_nothing_written(out)
