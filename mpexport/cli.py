@@ -319,12 +319,20 @@ def _print_timings(stages: list[Any]) -> None:
 @click.option("--max-top1-drop", type=float, help="Explicit largest top-1 disagreement share (overrides).")
 @click.option("--repair", "then_repair", is_flag=True,
               help="With DIRECTORY: when verify fails, run mpexport repair on it (same options).")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+              help="Run the batches on a Ray cluster (ADDRESS, e.g. ray://head:10001; alone: a local Ray instance or "
+              "RAY_ADDRESS) for the same report. Needs mpexport[ray]; workers read the same paths.")
+@click.option("--workers", type=click.IntRange(1), help="With --ray: actors (default: the cluster's CPUs / "
+              "--cpus-per-worker).")
+@click.option("--cpus-per-worker", type=click.IntRange(1), default=1, show_default=True,
+              help="With --ray: CPUs (threads) per actor.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(directory: str | None, val_data: str | None, columns: tuple[str, ...], reference: str | None,
            candidate: str | None,
            factory: str | None, trust_pickle: bool, amp_policy: str, low: str, batch_size: int,
            max_samples: int | None, budget_factor: float, atol: float | None, min_cosine: float | None,
-           max_top1_drop: float | None, then_repair: bool, as_json: bool) -> None:
+           max_top1_drop: float | None, then_repair: bool, ray_address: str | None, workers: int | None,
+           cpus_per_worker: int, as_json: bool) -> None:
     """Run the FP32 baseline and every deployable form side by side on the validation set, and gate.
 
     Backends: torch-fp32 (reference), torch-amp (the training policy: the noise floor), onnx-fp32,
@@ -336,6 +344,8 @@ def verify(directory: str | None, val_data: str | None, columns: tuple[str, ...]
     Examples:
       mpexport verify build/resnet
       mpexport verify build/resnet --repair
+      mpexport verify build/bert --val-data val/ --ray              # a local Ray instance
+      mpexport verify build/bert --val-data /shared/val --ray ray://head:10001 --cpus-per-worker 4
       mpexport verify --reference model.pt2 --candidate other_tool.onnx --val-data val.npz
     """
     from mpexport.verification import verify as run_verify
@@ -344,17 +354,18 @@ def verify(directory: str | None, val_data: str | None, columns: tuple[str, ...]
     options = _verify_options(budget_factor, atol, min_cosine, max_top1_drop, batch_size, max_samples, columns)
     if then_repair and not directory:
         raise click.UsageError("--repair needs DIRECTORY")
-    with _batch_progress(as_json) as on_batch:
+    ray = _ray_options(ray_address, workers, cpus_per_worker, directory)
+    with _batch_progress(as_json, "verifying on Ray (shards)" if ray else "verifying") as on_progress:
         if directory:
             if candidate:
                 raise click.UsageError("give DIRECTORY, or --reference and --candidate, not both")
             report = run_verify(directory, val_data=val_data, options=options, trust_pickle=trust_pickle,
-                                on_batch=on_batch, reference=reference)
+                                on_batch=on_progress, reference=reference, ray=ray, on_shard=on_progress)
         else:
             if not (reference and candidate and val_data):
                 raise click.UsageError("without DIRECTORY, give --reference, --candidate and --val-data")
             report = verify_candidate(reference, candidate, val_data, factory=factory, trust_pickle=trust_pickle,
-                                      policy=amp_policy, low=low, options=options, on_batch=on_batch)
+                                      policy=amp_policy, low=low, options=options, on_batch=on_progress)
     if as_json and not (then_repair and not report.passed):
         click.echo(json.dumps(report.to_json(), indent=2))
     elif not as_json:
@@ -367,6 +378,22 @@ def verify(directory: str | None, val_data: str | None, columns: tuple[str, ...]
 
 
 DEFAULT_MAX_TRIALS = 200
+
+
+def _ray_options(address: str | None, workers: int | None, cpus_per_worker: int, directory: str | None) -> Any:
+    """``--ray`` and its companions as a :class:`mpexport.cluster.RayOptions` (None without ``--ray``)."""
+    if address is None:
+        if workers is not None or cpus_per_worker != 1:
+            raise click.UsageError("--workers and --cpus-per-worker go with --ray")
+        return None
+    if not directory:
+        if os.path.isdir(address):
+            raise click.UsageError(f"put DIRECTORY before --ray (--ray takes an optional ADDRESS, here '{address}')")
+        raise click.UsageError("--ray verifies a DIRECTORY (not --candidate)")
+    from mpexport.cluster import RayOptions
+
+    return RayOptions(address=None if address == "local" else address, workers=workers,
+                      cpus_per_worker=cpus_per_worker)
 
 
 @main.command()
@@ -472,10 +499,11 @@ def _print_repair(result: Any, directory: str) -> None:
 
 
 class _batch_progress:
-    """A progress bar over validation samples on stderr (silent with --json or off a terminal)."""
+    """A progress bar over validation samples (or Ray shards) on stderr (silent with --json or off a terminal)."""
 
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, description: str = "verifying") -> None:
         self.quiet = quiet or not stderr.is_terminal
+        self.description = description
         self.progress: Any = None
 
     def __enter__(self) -> Callable[[int, int | None], None]:
@@ -485,7 +513,7 @@ class _batch_progress:
 
         self.progress = Progress(console=stderr, transient=True)
         self.progress.__enter__()
-        task = self.progress.add_task("verifying", total=None)
+        task = self.progress.add_task(self.description, total=None)
         return lambda done, total: self.progress.update(task, completed=done, total=total)
 
     def __exit__(self, *exc_info: object) -> None:

@@ -110,9 +110,11 @@ def _refuse_low_bodies(graph: ir.Graph) -> None:
 
 
 def _widen_initializers(graph: ir.Graph) -> None:
-    """Every use of a low-precision initializer reads it through one Cast to FP32 at the top of the graph (the
-    exact values; ONNX Runtime folds the Cast when the session is made), so the weights are not copied here."""
-    first = graph.node(0) if len(graph) else None
+    """Every use of a low-precision initializer reads it through one Cast to FP32, placed right before its first
+    user (the exact values, and no copy of the weights here). ONNX Runtime folds the Cast when it optimizes the
+    session; a session that runs unoptimized (a large model, to save memory) runs each Cast just before the
+    weight is needed, so the FP32 copies are not all alive at once."""
+    position = {node: index for index, node in enumerate(graph)}
     for value in list(graph.initializers.values()):
         if value.dtype not in LOW_TYPES or value.const_value is None or value in graph.outputs:
             continue
@@ -123,12 +125,15 @@ def _widen_initializers(graph: ir.Graph) -> None:
         cast.outputs[0].name = f"{value.name}__fp32"
         cast.outputs[0].dtype = ir.DataType.FLOAT
         cast.outputs[0].shape = value.shape
+        users = [user for user, _ in uses]
         for user, index in uses:
             user.replace_input_with(index, cast.outputs[0])
-        if first is None:
-            graph.append(cast)
+        if all(user in position for user in users):  # placed before the first user in the main graph
+            graph.insert_before(min(users, key=position.__getitem__), cast)
+        elif len(graph):  # a user inside a subgraph body: at the top
+            graph.insert_before(graph.node(0), cast)
         else:
-            graph.insert_before(first, cast)
+            graph.append(cast)
 
 
 def _round_outputs(graph: ir.Graph, node: ir.Node, low: ir.DataType) -> None:

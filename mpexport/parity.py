@@ -39,9 +39,9 @@ class Comparison:
         return Comparison(reference, candidate, [OutputMetrics(name) for name in output_names], rtol)
 
     def fold(self, expected: Sequence[np.ndarray], actual: Sequence[np.ndarray], *, samples: int,
-             labels: np.ndarray | None = None) -> None:
+             labels: np.ndarray | None = None, batch: int | None = None) -> None:
         """Fold the outputs of one batch of ``samples`` samples in (in output order; ``labels`` for the accuracy
-        of classifier outputs)."""
+        of classifier outputs; ``batch``: its index in the whole set, see :meth:`OutputMetrics.update`)."""
         for index, stats in enumerate(self.outputs):
             if index >= len(expected) or index >= len(actual):
                 self.mismatches[stats.name] = f"{len(expected)} reference outputs vs {len(actual)}"
@@ -50,8 +50,15 @@ class Comparison:
             if want.shape != have.shape:
                 self.mismatches[stats.name] = f"shape {tuple(want.shape)} vs {tuple(have.shape)}"
                 continue
-            stats.update(want, have, labels)
+            stats.update(want, have, labels, batch=batch)
         self.samples += samples
+
+    def merge(self, other: Comparison) -> None:
+        """Fold in ``other``, the same comparison over other batches: equal to one pass over both."""
+        for mine, theirs in zip(self.outputs, other.outputs, strict=True):
+            mine.merge(theirs)
+        self.samples += other.samples
+        self.mismatches = {**other.mismatches, **self.mismatches}
 
     def by_name(self) -> dict[str, OutputMetrics]:
         """The metrics per output name."""

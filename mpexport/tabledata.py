@@ -59,8 +59,9 @@ class TableValidationData(ValidationData):
         if not names:
             raise MpexportError(f"validation data '{path}' holds no numeric columns", stage=STAGE,
                                 hint="store the model inputs as numbers or fixed-shape lists of numbers")
-        total = sum(_row_count(file, kind) for file, kind in files)
-        super().__init__(path, [file for file, _ in files], names, LABELS in self.column_of, total, first_piece)
+        lengths = [_row_count(file, kind) for file, kind in files]
+        super().__init__(path, [file for file, _ in files], names, LABELS in self.column_of, sum(lengths), first_piece,
+                         lengths)
 
     def describe(self) -> str:
         """Where the data comes from, with the column mapping if any."""
@@ -94,12 +95,13 @@ class TableValidationData(ValidationData):
         return column_of
 
     def batches(self, batch_size: int, *, limit: int | None = None, inputs: list[TensorSpec] | None = None,
-                exact: bool = False) -> Iterator[Batch]:
+                exact: bool = False, skip: int = 0) -> Iterator[Batch]:
         """As :meth:`ValidationData.batches`, with batches spanning pieces and files: only the set's last batch
-        may be short (``exact`` drops it)."""
+        may be short (``exact`` drops it). Skipped batches are not read: whole files and Parquet row groups before
+        them are passed over by their metadata."""
         pending: list[Batch] = []
-        held = produced = 0
-        for piece in self._pieces():
+        held, produced = 0, skip * batch_size
+        for piece in self._pieces(skip=produced):
             pending.append(piece)
             held += _rows(piece)
             while held >= batch_size and (limit is None or produced < limit):
@@ -114,11 +116,25 @@ class TableValidationData(ValidationData):
             if _rows(batch):
                 yield _prepare(batch, inputs, self.path, produced)
 
-    def _pieces(self, limit: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    def batch_count(self, batch_size: int, limit: int | None = None) -> int | None:
+        """How many batches :meth:`batches` yields."""
+        return -(-min(self.num_samples, limit or self.num_samples) // batch_size)
+
+    def samples_before(self, batch_size: int, batch: int, limit: int | None = None) -> int:
+        """The number of samples in the batches before batch number ``batch``."""
+        return min(batch * batch_size, self.num_samples, limit or self.num_samples)
+
+    def _pieces(self, limit: int | None = None, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """The rows from row ``skip`` on, in pieces of at most :data:`ROWS_PER_PIECE` rows (checked)."""
         produced = 0
-        for file, kind in self.files:
+        for (file, kind), rows in zip(self.files, getattr(self, "lengths", None) or [None] * len(self.files),
+                                      strict=True):
+            if rows is not None and skip >= rows:
+                skip -= rows
+                continue
+            start, skip = skip, 0
             try:
-                for batch in _record_batches(file, kind, list(self.column_of.values())):
+                for batch in _record_batches(file, kind, list(self.column_of.values()), start):
                     for start in range(0, batch.num_rows, ROWS_PER_PIECE):
                         piece = batch.slice(start, ROWS_PER_PIECE)
                         yield self._checked({name: column_to_numpy(piece.column(column), column, file)
@@ -140,10 +156,6 @@ class TableValidationData(ValidationData):
                 raise MpexportError(f"column '{self.column_of[name]}' in '{file.name}' has samples of shape "
                                     f"{array.shape[1:]}, the first rows {first.shape[1:]}", stage=STAGE)
         return piece
-
-    def _sources(self) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
-        for piece in self._pieces():
-            yield self.path, piece
 
 
 def open_table_data(path: Path, columns: dict[str, str] | None = None) -> TableValidationData:
@@ -211,12 +223,18 @@ def _schema(entry: tuple[Path, str]) -> Any:
         return reader.schema
 
 
-def _record_batches(file: Path, kind: str, columns: list[str]) -> Iterator[Any]:
+def _record_batches(file: Path, kind: str, columns: list[str], skip: int = 0) -> Iterator[Any]:
+    """The file's record batches from row ``skip`` on (Parquet row groups before it are not read)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     if kind == "parquet":
-        yield from pq.ParquetFile(file).iter_batches(batch_size=ROWS_PER_PIECE, columns=columns)
+        parquet = pq.ParquetFile(file)
+        groups = list(range(parquet.metadata.num_row_groups))
+        while groups and skip >= parquet.metadata.row_group(groups[0]).num_rows:
+            skip -= parquet.metadata.row_group(groups.pop(0)).num_rows
+        yield from _from_row(parquet.iter_batches(batch_size=ROWS_PER_PIECE, columns=columns, row_groups=groups),
+                             skip)
         return
     with pa.memory_map(str(file)) as source:
         if kind == "arrow-file":
@@ -224,8 +242,17 @@ def _record_batches(file: Path, kind: str, columns: list[str]) -> Iterator[Any]:
             batches: Iterator[Any] = (reader.get_batch(index) for index in range(reader.num_record_batches))
         else:
             batches = iter(pa.ipc.open_stream(source))
-        for batch in batches:
-            yield batch.select(columns)
+        yield from _from_row((batch.select(columns) for batch in batches), skip)
+
+
+def _from_row(batches: Iterator[Any], skip: int) -> Iterator[Any]:
+    """Record batches with their first ``skip`` rows left out."""
+    for batch in batches:
+        if skip >= batch.num_rows:
+            skip -= batch.num_rows
+            continue
+        yield batch.slice(skip) if skip else batch
+        skip = 0
 
 
 def _row_count(file: Path, kind: str) -> int:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 import zipfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,6 +36,8 @@ class ValidationData:
     has_labels: bool
     num_samples: int
     first_arrays: dict[str, np.ndarray]
+    lengths: list[int] = field(default_factory=list)
+    """Samples per shard (file), in order; empty when the source does not say (``module:function``)."""
 
     ignores_extra_columns: ClassVar[bool] = False
     """True for tables, which carry columns the model does not read (they are left out, not refused)."""
@@ -52,11 +54,18 @@ class ValidationData:
         """Keep only these inputs (tables, see :attr:`ignores_extra_columns`); files keep every array."""
 
     def batches(self, batch_size: int, *, limit: int | None = None, inputs: list[TensorSpec] | None = None,
-                exact: bool = False) -> Iterator[Batch]:
+                exact: bool = False, skip: int = 0) -> Iterator[Batch]:
         """Yield batches of at most ``batch_size`` samples (``exact``: only full batches), at most ``limit``
-        samples in all, arrays cast to ``inputs``' dtypes when given. Raises on NaN/Inf in an input."""
-        produced = 0
-        for source, arrays in self._sources():
+        samples in all, arrays cast to ``inputs``' dtypes when given. Raises on NaN/Inf in an input. ``skip``:
+        leave out the first ``skip`` batches (unread where the shard sizes say which files hold them), so that
+        a shard of the data is its batches ``skip`` onwards, the same batches a whole pass yields."""
+        produced = index = 0
+        for source, length, load in self._sources():
+            if length is not None and index + -(-length // batch_size) <= skip:
+                index += -(-length // batch_size)
+                produced += length
+                continue
+            arrays = load()
             count = len(next(iter(arrays.values())))
             for start in range(0, count, batch_size):
                 stop = min(start + batch_size, count)
@@ -64,13 +73,45 @@ class ValidationData:
                     stop = min(stop, start + limit - produced)
                 if stop <= start or (exact and stop - start < batch_size):
                     return
-                yield _prepare({name: array[start:stop] for name, array in arrays.items()}, inputs, source, start)
+                if index >= skip:
+                    yield _prepare({name: array[start:stop] for name, array in arrays.items()}, inputs, source,
+                                   start)
+                index += 1
                 produced += stop - start
 
-    def _sources(self) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
-        """(where, named arrays) per shard, read one at a time."""
-        for shard in self.shards:
-            yield shard, self.first_arrays if shard == self.shards[0] else _read_shard(shard, self.names)
+    def batch_count(self, batch_size: int, limit: int | None = None) -> int | None:
+        """How many batches :meth:`batches` yields (None when the source does not say)."""
+        if not self.lengths:
+            return None
+        count, left = 0, limit
+        for length in self.lengths:
+            length = length if left is None else min(length, left)
+            count += -(-length // batch_size)
+            if left is not None:
+                left -= length
+        return count
+
+    def samples_before(self, batch_size: int, batch: int, limit: int | None = None) -> int:
+        """The number of samples in the batches before batch number ``batch``."""
+        produced, index, left = 0, 0, limit
+        for length in self.lengths:
+            length = length if left is None else min(length, left)
+            batches = -(-length // batch_size)
+            if index + batches > batch:
+                return produced + (batch - index) * batch_size
+            index, produced = index + batches, produced + length
+            if left is not None:
+                left -= length
+        return produced
+
+    def _sources(self) -> Iterator[tuple[Path, int | None, Callable[[], dict[str, np.ndarray]]]]:
+        """(where, samples, a reader of its named arrays) per shard; a shard is read only when asked."""
+        arrays = [*self.names, LABELS] if self.has_labels else list(self.names)
+        for shard, length in zip(self.shards, self.lengths, strict=True):
+            if shard == self.shards[0]:
+                yield shard, length, lambda: self.first_arrays
+            else:
+                yield shard, length, lambda shard=shard: _read_shard(shard, arrays)  # type: ignore[misc]
 
 
 def load_validation_data(path: str | Path, *, import_path: str | Path | None = None,
@@ -102,12 +143,10 @@ def load_validation_data(path: str | Path, *, import_path: str | Path | None = N
     names = [name for name in first if name != LABELS]
     if not names:
         raise MpexportError(f"validation data '{path}' holds no input arrays", stage=STAGE)
-    total = 0
-    for shard in shards:
-        total += _shard_length(shard, first if shard == shards[0] else None, list(first))
-    if total == 0:
+    lengths = [_shard_length(shard, first if shard == shards[0] else None, list(first)) for shard in shards]
+    if sum(lengths) == 0:
         raise MpexportError(f"validation data '{path}' holds no samples", stage=STAGE)
-    return ValidationData(path, shards, names, LABELS in first, total, first)
+    return ValidationData(path, shards, names, LABELS in first, sum(lengths), first, lengths)
 
 
 def parse_columns_option(text: str | tuple[str, ...] | list[str] | None) -> dict[str, str]:
@@ -204,9 +243,9 @@ class CallableValidationData(ValidationData):
             named[LABELS] = raw[-1]
         return named
 
-    def _sources(self) -> Iterator[tuple[Path, dict[str, np.ndarray]]]:
+    def _sources(self) -> Iterator[tuple[Path, int | None, Callable[[], dict[str, np.ndarray]]]]:
         for raw in self._raw_batches(self.function, self.spec, self.import_path):
-            yield Path(self.spec), self._named(raw)
+            yield Path(self.spec), None, lambda raw=raw: self._named(raw)  # type: ignore[misc]
 
 
 def _to_numpy(item: Any, spec: str) -> dict[str, np.ndarray] | list[np.ndarray]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -230,20 +230,29 @@ def load_inputs(bundle: Bundle, *, val_data: str | Path | None = None, trust_pic
 
 def verify(directory: str | Path, *, val_data: str | Path | None = None, options: VerifyOptions | None = None,
            trust_pickle: bool = False, on_batch: Callable[[int, int | None], None] | None = None,
-           write: bool = True, reference: str | Path | None = None) -> ParityReport:
+           write: bool = True, reference: str | Path | None = None, ray: Any = None,
+           on_shard: Callable[[int, int], None] | None = None) -> ParityReport:
     """Verify a bundle (the output directory of ``convert``): check its artifacts' hashes, run every backend on
     the validation data, gate, localise, and (``write``) store ``report.json``/``report.html`` and the verdict in
     the bundle, recording which artifacts the verdict covers. ``reference``: a PyTorch model to compare with (for
-    a bundle converted from ONNX, which otherwise uses its FP32 ONNX as the reference)."""
+    a bundle converted from ONNX, which otherwise uses its FP32 ONNX as the reference). ``ray``: a
+    :class:`mpexport.cluster.RayOptions` to run the batches on a Ray cluster (``on_shard`` hears shards done) for
+    the same report."""
     options = options or VerifyOptions()
-    clock = StageClock()
-    with clock.stage("open"):
-        bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, ENGINE))
-    with clock.stage("load"):
-        inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size,
-                             reference=reference, columns=options.columns or None)
-    report = verify_forms(bundle, inputs, options, on_batch, clock=clock)
-    report.timings = clock.stages
+    if ray is not None:
+        from mpexport.cluster import verify_on_ray
+
+        report, bundle = verify_on_ray(directory, ray, val_data=val_data, options=options, trust_pickle=trust_pickle,
+                                       reference=reference, on_shard=on_shard)
+    else:
+        clock = StageClock()
+        with clock.stage("open"):
+            bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, ENGINE))
+        with clock.stage("load"):
+            inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size,
+                                 reference=reference, columns=options.columns or None)
+        report = verify_forms(bundle, inputs, options, on_batch, clock=clock)
+        report.timings = clock.stages
     if write:
         _write_reports(bundle, report)
     return report
@@ -256,59 +265,115 @@ def verify_forms(bundle: Bundle, inputs: VerifyInputs, options: VerifyOptions,
     ``plan`` verify another mixed model and its plan against the bundle's FP32 model (``repair`` checks a
     candidate before it commits it); the bundle's engine then does not run (it was built from the old model)."""
     clock = clock or StageClock()
-    manifest = bundle.manifest
-    candidate = mixed is not None
+    with clock.stage("backends"):
+        forms = build_forms(bundle, inputs, mixed=mixed, plan=plan)
+    with clock.stage("passes"):
+        tally = forms.tally(inputs)
+        tally.fold(forms.backends, inputs.data.batches(options.batch_size, limit=options.max_samples,
+                                                       inputs=inputs.specs),
+                   on_batch=on_batch, total=expected_samples(inputs.data, options))
+    return finish(bundle, forms, tally, options, inputs.data.describe(), inputs.example, clock=clock)
+
+
+@dataclass
+class Forms:
+    """The backends of one verify, built, and what judging them needs: the output names, which backends are
+    gated and which a verdict requires, the strict backend's name, the plan's policy and low type."""
+
+    backends: _Backends
+    outputs: list[str]
+    gated: tuple[str, ...]
+    required: tuple[str, ...]
+    strict: str
+    policy: str
+    low: str
+    plan: Any
+    mixed: Path
+    low_memory: bool
+
+    def tally(self, inputs: VerifyInputs) -> Tally:
+        """An empty tally of these backends' outputs against the reference (the first runner)."""
+        return Tally.start([runner.name for runner in self.backends.runners], self.outputs, inputs.specs,
+                           watch=self.strict)
+
+
+def judging_forms(bundle: Bundle, *, has_model: bool, mixed: Path | None = None, plan: Any = None) -> Forms:
+    """What judging the forms of ``bundle`` needs (gated and required backends, the strict one, the plan), with no
+    backend built yet: ``has_model`` says whether a PyTorch model is the reference."""
     mixed = mixed or bundle.path(MIXED_ONNX)
     plan = plan if plan is not None else (bundle.plan() if bundle.has(PLAN) else None)
     policy = plan.policy.name if plan is not None else "cuda-fp16"
     low = plan.options.low if plan is not None else "fp16"
-    names = [spec.name for spec in inputs.specs]
+    strict = f"strict-{low}"
+    required = (ONNX_FP32, strict) if has_model else (strict,)
+    return Forms(_Backends(), [spec.name for spec in bundle.manifest.outputs],
+                 (ONNX_FP32, "onnx-mixed", strict, "tensorrt"), required, strict, policy, low, plan, mixed,
+                 _weight_bytes(bundle) >= LOW_MEMORY_WEIGHTS)
+
+
+def build_forms(bundle: Bundle, inputs: VerifyInputs, *, mixed: Path | None = None, plan: Any = None) -> Forms:
+    """Build every backend of ``bundle`` (see :func:`verify_forms` for ``mixed`` and ``plan``); a backend that
+    cannot be built is recorded as skipped (an allowed reason) or failed, never raised."""
     loaded, example = inputs.loaded, inputs.example
-    backends = _Backends()
-    with clock.stage("backends"):
-        reference = inputs.reference_runner(bundle)
-        backends.runners.append(reference)
-        backends.states[reference.name] = {"state": RAN, "ran": True}
-        if loaded is not None:
-            backends.add(AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
-            _add_torch_cuda(backends, loaded, names, policy, low, example)
-            shared = _shared_parameters(getattr(reference, "model", None), bundle.path(FP32_ONNX))
-            backends.add(ONNX_FP32, lambda: OrtRunner(bundle.path(FP32_ONNX), name=ONNX_FP32, shared_weights=shared))
-        else:
-            for name in (AMP, "torch-cuda"):
-                backends.skip(name, "no PyTorch model (an ONNX input; verify --reference adds it)")
-            backends.add(ONNX_AMP, lambda: _training_emulation(bundle, plan))
-        low_memory = _weight_bytes(bundle) >= LOW_MEMORY_WEIGHTS
-        backends.add("onnx-mixed", lambda: OrtRunner(mixed, name="onnx-mixed", low_memory=low_memory),
-                     skip_if=_missing_kernel)
-        strict = f"strict-{low}"
-        backends.add(strict, lambda: OrtRunner.from_model(_strict_model(mixed), mixed.parent, name=strict,
-                                                          low_memory=low_memory))
-        if candidate and bundle.has(ENGINE):
-            backends.skip("tensorrt", "the bundle's engine was built from the model this one replaces")
-        else:
-            _add_tensorrt(backends, bundle)
-    with clock.stage("passes"):
-        required = (ONNX_FP32, strict) if loaded is not None else (strict,)
-        report = _run(backends, inputs.data, inputs.specs, [spec.name for spec in manifest.outputs], options,
-                      on_batch, gated=(ONNX_FP32, "onnx-mixed", strict, "tensorrt"), required=required,
-                      watch=strict)
-    if low_memory and (report.ran("onnx-mixed") or report.ran(strict)):
+    forms = judging_forms(bundle, has_model=loaded is not None, mixed=mixed, plan=plan)
+    backends, policy, low, strict, mixed_path = forms.backends, forms.policy, forms.low, forms.strict, forms.mixed
+    names = [spec.name for spec in inputs.specs]
+    reference = inputs.reference_runner(bundle)
+    backends.runners.append(reference)
+    backends.states[reference.name] = {"state": RAN, "ran": True}
+    if loaded is not None:
+        backends.add(AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
+        _add_torch_cuda(backends, loaded, names, policy, low, example)
+        shared = _shared_parameters(getattr(reference, "model", None), bundle.path(FP32_ONNX))
+        backends.add(ONNX_FP32, lambda: OrtRunner(bundle.path(FP32_ONNX), name=ONNX_FP32, shared_weights=shared))
+    else:
+        for name in (AMP, "torch-cuda"):
+            backends.skip(name, "no PyTorch model (an ONNX input; verify --reference adds it)")
+        backends.add(ONNX_AMP, lambda: _training_emulation(bundle, forms.plan))
+    backends.add("onnx-mixed", lambda: OrtRunner(mixed_path, name="onnx-mixed", low_memory=forms.low_memory),
+                 skip_if=_missing_kernel)
+    backends.add(strict, lambda: OrtRunner.from_model(_strict_model(mixed_path), mixed_path.parent, name=strict,
+                                                      low_memory=forms.low_memory))
+    if mixed is not None and bundle.has(ENGINE):
+        backends.skip("tensorrt", "the bundle's engine was built from the model this one replaces")
+    else:
+        _add_tensorrt(backends, bundle)
+    if AMP in backends.states and backends.states[AMP]["state"] == RAN:
+        backends.states[AMP]["mode"] = next(r for r in backends.runners if r.name == AMP).mode  # type: ignore[attr-defined]
+    if ONNX_AMP in backends.states:
+        backends.states[ONNX_AMP]["mode"] = f"the {policy} plan in {policy.split('-')[1].upper()}, emulated " \
+            "strictly on the FP32 ONNX (no PyTorch model)"
+    return forms
+
+
+def finish(bundle: Bundle, forms: Forms, tally: Tally, options: VerifyOptions, data: str, example: Batch, *,
+           clock: StageClock) -> ParityReport:
+    """The report of a finished tally over ``data`` (its description): gated, with notes, and localised on the
+    worst sample (or ``example``) when it fails."""
+    if tally.samples == 0:
+        raise MpexportError("the validation data gave no batches", stage=STAGE)
+    report = tally.report(forms.backends.states, options, data, gated=forms.gated,
+                          required=forms.required)
+    strict, low = forms.strict, forms.low
+    if forms.low_memory and (report.ran("onnx-mixed") or report.ran(strict)):
         report.notes.append(f"{_weight_bytes(bundle) / 2**30:.1f} GiB of FP32 weights: onnx-mixed and {strict} ran "
                             "without graph optimizations or a memory arena (weights cast per run, not held in FP32)")
-    if AMP in report.metrics:
-        report.backends[AMP]["mode"] = next(r for r in backends.runners if r.name == AMP).mode  # type: ignore[attr-defined]
-    if ONNX_AMP in report.backends:
-        report.backends[ONNX_AMP]["mode"] = f"the {policy} plan in {policy.split('-')[1].upper()}, emulated strictly " \
-            "on the FP32 ONNX (no PyTorch model)"
     if not report.passed and report.ran(strict):
         with clock.stage("localisation"):
-            nodes = {node.name: node.to_json() for node in plan.nodes} if plan is not None else {}
-            batch = report.worst.batch if report.worst is not None and report.worst.batch is not None else example
-            report.localisation, note = localise(bundle.path(FP32_ONNX), mixed, batch, nodes, low=low)
+            nodes = {node.name: node.to_json() for node in forms.plan.nodes} if forms.plan is not None else {}
+            batch = report.worst.batch if report.worst is not None and report.worst.batch is not None \
+                else example
+            report.localisation, note = localise(bundle.path(FP32_ONNX), forms.mixed, batch, nodes, low=low)
             if note:
                 report.notes.append(note)
     return report
+
+
+def expected_samples(data: ValidationData, options: VerifyOptions) -> int | None:
+    """How many samples a verify of ``data`` covers (None when the data does not say: a ``module:function``)."""
+    if not data.num_samples:
+        return None
+    return min(data.num_samples, options.max_samples or data.num_samples)
 
 
 def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str | Path, *,
@@ -460,51 +525,118 @@ def _run(backends: _Backends, data: ValidationData, specs: list[TensorSpec], nam
          required: tuple[str, ...], watch: str | None = None) -> ParityReport:
     """Every backend on every batch against the reference (the first runner), then the gate. For the backend
     ``watch`` the worst sample is remembered (for localisation)."""
-    worst = _WorstSample(fixed_batch=any(spec.shape and isinstance(spec.shape[0], int) for spec in specs))
-    per_sample: dict[str, SampleStats] = {}
-    timed = [_Timed(runner) for runner in backends.runners]
-    reference, others = timed[0], timed[1:]
-    comparisons = {runner.name: Comparison.of(reference.name, runner.name, names) for runner in others}
-    reference_accuracy = OutputMetrics("reference")
-    total = min(data.num_samples, options.max_samples or data.num_samples) if data.num_samples else None
-    samples = batches = 0
-    for batch in data.batches(options.batch_size, limit=options.max_samples, inputs=specs):
-        batches += 1
+    tally = Tally.start([runner.name for runner in backends.runners], names, specs, watch=watch)
+    tally.fold(backends, data.batches(options.batch_size, limit=options.max_samples, inputs=specs),
+               on_batch=on_batch, total=expected_samples(data, options))
+    if tally.samples == 0:
+        raise MpexportError("the validation data gave no batches", stage=STAGE)
+    return tally.report(backends.states, options, data.describe(), gated=gated, required=required)
+
+
+@dataclass
+class Tally:
+    """What verify folds in per batch: each backend's comparison with the reference, the reference's accuracy,
+    the watched backend's worst sample and per-sample statistics, counts, run times and mid-run failures.
+    Tallies over disjoint runs of batches (folded with their global batch indices) join exactly with
+    :meth:`merge`, in batch order: a verify split across machines reports what one pass would."""
+
+    reference: str
+    comparisons: dict[str, Comparison]
+    reference_accuracy: OutputMetrics
+    worst: _WorstSample
+    watch: str | None
+    per_sample: dict[str, SampleStats] = field(default_factory=dict)
+    samples: int = 0
+    batches: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+    """Backends that raised while running: name -> why."""
+    offset: int = 0
+    """Samples in the batches before this tally's first (a shard of the data): sample indices are global."""
+
+    @staticmethod
+    def start(runners: list[str], outputs: list[str], specs: list[TensorSpec], *, watch: str | None) -> Tally:
+        """An empty tally of ``runners[1:]`` against ``runners[0]`` on the named outputs."""
+        reference, others = runners[0], runners[1:]
+        return Tally(reference, {name: Comparison.of(reference, name, outputs) for name in others},
+                     OutputMetrics("reference"),
+                     _WorstSample(fixed_batch=any(spec.shape and isinstance(spec.shape[0], int) for spec in specs)),
+                     watch, seconds=dict.fromkeys(runners, 0.0))
+
+    def fold(self, backends: _Backends, batches: Iterable[Batch], *, first: int = 0,
+             on_batch: Callable[[int, int | None], None] | None = None, total: int | None = None) -> None:
+        """Run every backend that is still running on each batch (``first``: the global index of the first one)
+        and fold the outputs in; a backend that raises is marked failed and runs no more."""
+        timed = [_Timed(runner) for runner in backends.runners]
+        reference, others = timed[0], timed[1:]
+        outputs = [metrics.name for metrics in next(iter(self.comparisons.values())).outputs] \
+            if self.comparisons else []
+        try:
+            for index, batch in enumerate(batches, start=first):
+                self._fold_batch(index, batch, reference, others, backends, outputs)
+                if on_batch:
+                    on_batch(self.samples, total)
+        finally:
+            for runner in timed:
+                self.seconds[runner.name] = self.seconds.get(runner.name, 0.0) + runner.seconds
+
+    def _fold_batch(self, index: int, batch: Batch, reference: _Timed, others: list[_Timed], backends: _Backends,
+                    outputs: list[str]) -> None:
         expected = reference.run(batch)
         labels = batch.get(LABELS)
         count = batch_samples(batch)
         if labels is not None:
-            reference_accuracy.update(expected[0], expected[0], labels)
+            self.reference_accuracy.update(expected[0], expected[0], labels, batch=index)
         for runner in [runner for runner in others if backends.states[runner.name]["state"] == RAN]:
             try:
                 actual = runner.run(batch)
             except Exception as exc:  # noqa: BLE001 - a backend that breaks mid-run fails, it is not skipped
-                backends.states[runner.name] = {"state": FAILED, "ran": False,
-                                                "why": f"failed while running: {first_line(exc, 300)}"}
+                why = f"failed while running: {first_line(exc, 300)}"
+                backends.states[runner.name] = {"state": FAILED, "ran": False, "why": why}
+                self.failed.setdefault(runner.name, why)
                 continue
-            comparisons[runner.name].fold(expected, actual, samples=count, labels=labels)
-            if runner.name == watch:
-                worst.consider(batch, expected, actual, samples)
-                for name, want, have in zip(names, expected, actual, strict=False):
+            self.comparisons[runner.name].fold(expected, actual, samples=count, labels=labels, batch=index)
+            if runner.name == self.watch:
+                self.worst.consider(batch, expected, actual, self.offset + self.samples)
+                for name, want, have in zip(outputs, expected, actual, strict=False):
                     if np.shape(want) == np.shape(have) and np.ndim(want) and len(want) == count:
-                        per_sample.setdefault(name, SampleStats()).add(np.asarray(want), np.asarray(have))
-        samples += count
-        if on_batch:
-            on_batch(samples, total)
-    if samples == 0:
-        raise MpexportError("the validation data gave no batches", stage=STAGE)
-    metrics = {name: comparison.by_name() for name, comparison in comparisons.items()
-               if backends.states[name]["state"] == RAN}
-    thresholds, failures = gate(metrics, options)
-    failures = _mismatches(comparisons, backends) + _unchecked(backends, gated, required) + failures
-    for runner in timed:
-        backends.states[runner.name]["seconds"] = round(runner.seconds, 3)
-    if reference_accuracy.accuracy is not None:
-        backends.states[reference.name]["accuracy"] = reference_accuracy.accuracy
-    return ParityReport("pass" if not failures else "fail", backends.states, metrics, thresholds, failures,
-                        samples=samples, data=data.describe(), batches=batches, options=asdict(options),
-                        worst=worst if worst.batch is not None else None, per_sample=per_sample,
-                        reference=reference.name)
+                        self.per_sample.setdefault(name, SampleStats()).add(np.asarray(want), np.asarray(have))
+        self.samples += count
+        self.batches += 1
+
+    def merge(self, other: Tally) -> None:
+        """Fold in ``other``, a tally of the batches right after this one's: the result equals one pass."""
+        for name, comparison in other.comparisons.items():
+            self.comparisons[name].merge(comparison)
+        self.reference_accuracy.merge(other.reference_accuracy)
+        self.worst.merge(other.worst)
+        for name, stats in other.per_sample.items():
+            self.per_sample.setdefault(name, SampleStats()).extend(stats)
+        self.samples += other.samples
+        self.batches += other.batches
+        for name, seconds in other.seconds.items():
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.failed = {**other.failed, **self.failed}
+
+    def report(self, states: dict[str, dict[str, Any]], options: VerifyOptions, data: str, *,
+               gated: tuple[str, ...], required: tuple[str, ...]) -> ParityReport:
+        """Gate the tally: thresholds, failures (backends that failed while running, required ones that did not
+        run, outputs beyond budget) and the verdict. ``states``: each backend's state when it was built."""
+        states = {name: dict(state) for name, state in states.items()}
+        for name, why in self.failed.items():
+            states[name] = {"state": FAILED, "ran": False, "why": why}
+        metrics = {name: comparison.by_name() for name, comparison in self.comparisons.items()
+                   if states[name]["state"] == RAN}
+        thresholds, failures = gate(metrics, options)
+        failures = _mismatches(self.comparisons, states) + _unchecked(states, gated, required) + failures
+        for name, seconds in self.seconds.items():
+            states[name]["seconds"] = round(seconds, 3)
+        if self.reference_accuracy.accuracy is not None:
+            states[self.reference]["accuracy"] = self.reference_accuracy.accuracy
+        return ParityReport("pass" if not failures else "fail", states, metrics, thresholds, failures,
+                            samples=self.samples, data=data, batches=self.batches, options=asdict(options),
+                            worst=self.worst if self.worst.batch is not None else None, per_sample=self.per_sample,
+                            reference=self.reference)
 
 
 @dataclass
@@ -539,6 +671,13 @@ class SampleStats:
             found += [index for index, match in enumerate(self.top1_match) if not match]
         return found
 
+    def extend(self, other: SampleStats) -> None:
+        """Append the statistics of the samples right after these."""
+        self.nonfinite += other.nonfinite
+        self.max_abs += other.max_abs
+        self.cosine += other.cosine
+        self.top1_match += other.top1_match
+
 
 @dataclass
 class _WorstSample:
@@ -572,22 +711,27 @@ class _WorstSample:
             self.batch = {name: np.array(array) if self.fixed_batch else np.array(array[position:position + 1])
                           for name, array in batch.items()}
 
+    def merge(self, other: _WorstSample) -> None:
+        """Take ``other``'s sample if it is worse (``other`` covers later samples: a tie keeps the earlier one)."""
+        if other.batch is not None and other.score > self.score:
+            self.score, self.index, self.batch = other.score, other.index, other.batch
+
     def to_json(self) -> dict[str, Any]:
         """Which sample localisation ran on, and why."""
         return {"sample": self.index, "nonfinite": self.score[0], "relative_error": float(f"{self.score[1]:.3g}"),
                 "whole_batch": self.fixed_batch}
 
 
-def _mismatches(comparisons: dict[str, Comparison], backends: _Backends) -> list[str]:
+def _mismatches(comparisons: dict[str, Comparison], states: dict[str, dict[str, Any]]) -> list[str]:
     return [f"{name}: output '{output}' {why}" for name, comparison in comparisons.items()
-            if backends.states[name]["state"] == RAN for output, why in comparison.mismatches.items()]
+            if states[name]["state"] == RAN for output, why in comparison.mismatches.items()]
 
 
-def _unchecked(backends: _Backends, gated: tuple[str, ...], required: tuple[str, ...]) -> list[str]:
+def _unchecked(states: dict[str, dict[str, Any]], gated: tuple[str, ...], required: tuple[str, ...]) -> list[str]:
     """Failures for gated backends that failed, and for required ones that did not run."""
     found = []
     for name in gated:
-        state = backends.states.get(name)
+        state = states.get(name)
         if state is None:
             continue
         if state["state"] == FAILED:

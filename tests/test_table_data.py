@@ -88,7 +88,7 @@ def test_rows_stream_in_pieces(tmp_path: Path, digits: dict[str, np.ndarray], mo
     pq.write_table(pixel_table(digits), path, row_group_size=360)
     monkeypatch.setattr(tabledata, "ROWS_PER_PIECE", 50)
     data = load_validation_data(path)
-    pieces = [arrays["pixels"] for _, arrays in data._sources()]
+    pieces = [arrays["pixels"] for arrays in data._pieces()]
     assert max(len(piece) for piece in pieces) == 50 and sum(len(piece) for piece in pieces) == 360
     batches = list(data.batches(64))
     assert np.array_equal(np.concatenate([batch["pixels"] for batch in batches]), digits["pixels"])
