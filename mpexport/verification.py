@@ -46,9 +46,9 @@ from mpexport.emulate import ROUNDING, strict_emulation
 from mpexport.errors import MpexportError, first_line
 from mpexport.graphs import added_role
 from mpexport.loading import FORMAT_ONNX, LoadedModel, load_model
-from mpexport.metrics import OutputMetrics
+from mpexport.metrics import CHUNK_ELEMENTS, OutputMetrics
 from mpexport.parity import FP32_RTOL, Comparison, batch_samples
-from mpexport.runners import Batch, OrtRunner, Runner, TorchRunner
+from mpexport.runners import Batch, OrtRunner, Runner, TorchRunner, mapped_weights, return_large_blocks
 from mpexport.specs import TensorSpec
 from mpexport.timing import StageClock
 from mpexport.valdata import LABELS, ValidationData, check_against, load_validation_data
@@ -330,10 +330,15 @@ def build_forms(bundle: Bundle, inputs: VerifyInputs, *, mixed: Path | None = No
         for name in (AMP, "torch-cuda"):
             backends.skip(name, "no PyTorch model (an ONNX input; verify --reference adds it)")
         backends.add(ONNX_AMP, lambda: _training_emulation(bundle, forms.plan))
-    backends.add("onnx-mixed", lambda: OrtRunner(mixed_path, name="onnx-mixed", low_memory=forms.low_memory),
-                 skip_if=_missing_kernel)
+    # a large model: its low-precision weights one memory-mapped copy that both sessions use in place, and freed
+    # run buffers returned to the system
+    low_weights = mapped_weights(mixed_path) if forms.low_memory else {}
+    if forms.low_memory:
+        return_large_blocks()
+    backends.add("onnx-mixed", lambda: OrtRunner(mixed_path, name="onnx-mixed", low_memory=forms.low_memory,
+                                                 shared_weights=low_weights), skip_if=_missing_kernel)
     backends.add(strict, lambda: OrtRunner.from_model(_strict_model(mixed_path), mixed_path.parent, name=strict,
-                                                      low_memory=forms.low_memory))
+                                                      low_memory=forms.low_memory, shared_weights=low_weights))
     if mixed is not None and bundle.has(ENGINE):
         backends.skip("tensorrt", "the bundle's engine was built from the model this one replaces")
     else:
@@ -649,7 +654,14 @@ class SampleStats:
     top1_match: list[bool] = field(default_factory=list)
 
     def add(self, want: np.ndarray, have: np.ndarray) -> None:
-        """Fold one batch in (first axis the samples)."""
+        """Fold one batch in (first axis the samples; a large output in slices of samples, so the float64
+        temporaries stay small)."""
+        for part in _row_slices(want):
+            self._add(want[part], have[part])
+        if want.ndim == 2 and want.shape[1] > 1:
+            self.top1_match += (want.argmax(axis=1) == have.argmax(axis=1)).tolist()
+
+    def _add(self, want: np.ndarray, have: np.ndarray) -> None:
         count = len(want)
         want64, have64 = want.astype(np.float64).reshape(count, -1), have.astype(np.float64).reshape(count, -1)
         finite = np.isfinite(want64)
@@ -659,8 +671,6 @@ class SampleStats:
         a, b = np.where(finite, want64, 0), np.where(np.isfinite(have64), have64, 0)
         norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         self.cosine += np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0).tolist()
-        if want.ndim == 2 and want.shape[1] > 1:
-            self.top1_match += (want.argmax(axis=1) == have.argmax(axis=1)).tolist()
 
     def failing(self, limits: dict[str, Any]) -> list[int]:
         """Samples that break ``limits`` (a gate's thresholds for this output) by themselves."""
@@ -696,14 +706,19 @@ class _WorstSample:
         broken = np.zeros(count, np.int64)
         error = np.zeros(count)
         for want, have in zip(expected, actual, strict=False):
-            want, have = np.asarray(want, np.float32), np.asarray(have, np.float32)
+            want, have = np.asarray(want), np.asarray(have)
             if want.shape != have.shape or want.ndim == 0 or len(want) != count:
                 continue
-            finite = np.isfinite(want)
-            broken += (finite & ~np.isfinite(have)).reshape(count, -1).sum(axis=1)
-            scale = float(np.abs(np.where(finite, want, 0)).max(initial=0.0)) or 1.0
-            usable = finite & np.isfinite(have)
-            error = np.maximum(error, np.abs(np.where(usable, want - have, 0)).reshape(count, -1).max(axis=1) / scale)
+            parts = _row_slices(want)
+            scale = max(_finite_max(want[part]) for part in parts) or 1.0
+            for part in parts:
+                want32, have32 = want[part].astype(np.float32), have[part].astype(np.float32)
+                rows = len(want32)
+                finite = np.isfinite(want32)
+                usable = finite & np.isfinite(have32)
+                broken[part] += (finite & ~np.isfinite(have32)).reshape(rows, -1).sum(axis=1)
+                worst = np.abs(np.where(usable, want32 - have32, 0)).reshape(rows, -1).max(axis=1) / scale
+                error[part] = np.maximum(error[part], worst)
         position = int(np.lexsort((error, broken))[-1])
         score = (int(broken[position]), float(error[position]))
         if score > self.score:
@@ -720,6 +735,18 @@ class _WorstSample:
         """Which sample localisation ran on, and why."""
         return {"sample": self.index, "nonfinite": self.score[0], "relative_error": float(f"{self.score[1]:.3g}"),
                 "whole_batch": self.fixed_batch}
+
+
+def _row_slices(array: np.ndarray) -> list[slice]:
+    """Slices of the first axis of about :data:`mpexport.metrics.CHUNK_ELEMENTS` elements each (at least a row)."""
+    rows = max(1, CHUNK_ELEMENTS // max(1, array[0].size))
+    return [slice(start, start + rows) for start in range(0, len(array), rows)]
+
+
+def _finite_max(array: np.ndarray) -> float:
+    """The largest finite |value| (0 when there is none)."""
+    magnitude = np.abs(array.astype(np.float32))
+    return float(magnitude[np.isfinite(magnitude)].max(initial=0.0))
 
 
 def _mismatches(comparisons: dict[str, Comparison], states: dict[str, dict[str, Any]]) -> list[str]:

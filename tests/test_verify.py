@@ -319,3 +319,49 @@ def test_low_memory_sessions_compute_what_the_optimized_ones_do(tmp_path: Path) 
                   lambda low: OrtRunner.from_model(_strict_model(mixed), mixed.parent, name="s", low_memory=low)):
         fast, small = build(False).run(batch)[0], build(True).run(batch)[0]
         np.testing.assert_allclose(small, fast, rtol=1e-3, atol=1e-3)
+
+
+def test_low_memory_sessions_share_one_mapped_copy_of_the_weights(tmp_path: Path) -> None:
+    """A large model's onnx-mixed and strict sessions use the weights in its external data file in place."""
+    from mpexport.bundle import MIXED_ONNX
+    from mpexport.runners import OrtRunner, mapped_weights
+    from mpexport.verification import _strict_model
+
+    out = tmp_path / "t"
+    mpexport.convert(MODELS / "digits_transformer.pt2", out=out, val_data=MODELS / "digits_transformer.val.npz",
+                     plan_options=PlanOptions(policy="cuda-fp16"))
+    external = tmp_path / "external.onnx"
+    ir.save(ir.load(str(Bundle.open(out).path(MIXED_ONNX))), external, external_data="external.onnx.data",
+            size_threshold_bytes=256)
+    weights = mapped_weights(external, smallest=0)
+    stored = {name: value.const_value.numpy() for name, value in ir.load(str(external)).graph.initializers.items()}
+    assert np.dtype(np.float16) in {array.dtype for array in weights.values()} <= {np.dtype(np.float16),
+                                                                                    np.dtype(np.float32)}
+    for name, array in weights.items():
+        assert np.array_equal(array, stored[name])
+        base = array
+        while base is not None and not isinstance(base, np.memmap):
+            base = base.base
+        assert base is not None, name  # a view of the file, not a copy
+    with np.load(MODELS / "digits_transformer.val.npz") as data:
+        batch = {"pixels": data["pixels"][:32]}
+    for build in (lambda shared: OrtRunner(external, name="m", low_memory=True, shared_weights=shared),
+                  lambda shared: OrtRunner.from_model(_strict_model(external), tmp_path, name="s", low_memory=True,
+                                                      shared_weights=shared)):
+        assert np.array_equal(build(weights).run(batch)[0], build(None).run(batch)[0])
+
+
+def test_strict_emulation_widens_each_weight_right_before_its_first_user(tmp_path: Path) -> None:
+    """Unoptimized sessions run the graph's order: the FP32 copies of FP16 weights are made when needed."""
+    from mpexport.bundle import MIXED_ONNX
+    from mpexport.verification import _strict_model
+
+    out = tmp_path / "t"
+    mpexport.convert(MODELS / "digits_transformer.pt2", out=out, val_data=MODELS / "digits_transformer.val.npz",
+                     plan_options=PlanOptions(policy="cuda-fp16"))
+    nodes = list(_strict_model(Bundle.open(out).path(MIXED_ONNX)).graph)
+    widens = [index for index, node in enumerate(nodes) if node.name.endswith("__widen")]
+    assert len(widens) > 3 and widens != list(range(len(widens)))  # spread through the graph, not all at the top
+    for index in widens:
+        first_user = min(nodes.index(user) for user, _ in nodes[index].outputs[0].uses())
+        assert all(node.name.endswith("__widen") for node in nodes[index + 1:first_user])
