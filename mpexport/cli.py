@@ -326,13 +326,15 @@ def _print_timings(stages: list[Any]) -> None:
               "--cpus-per-worker).")
 @click.option("--cpus-per-worker", type=click.IntRange(1), default=1, show_default=True,
               help="With --ray: CPUs (threads) per actor.")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), help="With --ray: GPUs per actor (default: an equal "
+              "share of the cluster's, at most 1).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify(directory: str | None, val_data: str | None, columns: tuple[str, ...], reference: str | None,
            candidate: str | None,
            factory: str | None, trust_pickle: bool, amp_policy: str, low: str, batch_size: int,
            max_samples: int | None, budget_factor: float, atol: float | None, min_cosine: float | None,
            max_top1_drop: float | None, then_repair: bool, ray_address: str | None, workers: int | None,
-           cpus_per_worker: int, as_json: bool) -> None:
+           cpus_per_worker: int, gpus_per_worker: float | None, as_json: bool) -> None:
     """Run the FP32 baseline and every deployable form side by side on the validation set, and gate.
 
     Backends: torch-fp32 (reference), torch-amp (the training policy: the noise floor), onnx-fp32,
@@ -354,7 +356,7 @@ def verify(directory: str | None, val_data: str | None, columns: tuple[str, ...]
     options = _verify_options(budget_factor, atol, min_cosine, max_top1_drop, batch_size, max_samples, columns)
     if then_repair and not directory:
         raise click.UsageError("--repair needs DIRECTORY")
-    ray = _ray_options(ray_address, workers, cpus_per_worker, directory)
+    ray = _ray_options(ray_address, workers, cpus_per_worker, gpus_per_worker, directory)
     with _batch_progress(as_json, "verifying on Ray (shards)" if ray else "verifying") as on_progress:
         if directory:
             if candidate:
@@ -380,11 +382,12 @@ def verify(directory: str | None, val_data: str | None, columns: tuple[str, ...]
 DEFAULT_MAX_TRIALS = 200
 
 
-def _ray_options(address: str | None, workers: int | None, cpus_per_worker: int, directory: str | None) -> Any:
+def _ray_options(address: str | None, workers: int | None, cpus_per_worker: int, gpus_per_worker: float | None,
+                 directory: str | None) -> Any:
     """``--ray`` and its companions as a :class:`mpexport.cluster.RayOptions` (None without ``--ray``)."""
     if address is None:
-        if workers is not None or cpus_per_worker != 1:
-            raise click.UsageError("--workers and --cpus-per-worker go with --ray")
+        if workers is not None or cpus_per_worker != 1 or gpus_per_worker is not None:
+            raise click.UsageError("--workers, --cpus-per-worker and --gpus-per-worker go with --ray")
         return None
     if not directory:
         if os.path.isdir(address):
@@ -393,7 +396,7 @@ def _ray_options(address: str | None, workers: int | None, cpus_per_worker: int,
     from mpexport.cluster import RayOptions
 
     return RayOptions(address=None if address == "local" else address, workers=workers,
-                      cpus_per_worker=cpus_per_worker)
+                      cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
 
 
 @main.command()

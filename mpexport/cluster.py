@@ -7,7 +7,10 @@ once, then folds its shards into a :class:`mpexport.verification.Tally`. The dri
 order with :meth:`Tally.merge`: maxima, minima, counts and exactly-rounded sums, and the p99 subsample is keyed by
 global batch index, so it is the same subsample a single pass draws (an exact merge of the same estimator, no
 sketch). The report therefore equals the single-process one up to the backends' own arithmetic on another thread
-count. The driver then gates, localises and writes as verify does.
+count, provided the workers are alike: workers that built different backends (a GPU, a kernel or the memory one
+had and another had not) end the run, as does a backend that ran on part of the data. Actors get an equal share of
+the cluster's GPUs by default: Ray hides the GPUs from an actor that asks for none. The driver then gates,
+localises and writes as verify does.
 
 Failures: a worker that dies is restarted and its shard retried by Ray (:data:`RETRIES` times); a shard whose
 data or backends raise ends the run with one line naming the shard (exit 2, nothing written); a merged run that
@@ -40,6 +43,7 @@ from mpexport.timing import StageClock
 from mpexport.valdata import CallableValidationData, ValidationData, check_against
 from mpexport.verification import (
     FAILED,
+    RAN,
     STAGE,
     ParityReport,
     Tally,
@@ -60,12 +64,15 @@ RAY_HINT = "pip install 'mpexport[ray]'"
 @dataclass
 class RayOptions:
     """Where and how wide: ``address`` of a running cluster (None: start a local Ray instance, or join the one
-    ``RAY_ADDRESS`` names), ``workers`` actors (None: the cluster's CPUs // ``cpus_per_worker``), ``batches_per_shard``
-    (None: about :data:`SHARDS_PER_WORKER` shards per worker)."""
+    ``RAY_ADDRESS`` names), ``workers`` actors (None: the cluster's CPUs // ``cpus_per_worker``), their CPUs and
+    GPUs, ``batches_per_shard`` (None: about :data:`SHARDS_PER_WORKER` shards per worker)."""
 
     address: str | None = None
     workers: int | None = None
     cpus_per_worker: int = 1
+    gpus_per_worker: float | None = None
+    """None: an equal share of the cluster's GPUs (at most one each), none without GPUs. Ray hides the GPUs from an
+    actor that asks for none, and torch-amp, torch-cuda and tensorrt then run as on a machine without one."""
     batches_per_shard: int | None = None
 
 
@@ -91,9 +98,7 @@ def plan_shards(data: ValidationData, options: VerifyOptions, workers: int,
     number of batches each, or about :data:`SHARDS_PER_WORKER` per worker."""
     total = data.batch_count(options.batch_size, options.max_samples)
     if total is None:
-        raise MpexportError("verify --ray needs validation data on disk (.npz, Parquet, Arrow, datasets), which "
-                            "every worker reads its own shards of; a module:function source is read in one process",
-                            stage=STAGE, hint="save the validation set with numpy.savez or as Parquet")
+        raise _not_on_disk()
     size = batches_per_shard or max(1, -(-total // (workers * SHARDS_PER_WORKER)))
     shards = []
     for number, first in enumerate(range(0, total, size)):
@@ -129,10 +134,11 @@ def verify_on_ray(directory: str | Path, ray_options: RayOptions, *, val_data: s
         workers = _workers(ray, ray_options)
         shards = plan_shards(data, options, workers, ray_options.batches_per_shard)
         workers = min(workers, len(shards))
+        gpus = _gpus_per_worker(ray, ray_options, workers)
         job = _Job(str(bundle.directory.absolute()), _data_path(data), getattr(data, "columns", {}), options,
                    trust_pickle, str(Path(reference).absolute()) if reference else None, ray_options.cpus_per_worker)
         with contextlib.redirect_stdout(sys.stderr), clock.stage("passes"):
-            tally, states = _run_shards(ray, job, shards, workers, ray_options, on_shard)
+            tally, states = _run_shards(ray, job, shards, workers, ray_options, gpus, on_shard)
     finally:
         if started:
             ray.shutdown()
@@ -143,9 +149,10 @@ def verify_on_ray(directory: str | Path, ray_options: RayOptions, *, val_data: s
     forms = judging_forms(bundle, has_model=has_model)
     forms.backends.states = states
     report = finish(bundle, forms, tally, options, data.describe(), example, clock=clock)
+    share = f" and {gpus:g} GPU" if gpus else ""
     report.notes.append(f"ran on Ray: {len(shards)} shards of up to {shards[0].batches} batches on {workers} "
-                        f"workers of {ray_options.cpus_per_worker} CPU each; backend seconds are summed over the "
-                        "workers")
+                        f"workers of {ray_options.cpus_per_worker} CPU{share} each; backend seconds are summed over "
+                        "the workers")
     report.timings = clock.stages
     return report, bundle
 
@@ -220,7 +227,7 @@ class ShardVerifier:
 _SHARD_FIELDS = ("number", "first_batch", "batches", "first_sample", "samples")
 
 
-def _run_shards(ray: Any, job: _Job, shards: list[Shard], workers: int, ray_options: RayOptions,
+def _run_shards(ray: Any, job: _Job, shards: list[Shard], workers: int, ray_options: RayOptions, gpus: float,
                 on_shard: Callable[[int, int], None] | None) -> tuple[Tally, dict[str, dict[str, Any]]]:
     """Every shard through Ray Data on ``workers`` actors; the tallies joined in shard order."""
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run INFO lines; mpexport reports progress
@@ -233,7 +240,7 @@ def _run_shards(ray: Any, job: _Job, shards: list[Shard], workers: int, ray_opti
         warnings.simplefilter("ignore")
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             ShardVerifier, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=ray_options.cpus_per_worker,
+            num_cpus=ray_options.cpus_per_worker, num_gpus=gpus or None,
             batch_format="numpy", max_restarts=RETRIES, max_task_retries=RETRIES)
     results: dict[int, tuple[Tally, dict[str, dict[str, Any]]]] = {}
     try:
@@ -253,12 +260,42 @@ def _run_shards(ray: Any, job: _Job, shards: list[Shard], workers: int, ray_opti
     missing = [shard.describe() for shard in shards if shard.number not in results]
     if missing:
         raise MpexportError(f"the Ray run returned no result for {', '.join(missing[:3])}", stage=STAGE)
+    _same_backends(shards, results)
     tally, states = results[0]
     for number in range(1, len(shards)):
         other, other_states = results[number]
         tally.merge(other)
         states = _merge_states(states, other_states)
+    expected = sum(shard.samples for shard in shards)
+    partial = [name for name, comparison in tally.comparisons.items()
+               if states[name]["state"] == RAN and comparison.samples != expected]
+    if partial:
+        raise MpexportError(f"{', '.join(partial)} ran on part of the data only: no verdict", stage=STAGE)
     return tally, states
+
+
+def _same_backends(shards: list[Shard], results: dict[int, tuple[Tally, dict[str, dict[str, Any]]]]) -> None:
+    """Every worker built the same backends the same way (a worker without the GPU, the kernel or the memory another
+    had would otherwise mix two verifies in one report); a backend that failed while running is judged later."""
+    def built(states: dict[str, dict[str, Any]], tally: Tally) -> dict[str, tuple[str, str]]:
+        return {name: (state["state"], str(state.get("mode", ""))) for name, state in states.items()
+                if name not in tally.failed}
+
+    first = built(results[0][1], results[0][0])
+    for shard in shards[1:]:
+        tally, states = results[shard.number]
+        other = built(states, tally)
+        differing = sorted(name for name in first.keys() & other.keys() if first[name] != other[name])
+        if differing or first.keys() != other.keys():
+            name = differing[0] if differing else sorted(first.keys() ^ other.keys())[0]
+            raise MpexportError(f"the Ray workers built different backends: {name} was {_built(first, name)} for "
+                                f"{shards[0].describe()} and {_built(other, name)} for {shard.describe()} (workers "
+                                "must be alike)", stage=STAGE)
+
+
+def _built(backends: dict[str, tuple[str, str]], name: str) -> str:
+    state, mode = backends.get(name, ("absent", ""))
+    return f"{state} ({mode})" if mode else state
 
 
 def _workers(ray: Any, ray_options: RayOptions) -> int:
@@ -271,6 +308,14 @@ def _workers(ray: Any, ray_options: RayOptions) -> int:
                             f"{workers * ray_options.cpus_per_worker} CPUs; the Ray cluster has {cpus}", stage=STAGE,
                             hint="pass fewer --workers or --cpus-per-worker")
     return workers
+
+
+def _gpus_per_worker(ray: Any, ray_options: RayOptions, workers: int) -> float:
+    """GPUs per actor: as asked, else an equal share of the cluster's (at most one each)."""
+    if ray_options.gpus_per_worker is not None:
+        return ray_options.gpus_per_worker
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    return min(1.0, gpus / workers) if gpus else 0.0
 
 
 def _merge_states(mine: dict[str, dict[str, Any]], theirs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -334,10 +379,14 @@ def _validation_data(bundle: Bundle, val_data: str | Path | None, options: Verif
             raise MpexportError("no validation data given, and convert had none to record", stage=STAGE,
                                 hint="pass --val-data PATH")
     if isinstance(data, CallableValidationData):
-        raise MpexportError("verify --ray needs validation data on disk (.npz, Parquet, Arrow, datasets), which "
-                            "every worker reads its own shards of; a module:function source is read in one process",
-                            stage=STAGE, hint="save the validation set with numpy.savez or as Parquet")
+        raise _not_on_disk()
     return data
+
+
+def _not_on_disk() -> MpexportError:
+    return MpexportError("verify --ray needs validation data on disk (.npz, Parquet, Arrow, datasets), which every "
+                         "worker reads its own shards of; a module:function source is read in one process",
+                         stage=STAGE, hint="save the validation set with numpy.savez or as Parquet")
 
 
 def _data_path(data: ValidationData) -> str:

@@ -4,7 +4,7 @@ cannot hide overflow by computing low-precision chains in FP32.
 
 * every node whose outputs are FP16/BF16 computes in FP32 and rounds each output through the low type;
 * the model's own casts to a low type round the same way; low-precision initializers stay as they are (in
-  the model's external data file, if it has one) and are cast to FP32 once, where the graph starts;
+  the model's external data file, if it has one) and are cast to FP32 once, right before their first user;
 * pessimistic reductions: a low-precision ReduceMean also rounds the sum it divides (what a kernel that
   accumulates in the low type computes), so a sum that overflows shows as infinity.
 
@@ -125,15 +125,10 @@ def _widen_initializers(graph: ir.Graph) -> None:
         cast.outputs[0].name = f"{value.name}__fp32"
         cast.outputs[0].dtype = ir.DataType.FLOAT
         cast.outputs[0].shape = value.shape
-        users = [user for user, _ in uses]
+        first = min((user for user, _ in uses), key=position.__getitem__)  # bodies reading low values are refused
         for user, index in uses:
             user.replace_input_with(index, cast.outputs[0])
-        if all(user in position for user in users):  # placed before the first user in the main graph
-            graph.insert_before(min(users, key=position.__getitem__), cast)
-        elif len(graph):  # a user inside a subgraph body: at the top
-            graph.insert_before(graph.node(0), cast)
-        else:
-            graph.append(cast)
+        graph.insert_before(first, cast)
 
 
 def _round_outputs(graph: ir.Graph, node: ir.Node, low: ir.DataType) -> None:

@@ -92,7 +92,10 @@ class ValidationData:
         return count
 
     def samples_before(self, batch_size: int, batch: int, limit: int | None = None) -> int:
-        """The number of samples in the batches before batch number ``batch``."""
+        """The number of samples in the batches before batch number ``batch`` (the source must say its sizes: see
+        :meth:`batch_count`)."""
+        if not self.lengths:
+            raise ValueError(f"'{self.describe()}' does not say how many samples it holds")
         produced, index, left = 0, 0, limit
         for length in self.lengths:
             length = length if left is None else min(length, left)

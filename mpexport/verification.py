@@ -332,7 +332,7 @@ def build_forms(bundle: Bundle, inputs: VerifyInputs, *, mixed: Path | None = No
         backends.add(ONNX_AMP, lambda: _training_emulation(bundle, forms.plan))
     # a large model: its low-precision weights one memory-mapped copy that both sessions use in place, and freed
     # run buffers returned to the system
-    low_weights = mapped_weights(mixed_path) if forms.low_memory else {}
+    low_weights = _mapped_if_readable(mixed_path) if forms.low_memory else {}
     if forms.low_memory:
         return_large_blocks()
     backends.add("onnx-mixed", lambda: OrtRunner(mixed_path, name="onnx-mixed", low_memory=forms.low_memory,
@@ -349,6 +349,15 @@ def build_forms(bundle: Bundle, inputs: VerifyInputs, *, mixed: Path | None = No
         backends.states[ONNX_AMP]["mode"] = f"the {policy} plan in {policy.split('-')[1].upper()}, emulated " \
             "strictly on the FP32 ONNX (no PyTorch model)"
     return forms
+
+
+def _mapped_if_readable(mixed: Path) -> dict[str, np.ndarray]:
+    """The mixed model's weights memory-mapped (:func:`mapped_weights`); none when they cannot be (the sessions
+    then read the file themselves, and report what is wrong with it)."""
+    try:
+        return mapped_weights(mixed)
+    except Exception:  # noqa: BLE001 - only an optimization; the backends report an unreadable model
+        return {}
 
 
 def finish(bundle: Bundle, forms: Forms, tally: Tally, options: VerifyOptions, data: str, example: Batch, *,
@@ -719,7 +728,8 @@ class _WorstSample:
                 broken[part] += (finite & ~np.isfinite(have32)).reshape(rows, -1).sum(axis=1)
                 worst = np.abs(np.where(usable, want32 - have32, 0)).reshape(rows, -1).max(axis=1) / scale
                 error[part] = np.maximum(error[part], worst)
-        position = int(np.lexsort((error, broken))[-1])
+        top = broken == broken.max()
+        position = int(np.flatnonzero(top & (error == error[top].max()))[0])  # ties: the first, as across batches
         score = (int(broken[position]), float(error[position]))
         if score > self.score:
             self.score, self.index = score, first + position

@@ -156,6 +156,24 @@ def test_tallies_of_shards_merge_into_the_whole_pass_exactly(bundle: Path) -> No
             assert metrics.sum_abs == other.sum_abs and metrics.noise == other.noise
 
 
+def test_workers_that_built_different_backends_end_the_run() -> None:
+    from mpexport.cluster import Shard, _same_backends
+    from mpexport.errors import MpexportError
+    from mpexport.verification import Tally
+
+    shards = [Shard(0, 0, 2, 0, 64), Shard(1, 2, 2, 64, 64)]
+    emulated = {"torch-fp32": {"state": "ran"}, "torch-amp": {"state": "ran", "mode": "cuda-fp16 emulated"},
+                "tensorrt": {"state": "skipped", "why": "no GPU"}}
+    on_gpu = {**emulated, "torch-amp": {"state": "ran", "mode": "real CUDA autocast"}}
+    tally = Tally.start(["torch-fp32", "torch-amp"], ["output"], [], watch=None)
+    _same_backends(shards, {0: (tally, emulated), 1: (tally, dict(emulated))})
+    with pytest.raises(MpexportError, match=r"torch-amp was ran \(cuda-fp16 emulated\) for shard 0 \(samples "
+                                            r"0-63\) and ran \(real CUDA autocast\) for shard 1"):
+        _same_backends(shards, {0: (tally, emulated), 1: (tally, on_gpu)})
+    with pytest.raises(MpexportError, match=r"tensorrt was skipped for shard 0 .* and ran for shard 1"):
+        _same_backends(shards, {0: (tally, emulated), 1: (tally, {**emulated, "tensorrt": {"state": "ran"}})})
+
+
 def _without_seconds(report: dict[str, Any]) -> dict[str, Any]:
     report = json.loads(json.dumps(report))
     for state in report["backends"].values():
@@ -255,7 +273,7 @@ def test_a_worker_that_dies_is_restarted_and_its_shard_retried(cli, tmp_path: Pa
 
 def test_ray_options_without_ray_or_with_data_workers_cannot_read(cli, bundle: Path) -> None:
     usage = cli("verify", bundle, "--workers", "2")
-    assert usage.exit_code == 2 and "--workers and --cpus-per-worker go with --ray" in usage.stderr
+    assert usage.exit_code == 2 and "--workers, --cpus-per-worker and --gpus-per-worker go with --ray" in usage.stderr
     usage = cli("verify", "--ray", bundle)  # --ray takes an optional ADDRESS: the directory went there
     assert usage.exit_code == 2 and "put DIRECTORY before --ray" in usage.stderr
     result = cli("verify", bundle, "--ray", "--val-data", "tests.valdata_sources:digits_dicts")
