@@ -52,6 +52,7 @@ from mpexport.verification import (
     finish,
     judging_forms,
     load_inputs,
+    validation_data_for,
 )
 
 RETRIES = 2
@@ -369,15 +370,7 @@ def _quiet_stderr() -> Iterator[None]:
 
 
 def _validation_data(bundle: Bundle, val_data: str | Path | None, options: VerifyOptions) -> ValidationData:
-    from mpexport.valdata import load_validation_data
-
-    if val_data is not None:
-        data = load_validation_data(val_data, columns=options.columns or None)
-    else:
-        data = bundle.recorded_validation_data()
-        if data is None:
-            raise MpexportError("no validation data given, and convert had none to record", stage=STAGE,
-                                hint="pass --val-data PATH")
+    data = validation_data_for(bundle, val_data, options.columns or None)
     if isinstance(data, CallableValidationData):
         raise _not_on_disk()
     return data

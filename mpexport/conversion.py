@@ -166,6 +166,9 @@ def convert(
     options = _requested_options(plan_options, policy_file)
     if io_types not in ("fp32", "native"):
         raise MpexportError(f"unknown io types '{io_types}'", stage="rewrite", hint="use fp32 or native")
+    if columns and val_data is None:
+        raise MpexportError("--columns maps the columns of --val-data, and there is none", stage="val-data",
+                            hint="pass --val-data with --columns")
     engine_status = _engine_status(engine)
     request = _FP32Request(model, val_data, list(inputs), factory, trust_pickle, dynamic_batch, opset, check_samples,
                            options, calibration_samples, custom_translation_table, task, columns or {})

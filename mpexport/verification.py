@@ -213,7 +213,7 @@ def load_inputs(bundle: Bundle, *, val_data: str | Path | None = None, trust_pic
     source model (its SHA-256 checked against convert's), or ``reference`` (a PyTorch model file, e.g. the one an
     ONNX input was exported from); for an ONNX input without ``reference`` there is no PyTorch model. One-line
     errors otherwise. ``columns`` maps the columns of a table given as ``val_data``."""
-    data = _validation_data(bundle, val_data, columns)
+    data = validation_data_for(bundle, val_data, columns)
     specs = bundle.manifest.inputs
     check_against(data, specs)
     loaded: LoadedModel | None
@@ -486,9 +486,15 @@ def _add_tensorrt(backends: _Backends, bundle: Bundle) -> None:
     backends.add("tensorrt", lambda: TensorRTRunner(bundle.path(ENGINE)))
 
 
-def _validation_data(bundle: Bundle, val_data: str | Path | None, columns: dict[str, str] | None) -> ValidationData:
+def validation_data_for(bundle: Bundle, val_data: str | Path | None,
+                        columns: dict[str, str] | None) -> ValidationData:
+    """``val_data`` opened with ``columns`` (``--columns``), else the data convert recorded with the mapping it
+    recorded; one-line errors when there is none, or for ``columns`` without ``val_data`` (it would be ignored)."""
     if val_data is not None:
         return load_validation_data(val_data, columns=columns)
+    if columns:
+        raise MpexportError("--columns maps the columns of --val-data; the data convert recorded is read with the "
+                            "mapping convert recorded", stage=STAGE, hint="pass --val-data with --columns")
     data = bundle.recorded_validation_data()
     if data is None:
         raise MpexportError("no validation data given, and convert had none to record", stage=STAGE,

@@ -116,6 +116,11 @@ def test_columns_map_other_names_through_convert_and_verify(cli, tmp_path: Path,
     assert_bad_input(cli("verify", out, "--val-data", path), "missing pixels")  # without the mapping
     mapped = cli("verify", out, "--val-data", path, "--columns", "pixels=image", "--columns", "labels=label")
     assert mapped.exit_code == 0, mapped.stderr
+    for command in ("verify", "repair"):  # a mapping without the data it maps would be silently ignored
+        assert_bad_input(cli(command, out, "--columns", "pixels=image"), "--columns maps the columns of --val-data")
+    assert_bad_input(cli("convert", MODELS / "digits_resnet.pt2", "--columns", "pixels=image", "--out",
+                         tmp_path / "none"), "--columns maps the columns of --val-data")
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_text_table_keeps_only_what_the_model_reads(tmp_path: Path) -> None:
