@@ -38,7 +38,6 @@ import numpy as np
 
 from mpexport.bundle import ENGINE, FP32_ONNX, MIXED_ONNX, PLAN, Bundle, sha256_file
 from mpexport.errors import MpexportError, first_line
-from mpexport.loading import FORMAT_ONNX
 from mpexport.timing import StageClock
 from mpexport.valdata import CallableValidationData, ValidationData, check_against
 from mpexport.verification import (
@@ -49,9 +48,11 @@ from mpexport.verification import (
     Tally,
     VerifyOptions,
     build_forms,
+    check_unchanged,
     finish,
     judging_forms,
     load_inputs,
+    source_to_load,
     validation_data_for,
 )
 
@@ -395,17 +396,9 @@ def _check_source(bundle: Bundle, trust_pickle: bool, reference: str | Path | No
         if not Path(reference).is_file():
             raise MpexportError(f"--reference '{reference}' is not a file", stage=STAGE)
         return True
-    source = bundle.manifest.source
-    if source is None:
-        raise MpexportError(f"'{bundle.directory}' records no source model", stage=STAGE)
-    if source.format == FORMAT_ONNX:
+    found = source_to_load(bundle, trust_pickle)
+    if found is None:
         return False
-    if source.format == "pickle" and not trust_pickle:
-        raise MpexportError("the source model is a pickled module; loading it runs code from the file",
-                            stage=STAGE, hint="pass --trust-pickle if you trust it")
-    path = bundle.source_path()
-    digest = directory_digest(path) if path.is_dir() else sha256_file(path)
-    if digest != source.sha256:
-        raise MpexportError(f"the source model '{path}' changed since convert (SHA-256 differs)", stage=STAGE,
-                            hint="convert again")
+    source, path = found
+    check_unchanged(source, path, directory_digest(path) if path.is_dir() else sha256_file(path))
     return True

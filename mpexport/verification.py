@@ -38,6 +38,7 @@ from mpexport.bundle import (
     REPORT,
     REPORT_HTML,
     Bundle,
+    SourceRecord,
     StageTiming,
     VerifyRecord,
 )
@@ -502,7 +503,9 @@ def validation_data_for(bundle: Bundle, val_data: str | Path | None,
     return cast(ValidationData, data)
 
 
-def _source_model(bundle: Bundle, trust_pickle: bool) -> LoadedModel | None:
+def source_to_load(bundle: Bundle, trust_pickle: bool) -> tuple[SourceRecord, Path] | None:
+    """The source model convert recorded and where it is now, after the checks that need no loading (a record, a
+    trusted pickle); None for an ONNX input (no PyTorch model). One-line errors otherwise."""
     source = bundle.manifest.source
     if source is None:
         raise MpexportError(f"'{bundle.directory}' records no source model", stage=STAGE)
@@ -511,12 +514,24 @@ def _source_model(bundle: Bundle, trust_pickle: bool) -> LoadedModel | None:
     if source.format == "pickle" and not trust_pickle:
         raise MpexportError("the source model is a pickled module; loading it runs code from the file",
                             stage=STAGE, hint="pass --trust-pickle if you trust it")
-    path = bundle.source_path()
-    loaded = load_model(path, factory=source.factory, trust_pickle=trust_pickle, import_path=source.import_path,
-                        task=source.task)
-    if loaded.sha256 != source.sha256:
+    return source, bundle.source_path()
+
+
+def check_unchanged(source: SourceRecord, path: Path, digest: str) -> None:
+    """A one-line error when ``digest`` (of the model at ``path``) is not the SHA-256 convert recorded."""
+    if digest != source.sha256:
         raise MpexportError(f"the source model '{path}' changed since convert (SHA-256 differs)",
                             stage=STAGE, hint="convert again")
+
+
+def _source_model(bundle: Bundle, trust_pickle: bool) -> LoadedModel | None:
+    found = source_to_load(bundle, trust_pickle)
+    if found is None:
+        return None
+    source, path = found
+    loaded = load_model(path, factory=source.factory, trust_pickle=trust_pickle, import_path=source.import_path,
+                        task=source.task)
+    check_unchanged(source, path, loaded.sha256)
     return loaded
 
 

@@ -15,6 +15,24 @@ from mpexport.cli import main
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
 EXAMPLES = ["digits_resnet", "digits_transformer"]
+DIGITS_VAL = MODELS / "digits_resnet.val.npz"
+
+
+@pytest.fixture(scope="module")
+def digits() -> dict[str, np.ndarray]:
+    """The bundled digits validation set: pixels (N x 1 x 8 x 8) and labels."""
+    with np.load(DIGITS_VAL) as data:
+        return {"pixels": data["pixels"], "labels": data["labels"]}
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled digits ResNet converted with its validation set (one per test module)."""
+    import mpexport
+
+    out = tmp_path_factory.mktemp("bundle") / "resnet"
+    mpexport.convert(MODELS / "digits_resnet.pt2", out=out, val_data=DIGITS_VAL)
+    return out
 
 
 @dataclass

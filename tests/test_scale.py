@@ -16,30 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import mpexport
 from mpexport import runners
 from mpexport.bundle import Bundle
 from mpexport.cluster import RayOptions, plan_shards
 from mpexport.valdata import ValidationData, load_validation_data
 from mpexport.verification import VerifyOptions, build_forms, load_inputs, verify
-from tests.conftest import MODELS, assert_bad_input
+from tests.conftest import DIGITS_VAL, assert_bad_input
 
-VAL = MODELS / "digits_resnet.val.npz"
 TIGHT = VerifyOptions(batch_size=32, atol=0.02)
 """A gate the strict emulation breaks on some samples: the verdict, failing samples and localisation must agree."""
-
-
-@pytest.fixture(scope="module")
-def digits() -> dict[str, np.ndarray]:
-    with np.load(VAL) as data:
-        return {"pixels": data["pixels"], "labels": data["labels"]}
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("scale") / "resnet"
-    mpexport.convert(MODELS / "digits_resnet.pt2", out=out, val_data=VAL)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +66,7 @@ def one_thread() -> Iterator[None]:
 
 
 def _sources(npz_shards: Path, parquet_dir: Path) -> list[ValidationData]:
-    return [load_validation_data(VAL), load_validation_data(npz_shards), load_validation_data(parquet_dir)]
+    return [load_validation_data(DIGITS_VAL), load_validation_data(npz_shards), load_validation_data(parquet_dir)]
 
 
 def test_skipped_batches_are_the_rest_of_a_whole_pass(npz_shards: Path, parquet_dir: Path) -> None:

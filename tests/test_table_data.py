@@ -15,22 +15,7 @@ import pytest
 import mpexport
 from mpexport import tabledata
 from mpexport.valdata import load_validation_data
-from tests.conftest import MODELS, assert_bad_input
-
-VAL = MODELS / "digits_resnet.val.npz"
-
-
-@pytest.fixture(scope="module")
-def digits() -> dict[str, np.ndarray]:
-    with np.load(VAL) as data:
-        return {"pixels": data["pixels"], "labels": data["labels"]}
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bundle") / "resnet"
-    mpexport.convert(MODELS / "digits_resnet.pt2", out=out, val_data=VAL)
-    return out
+from tests.conftest import DIGITS_VAL, MODELS, assert_bad_input
 
 
 def pixel_table(digits: dict[str, np.ndarray], image: str = "pixels", label: str = "labels") -> pa.Table:
@@ -75,7 +60,7 @@ def comparable(report: mpexport.ParityReport) -> dict:
 
 def test_every_table_form_gives_the_npz_report(tmp_path: Path, digits: dict[str, np.ndarray], bundle: Path) -> None:
     forms = write_forms(tmp_path, digits)
-    expected = comparable(mpexport.verify(bundle, val_data=VAL, write=False))
+    expected = comparable(mpexport.verify(bundle, val_data=DIGITS_VAL, write=False))
     assert expected["samples"] == len(digits["labels"])
     for name, path in forms.items():
         data = load_validation_data(path)
@@ -174,7 +159,7 @@ def bad_tables(root: Path, digits: dict[str, np.ndarray]) -> dict[str, tuple[Pat
         "bad mapping": (good, ["--columns", "pixels"], "INPUT=COLUMN"), "dataset dict": (splits, [], "choose a split"),
         "shapes differ between files": (mixed_shapes, ["--calibration-samples", "512", "--check-samples", "512"],
                                         "samples of shape"),
-        "npz with columns": (VAL, ["--columns", "pixels=x"], "--columns maps the columns of Parquet/Arrow"),
+        "npz with columns": (DIGITS_VAL, ["--columns", "pixels=x"], "--columns maps the columns of Parquet/Arrow"),
     }
 
 
