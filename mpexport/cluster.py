@@ -23,6 +23,7 @@ same paths as the driver (one machine, or a shared file system).
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import logging
 import os
@@ -128,22 +129,27 @@ def verify_on_ray(directory: str | Path, ray_options: RayOptions, *, val_data: s
         has_model = _check_source(bundle, trust_pickle, reference)
         example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=bundle.manifest.inputs))
     ray = _import_ray()
-    # Ray's driver prints what its workers report (a task retried after its actor died) on stdout: it goes to
-    # stderr for the run, so stdout stays the report (--json)
-    with contextlib.redirect_stdout(sys.stderr), clock.stage("ray start"):
-        started = _connect(ray, ray_options)
-    try:
-        workers = _workers(ray, ray_options)
-        shards = plan_shards(data, options, workers, ray_options.batches_per_shard)
-        workers = min(workers, len(shards))
-        gpus = _gpus_per_worker(ray, ray_options, workers)
-        job = _Job(str(bundle.directory.absolute()), _data_path(data), getattr(data, "columns", {}), options,
-                   trust_pickle, str(Path(reference).absolute()) if reference else None, ray_options.cpus_per_worker)
-        with contextlib.redirect_stdout(sys.stderr), clock.stage("passes"):
-            tally, states = _run_shards(ray, job, shards, workers, ray_options, gpus, on_shard)
-    finally:
-        if started:
-            ray.shutdown()
+    # Ray's driver prints what its workers report (a task retried after its actor died; an actor killed when a
+    # failed run stops the pool) on stdout, from a thread: held until Ray is done, then on stderr when the run
+    # succeeds, so that stdout stays the report (--json) and a failure stays one line
+    messages = io.StringIO()
+    with contextlib.redirect_stdout(messages):
+        with clock.stage("ray start"):
+            started = _connect(ray, ray_options)
+        try:
+            workers = _workers(ray, ray_options)
+            shards = plan_shards(data, options, workers, ray_options.batches_per_shard)
+            workers = min(workers, len(shards))
+            gpus = _gpus_per_worker(ray, ray_options, workers)
+            job = _Job(str(bundle.directory.absolute()), _data_path(data), getattr(data, "columns", {}), options,
+                       trust_pickle, str(Path(reference).absolute()) if reference else None,
+                       ray_options.cpus_per_worker)
+            with clock.stage("passes"):
+                tally, states = _run_shards(ray, job, shards, workers, ray_options, gpus, on_shard)
+        finally:
+            if started:
+                ray.shutdown()
+    sys.stderr.write(messages.getvalue())
     expected = sum(shard.samples for shard in shards)
     if tally.samples != expected:
         raise MpexportError(f"the Ray run verified {tally.samples} of {expected} samples: no verdict on part of "
