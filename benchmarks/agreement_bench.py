@@ -24,6 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mpexport.capture.provenance import read_provenance
+from mpexport.precision.plan import read_ranges
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 POLICIES = ("cpu-fp16", "cpu-bf16", "cuda-fp16", "cuda-bf16")
@@ -61,9 +64,11 @@ def measure(name: str, module: torch.nn.Module, arrays: dict[str, np.ndarray], a
     import onnx_ir as ir
 
     import mpexport
-    from mpexport.agreement import plan_agreement
-    from mpexport.bundle import FP32_ONNX, Bundle
-    from mpexport.plan import PlanOptions, make_plan
+    from mpexport.bundle.names import FP32_ONNX
+    from mpexport.bundle.store import Bundle
+    from mpexport.precision.agreement import plan_agreement
+    from mpexport.precision.options import PlanOptions
+    from mpexport.precision.planner import make_plan
 
     np.savez(root / f"{name}.npz", **arrays)
     example = {key: torch.from_numpy(value[:2]) for key, value in arrays.items()}
@@ -86,8 +91,8 @@ def measure(name: str, module: torch.nn.Module, arrays: dict[str, np.ndarray], a
 
     def plan(out: Path, policy: str):
         bundle = Bundle.open(out)
-        return make_plan(ir.load(str(bundle.path(FP32_ONNX))), bundle.provenance(), PlanOptions(policy=policy),
-                         bundle.ranges())
+        return make_plan(ir.load(str(bundle.path(FP32_ONNX))), read_provenance(bundle), PlanOptions(policy=policy),
+                         read_ranges(bundle))
 
     for policy in POLICIES:
         reference, dynamo, scripted = plan(pt2_out, policy), plan(dyn_out, policy), plan(ts_out, policy)

@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mpexport.capture.provenance import read_provenance
+
 CONVERTERS = ("mpexport", "onnxconverter-common", "modelopt-autocast")
 TOKENS = np.random.default_rng(1).integers(0, 30000, (2, 128))
 
@@ -56,7 +58,7 @@ def export_bert(workdir: Path, layers: int) -> Path:
     from transformers import BertConfig, BertForSequenceClassification
 
     import mpexport
-    from mpexport.plan import PlanOptions
+    from mpexport.precision.options import PlanOptions
 
     out = workdir / "bert"
     if (out / "manifest.json").exists():
@@ -77,15 +79,17 @@ def convert_one(name: str, source: Path, target: Path) -> dict:
     if name == "mpexport":
         import onnx_ir as ir
 
-        from mpexport.bundle import FP32_ONNX, Bundle
-        from mpexport.onnxfile import save_model
-        from mpexport.plan import PlanOptions, make_plan
-        from mpexport.rewrite import apply_plan
+        from mpexport.bundle.names import FP32_ONNX
+        from mpexport.bundle.store import Bundle
+        from mpexport.graph.onnxfile import save_model
+        from mpexport.graph.rewrite import apply_plan
+        from mpexport.precision.options import PlanOptions
+        from mpexport.precision.planner import make_plan
 
         start = time.perf_counter()
         bundle = Bundle.open(source)
         model = ir.load(str(bundle.path(FP32_ONNX)))
-        plan = make_plan(model, bundle.provenance(), PlanOptions(policy="cuda-fp16", range_check=False))
+        plan = make_plan(model, read_provenance(bundle), PlanOptions(policy="cuda-fp16", range_check=False))
         apply_plan(model, plan.precisions())
         save_model(model, target)
     elif name == "onnxconverter-common":
@@ -136,7 +140,7 @@ def convert_onnx_in(name: str, source: Path, target: Path) -> dict:
     ``target`` (mpexport: its bundle directory). Seconds exclude imports; peak RSS is this process's."""
     warnings.simplefilter("ignore")
     if name == "mpexport":
-        from mpexport.conversion import convert
+        from mpexport.commands.convert import convert
 
         start = time.perf_counter()
         convert(source, out=target, force=True)
@@ -168,8 +172,8 @@ def strict_parity(fp32: Path, mixed: Path) -> dict:
     import onnxruntime as ort
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from mpexport.emulate import strict_emulation
-    from mpexport.runners import OrtRunner
+    from mpexport.backends.onnxruntime import OrtRunner
+    from mpexport.graph.emulate import strict_emulation
 
     feeds = {"input_ids": TOKENS[:2], "attention_mask": np.ones_like(TOKENS[:2])}
     try:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mpexport.capture.provenance import read_provenance
+
 SEQUENCE, SAMPLES = 128, 8
 MB = 1 << 20
 
@@ -53,7 +55,7 @@ def convert(workdir: Path) -> dict:
     """``mpexport.convert`` of the prepared model; seconds and peak RSS overall and per stage, as the manifest
     records them (``timings.convert``)."""
     import mpexport
-    from mpexport.plan import PlanOptions
+    from mpexport.precision.options import PlanOptions
 
     started = time.perf_counter()
     result = mpexport.convert(workdir / "model.pt", out=workdir / "build", val_data=workdir / "val.npz",
@@ -72,11 +74,13 @@ def writer(workdir: Path) -> dict:
     """Plan + rewrite + save + lint from the FP32 ONNX in ``workdir/build`` into ``workdir/writer``."""
     import onnx_ir as ir
 
-    from mpexport.bundle import FP32_ONNX, PROVENANCE, Bundle
-    from mpexport.lint import lint_model
-    from mpexport.onnxfile import save_model
-    from mpexport.plan import PlanOptions, make_plan
-    from mpexport.rewrite import apply_plan
+    from mpexport.bundle.names import FP32_ONNX, PROVENANCE
+    from mpexport.bundle.store import Bundle
+    from mpexport.graph.lint import lint_model
+    from mpexport.graph.onnxfile import save_model
+    from mpexport.graph.rewrite import apply_plan
+    from mpexport.precision.options import PlanOptions
+    from mpexport.precision.planner import make_plan
 
     target = workdir / "writer"
     shutil.rmtree(target, ignore_errors=True)
@@ -85,7 +89,7 @@ def writer(workdir: Path) -> dict:
     baseline = _status_kb("VmRSS") // 1024
     started = time.perf_counter()
     model = ir.load(str(bundle.path(FP32_ONNX)))
-    plan = make_plan(model, bundle.provenance(), PlanOptions(policy="cuda-fp16"))
+    plan = make_plan(model, read_provenance(bundle), PlanOptions(policy="cuda-fp16"))
     apply_plan(model, plan.precisions())
     save_model(model, target / "model.mixed.onnx", external_data="model.mixed.onnx.data")
     rewrite_seconds = time.perf_counter() - started
@@ -114,7 +118,8 @@ def fp32_weight_bytes(build: Path) -> int:
     """Bytes of the FP32 ONNX's initializers (its external data file and the inline ones)."""
     import onnx_ir as ir
 
-    from mpexport.bundle import FP32_ONNX, Bundle
+    from mpexport.bundle.names import FP32_ONNX
+    from mpexport.bundle.store import Bundle
 
     model = ir.load(str(Bundle.open(build).path(FP32_ONNX)))
     return sum(value.const_value.nbytes for value in model.graph.initializers.values()

@@ -26,12 +26,13 @@ def main() -> None:
     warnings.simplefilter("ignore")
     from transformers import BertConfig, BertForSequenceClassification
 
-    from mpexport.export import ExportRequest, export_onnx
-    from mpexport.loading import load_model
-    from mpexport.plan import PlanOptions, make_plan
-    from mpexport.provenance import collect_provenance
-    from mpexport.ranges import collect_ranges
-    from mpexport.specs import TensorSpec
+    from mpexport.base.specs import TensorSpec
+    from mpexport.capture.export import ExportRequest, export_onnx
+    from mpexport.capture.provenance import collect_provenance
+    from mpexport.precision.options import PlanOptions
+    from mpexport.precision.planner import make_plan
+    from mpexport.precision.ranges import collect_ranges
+    from mpexport.sources.loading import load_model
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(num_hidden_layers=args.layers)).eval()

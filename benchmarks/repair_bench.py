@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mpexport.precision.plan import read_plan
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SAMPLES, RARE = 320, 40
@@ -119,7 +121,7 @@ def convert(pt2: Path, val: Path, options: list[str], out: Path) -> None:
 
 
 def run_repair(bundle: Path) -> dict:
-    from mpexport.repair import repair
+    from mpexport.commands.repair import repair
 
     started = time.perf_counter()
     result = repair(bundle)
@@ -131,16 +133,18 @@ def run_repair(bundle: Path) -> dict:
 
 def run_bisection(bundle: Path) -> dict:
     """Smallest prefix of the low-precision nodes (graph order) whose trial passes, bisected; then confirmed."""
-    from mpexport.bundle import Bundle
-    from mpexport.repair import Search
-    from mpexport.verification import VerifyOptions, load_inputs, verify_forms
+    from mpexport.bundle.store import Bundle
+    from mpexport.check.forms import load_inputs
+    from mpexport.check.report import VerifyOptions
+    from mpexport.check.verify import verify_forms
+    from mpexport.minimize.search import Search
 
     started = time.perf_counter()
     opened = Bundle.open(bundle)
     options = VerifyOptions()
     inputs = load_inputs(opened, batch_size=options.batch_size)
     baseline = verify_forms(opened, inputs, options)
-    plan = opened.plan()
+    plan = read_plan(opened)
     search = Search(opened, plan, inputs, options, baseline, f"strict-{plan.options.low}", 1000, None)
     candidates = search.candidates
     low, high = 0, len(candidates)  # invariant: the first `high` pass
@@ -179,13 +183,16 @@ def run_occ(bundle: Path, pt2: Path, val: Path, python: str | None, root: Path) 
     """onnxconverter-common's search on 16 failing samples, judged afterwards on every sample."""
     if not python:
         return {"note": "no --baselines-python"}
-    from mpexport.bundle import FP32_ONNX, Bundle
-    from mpexport.verification import VerifyOptions, load_inputs, verify_candidate, verify_forms
+    from mpexport.bundle.names import FP32_ONNX
+    from mpexport.bundle.store import Bundle
+    from mpexport.check.forms import load_inputs
+    from mpexport.check.report import VerifyOptions
+    from mpexport.check.verify import verify_candidate, verify_forms
 
     opened = Bundle.open(bundle)
     options = VerifyOptions()
     baseline = verify_forms(opened, load_inputs(opened, batch_size=64), options)
-    failing = baseline.failing_samples(f"strict-{opened.plan().options.low}")[:16]
+    failing = baseline.failing_samples(f"strict-{read_plan(opened).options.low}")[:16]
     with np.load(val) as data:
         np.savez(root / "occ_feeds.npz", x=data["x"][failing])
     target = root / "occ.onnx"
@@ -194,7 +201,7 @@ def run_occ(bundle: Path, pt2: Path, val: Path, python: str | None, root: Path) 
     if done.returncode != 0:
         return {"note": f"failed: {done.stderr.strip().splitlines()[-1][:160]}"}
     seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
-    report = verify_candidate(pt2, target, val, policy=opened.plan().policy.name, low="fp16")
+    report = verify_candidate(pt2, target, val, policy=read_plan(opened).policy.name, low="fp16")
     strict = report.metrics.get("strict-fp16", {})
     nonfinite = sum(metric.nonfinite for metric in strict.values())
     return {"passes": report.passed, "seconds": seconds, "strict_nonfinite": nonfinite,
@@ -206,9 +213,9 @@ def _low_share(path: Path, bundle) -> float | None:
     """The MAC share of the bundle plan's MAC nodes that run FP16 in ``path`` (by node name)."""
     import onnx_ir as ir
 
-    from mpexport.rewrite import realized_precisions
+    from mpexport.graph.contract import realized_precisions
 
-    macs = {node.name: node.macs for node in bundle.plan().nodes if node.macs}
+    macs = {node.name: node.macs for node in read_plan(bundle).nodes if node.macs}
     realized = realized_precisions(ir.load(str(path)))
     total = sum(macs.values())
     low = sum(count for name, count in macs.items() if realized.get(name, ("fp32",))[0] == "fp16")
@@ -217,9 +224,11 @@ def _low_share(path: Path, bundle) -> float | None:
 
 def time_trials(directory: Path, atol: float | None) -> None:
     """Seconds of one trial on an existing bundle (``--atol`` forces a failure on a bundle that passes)."""
-    from mpexport.bundle import Bundle
-    from mpexport.repair import Search
-    from mpexport.verification import VerifyOptions, load_inputs, verify_forms
+    from mpexport.bundle.store import Bundle
+    from mpexport.check.forms import load_inputs
+    from mpexport.check.report import VerifyOptions
+    from mpexport.check.verify import verify_forms
+    from mpexport.minimize.search import Search
 
     bundle = Bundle.open(directory)
     options = VerifyOptions(atol=atol)
@@ -227,7 +236,7 @@ def time_trials(directory: Path, atol: float | None) -> None:
     started = time.perf_counter()
     baseline = verify_forms(bundle, inputs, options)
     print(f"baseline verify {time.perf_counter() - started:.1f} s: {baseline.verdict}")
-    plan = bundle.plan()
+    plan = read_plan(bundle)
     search = Search(bundle, plan, inputs, options, baseline, f"strict-{plan.options.low}", 100, None)
     for count in (0, 10, 40):
         started = time.perf_counter()

@@ -28,14 +28,18 @@ def overhead(samples: int, layers: int, root: Path) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 
     import mpexport
-    from mpexport.amp import TorchAmpRunner
-    from mpexport.bundle import FP32_ONNX, MIXED_ONNX, Bundle
-    from mpexport.loading import load_model
-    from mpexport.plan import PlanOptions
-    from mpexport.runners import OrtRunner, TorchRunner
-    from mpexport.specs import TensorSpec
-    from mpexport.valdata import load_validation_data
-    from mpexport.verification import VerifyOptions, _strict_model, verify
+    from mpexport.backends.onnxruntime import OrtRunner
+    from mpexport.backends.torch import TorchRunner
+    from mpexport.base.specs import TensorSpec
+    from mpexport.bundle.names import FP32_ONNX, MIXED_ONNX
+    from mpexport.bundle.store import Bundle
+    from mpexport.check.amp import TorchAmpRunner
+    from mpexport.check.report import VerifyOptions
+    from mpexport.commands.verify import verify
+    from mpexport.data.open import load_validation_data
+    from mpexport.graph.emulate import load_strict_emulation
+    from mpexport.precision.options import PlanOptions
+    from mpexport.sources.loading import load_model
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(hidden_size=256, num_hidden_layers=layers,
@@ -59,7 +63,7 @@ def overhead(samples: int, layers: int, root: Path) -> None:
     bundle = Bundle.open(out)
     runners = [TorchRunner(loaded.callable(), names), TorchAmpRunner(loaded, names, "cuda-fp16", batches[0]),
                OrtRunner(bundle.path(FP32_ONNX)), OrtRunner(bundle.path(MIXED_ONNX)),
-               OrtRunner.from_model(_strict_model(bundle.path(MIXED_ONNX)), out, name="strict-fp16")]
+               OrtRunner.from_model(load_strict_emulation(bundle.path(MIXED_ONNX)), out, name="strict-fp16")]
     raw = 0.0
     for runner in runners:
         start = time.perf_counter()
@@ -72,13 +76,13 @@ def overhead(samples: int, layers: int, root: Path) -> None:
 
 def strict_speed(root: Path) -> None:
     import mpexport
-    import mpexport.plan
+    import mpexport.precision.plan
 
     models = Path(__file__).resolve().parents[1] / "models"
     for example in ("digits_transformer", "digits_resnet"):
         out = root / example
         mpexport.convert(models / f"{example}.pt2", out=out, val_data=models / f"{example}.val.npz",
-                         plan_options=mpexport.plan.PlanOptions(policy="cuda-fp16"))
+                         plan_options=mpexport.precision.plan.PlanOptions(policy="cuda-fp16"))
         feeds = {"pixels": np.load(models / f"{example}.val.npz")["pixels"]}
         _time_strict(example, out, feeds, root)
 
@@ -89,8 +93,9 @@ def _time_strict(example: str, out: Path, feeds: dict[str, np.ndarray], root: Pa
     import onnxruntime as ort
     from onnx.reference import ReferenceEvaluator
 
-    from mpexport.bundle import MIXED_ONNX, Bundle
-    from mpexport.emulate import strict_emulation
+    from mpexport.bundle.names import MIXED_ONNX
+    from mpexport.bundle.store import Bundle
+    from mpexport.graph.emulate import strict_emulation
 
     mixed = Bundle.open(out).path(MIXED_ONNX)
     strict = root / "strict.onnx"
@@ -115,8 +120,8 @@ def amp_speed(repeats: int = 2) -> None:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
-    from mpexport.amp import TorchAmpRunner
-    from mpexport.loading import FORMAT_EXPORT, LoadedModel
+    from mpexport.check.amp import TorchAmpRunner
+    from mpexport.sources.model import FORMAT_EXPORT, LoadedModel
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.toy_models import TextLogits

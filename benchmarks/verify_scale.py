@@ -41,7 +41,7 @@ def build(root: Path, samples: int, layers: int) -> tuple[Path, Path]:
     from transformers import BertConfig, BertForSequenceClassification
 
     import mpexport
-    from mpexport.plan import PlanOptions
+    from mpexport.precision.options import PlanOptions
 
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(hidden_size=256, num_hidden_layers=layers,

@@ -7,7 +7,10 @@ The Python API mirrors the CLI::
     report = mpexport.verify("build/m")
     mpexport.save(model, "model.pt2", (example,))   # the last line of a training script: FP32 .pt2 + its autocast
     bundle = mpexport.Bundle.open("build/m")       # the typed record every command reads and commits
-    print(bundle.manifest.verify.verdict, bundle.plan().summary()["macs"])
+    print(bundle.manifest.verify.verdict, mpexport.read_plan(bundle).summary()["macs"])
+    mpexport.repair("build/m")                      # and build, package, inspect: every command is a function
+
+Layout: ``mpexport/`` holds one folder per stage, each importing only the folders below it (README, "Layout").
 """
 
 from __future__ import annotations
@@ -15,30 +18,40 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-from mpexport.errors import MpexportError
-from mpexport.specs import TensorSpec, parse_input_option
+from mpexport.base.errors import MpexportError
+from mpexport.base.specs import TensorSpec, parse_input_option
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Bundle": "mpexport.bundle", "Manifest": "mpexport.bundle",
-    "PlanOptions": "mpexport.plan", "PrecisionPlan": "mpexport.plan", "Overrides": "mpexport.plan",
-    "VerifyOptions": "mpexport.verification", "EngineOptions": "mpexport.conversion",
-    "ConvertResult": "mpexport.conversion", "convert": "mpexport.conversion",
-    "ExportRequest": "mpexport.export", "ExportResult": "mpexport.export", "export_onnx": "mpexport.export",
-    "LoadedModel": "mpexport.loading", "load_model": "mpexport.loading",
-    "ValidationData": "mpexport.valdata", "load_validation_data": "mpexport.valdata",
-    "ParityReport": "mpexport.verification", "verify": "mpexport.verification",
-    "verify_candidate": "mpexport.verification",
-    "lint_model": "mpexport.lint", "inspect_plan": "mpexport.inspection",
-    "save": "mpexport.saving", "TrainingRecord": "mpexport.records",
+    # the commands, one public function each
+    "convert": "mpexport.commands.convert", "verify": "mpexport.commands.verify",
+    "repair": "mpexport.commands.repair", "build": "mpexport.commands.build",
+    "package": "mpexport.commands.package", "inspect": "mpexport.commands.inspect",
+    # their options and results
+    "ConvertResult": "mpexport.commands.convert", "EngineOptions": "mpexport.commands.convert",
+    "VerifyOptions": "mpexport.check.report", "ParityReport": "mpexport.check.report",
+    "RepairResult": "mpexport.commands.repair", "PackageResult": "mpexport.deploy.triton",
+    "InspectReport": "mpexport.commands.inspect", "RayOptions": "mpexport.check.ray",
+    # the stages, for Python users who run one alone
+    "Bundle": "mpexport.bundle.store", "Manifest": "mpexport.bundle.records",
+    "LoadedModel": "mpexport.sources.loading", "load_model": "mpexport.sources.loading",
+    "save": "mpexport.sources.saving", "TrainingRecord": "mpexport.sources.records",
+    "ValidationData": "mpexport.data.base", "load_validation_data": "mpexport.data.open",
+    "ExportRequest": "mpexport.capture.export", "ExportResult": "mpexport.capture.export",
+    "export_onnx": "mpexport.capture.export",
+    "PlanOptions": "mpexport.precision.plan", "PrecisionPlan": "mpexport.precision.plan",
+    "Overrides": "mpexport.precision.plan", "read_plan": "mpexport.precision.plan",
+    "lint_model": "mpexport.graph.lint", "verify_candidate": "mpexport.check.verify",
+    "inspect_plan": "mpexport.commands.inspect:inspect",  # the name before 0.2
 }
 
 
 def __getattr__(name: str) -> Any:
     """Import the stages on first use: planning, rewriting and linting need no torch."""
     if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+        module, _, attribute = _LAZY[name].partition(":")
+        return getattr(import_module(module), attribute or name)
     raise AttributeError(f"module 'mpexport' has no attribute '{name}'")
 
 __all__ = [
@@ -47,25 +60,34 @@ __all__ = [
     "EngineOptions",
     "ExportRequest",
     "ExportResult",
+    "InspectReport",
     "LoadedModel",
     "Manifest",
     "MpexportError",
     "Overrides",
+    "PackageResult",
     "ParityReport",
     "PlanOptions",
     "PrecisionPlan",
+    "RayOptions",
+    "RepairResult",
     "TensorSpec",
     "TrainingRecord",
     "ValidationData",
     "VerifyOptions",
     "__version__",
+    "build",
     "convert",
     "export_onnx",
+    "inspect",
     "inspect_plan",
     "lint_model",
     "load_model",
     "load_validation_data",
+    "package",
     "parse_input_option",
+    "read_plan",
+    "repair",
     "save",
     "verify",
     "verify_candidate",

@@ -1,8 +1,9 @@
-"""Extract the autocast policy table of every torch release into ``mpexport/policies/``, each in a throwaway venv.
+"""Extract the autocast policy table of every torch release into ``mpexport/precision/policies/``, each in a
+throwaway venv.
 
 For each version: a new venv, ``pip install torch==VERSION`` (the registry's build: CUDA for all but the release
 on this machine's disk; the CUDA libraries come along, no GPU is needed to read the tables), then
-``mpexport.autocast_extract`` run from this checkout writes ``autocast-torch-<minor>.json``; the venv is
+``mpexport.precision.extract`` run from this checkout writes ``autocast-torch-<minor>.json``; the venv is
 removed. What each release cost (seconds, download, venv size) is printed as a table and written as JSON.
 
     python scripts/extract_policy_tables.py                      # 2.6 .. newest on the registry
@@ -27,10 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_VERSIONS = ("2.6.0", "2.7.1", "2.8.0", "2.9.1", "2.10.0", "2.11.0", "2.12.1", "2.13.0", "2.14.1", "2.15.0")
 EXTRACT = ("import sys, types; package = types.ModuleType('mpexport'); package.__path__ = [sys.argv[1] + '/mpexport']; "
-           "sys.modules['mpexport'] = package; from mpexport.autocast_extract import main; main()")
+           "sys.modules['mpexport'] = package; from mpexport.precision.extract import main; main()")
 """Runs the extractor from this checkout without the package's ``__init__`` (its imports need more than torch)."""
 EXTRACT_NEEDS = ("numpy", "ml_dtypes", "onnx-ir")
-"""What the extractor imports besides torch (the CUDA probe's oracle uses mpexport.dtypes)."""
+"""What the extractor imports besides torch (the CUDA probe's oracle uses mpexport.base.dtypes)."""
 
 
 def directory_mb(path: Path) -> float:

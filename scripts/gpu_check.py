@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mpexport.capture.provenance import read_provenance
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -96,9 +98,11 @@ def oracle_check(cpu_only: bool) -> dict[str, Any]:
     import onnx_ir as ir
 
     import mpexport
-    from mpexport.bundle import FP32_ONNX, PROVENANCE, Bundle
-    from mpexport.oracle import compare_with_plan, observe_autocast
-    from mpexport.plan import PlanOptions, make_plan
+    from mpexport.bundle.names import FP32_ONNX, PROVENANCE
+    from mpexport.bundle.store import Bundle
+    from mpexport.precision.options import PlanOptions
+    from mpexport.precision.oracle import compare_with_plan, observe_autocast
+    from mpexport.precision.planner import make_plan
 
     real = torch.cuda.is_available() and not cpu_only
     results = []
@@ -109,7 +113,7 @@ def oracle_check(cpu_only: bool) -> dict[str, Any]:
             mpexport.convert(case["pt2"], out=out, val_data=case["val"])
             bundle = Bundle.open(out, uses=(FP32_ONNX, PROVENANCE))
             model = ir.load(bundle.path(FP32_ONNX))
-            records = bundle.provenance()
+            records = read_provenance(bundle)
             program = torch.export.load(case["pt2"])
             inputs = case["inputs"]
             args, kwargs = (tuple(inputs.values()), {}) if case["positional"] else ((), inputs)
@@ -132,9 +136,9 @@ def oracle_check(cpu_only: bool) -> dict[str, Any]:
 def numerics_and_engines(cpu_only: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per bundled example (cuda-fp16 plan): torch-amp vs strict-fp16 errors, and the engine where possible."""
     import mpexport
-    from mpexport.engine import tensorrt_status
-    from mpexport.plan import PlanOptions
-    from mpexport.verification import verify
+    from mpexport.commands.verify import verify
+    from mpexport.deploy.tensorrt import tensorrt_status
+    from mpexport.precision.options import PlanOptions
 
     status = tensorrt_status()
     build = status.available and not cpu_only
@@ -173,10 +177,11 @@ def sdpa_kernels(cpu_only: bool) -> dict[str, Any]:
     """Mean error against FP64 of the plan's SDPA rule (the strict emulation of the mixed model, on the CPU) next to
     the CUDA kernels under CUDA autocast (default backend and the math path), per low type."""
     import mpexport
-    from mpexport.bundle import MIXED_ONNX, Bundle
-    from mpexport.plan import PlanOptions
-    from mpexport.runners import OrtRunner
-    from mpexport.verification import _strict_model
+    from mpexport.backends.onnxruntime import OrtRunner
+    from mpexport.bundle.names import MIXED_ONNX
+    from mpexport.bundle.store import Bundle
+    from mpexport.graph.emulate import load_strict_emulation
+    from mpexport.precision.options import PlanOptions
 
     if cpu_only or not torch.cuda.is_available():
         return {"skipped": "no GPU: the CPU paths are measured by test_sdpa_kernel_rule_against_the_cpu_autocast_paths"}
@@ -197,7 +202,7 @@ def sdpa_kernels(cpu_only: bool) -> dict[str, Any]:
             mpexport.convert(root / "attention.pt2", out=out, val_data=root / "val.npz", engine="off",
                              plan_options=PlanOptions(policy=f"cuda-{low}", range_check=False))
             bundle = Bundle.open(out)
-            strict = OrtRunner.from_model(_strict_model(bundle.path(MIXED_ONNX)), out, name="strict")
+            strict = OrtRunner.from_model(load_strict_emulation(bundle.path(MIXED_ONNX)), out, name="strict")
             (planned,) = strict.run({"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})
             row = {"plan_strict_emulation": float(np.abs(planned - reference.numpy()).mean())}
             cuda = [tensor.cuda() for tensor in (q, k, v)]

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import mpexport
-from mpexport.autocast_extract import extract_policy_table, registered_ops
-from mpexport.autocast_policy import (
+from mpexport.precision.extract import extract_policy_table, registered_ops
+from mpexport.precision.plan import PrecisionPlan
+from mpexport.precision.policy import (
     FP32,
     FP32_SET_OPT_DTYPE,
     LOWER,
@@ -24,7 +25,6 @@ from mpexport.autocast_policy import (
     resolve_policy,
     torch_minor,
 )
-from mpexport.plan import PrecisionPlan
 from tests.toy_models import build_cnn
 
 INSTALLED = torch_minor(torch.__version__)

@@ -14,21 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from mpexport.bundle import (
-    ENGINE,
-    FP32_ONNX,
-    MANIFEST_VERSION,
-    MIXED_ONNX,
-    PLAN,
-    TEMP_PREFIX,
-    Bundle,
-    Manifest,
-    VerifyRecord,
-)
-from mpexport.engine import ENGINE as ENGINE_FILE
-from mpexport.engine import ENGINE_LAYERS, TIMING_CACHE, EngineCheck, EngineResult, rebuild
-from mpexport.errors import MpexportError
-from mpexport.plan import PrecisionPlan
+from mpexport.base.errors import MpexportError
+from mpexport.bundle.names import ENGINE, ENGINE_LAYERS, FP32_ONNX, MIXED_ONNX, PLAN, TEMP_PREFIX, TIMING_CACHE
+from mpexport.bundle.records import MANIFEST_VERSION, Manifest, VerifyRecord
+from mpexport.bundle.store import Bundle
+from mpexport.commands.build import build
+from mpexport.deploy.tensorrt import ENGINE_FILE, EngineCheck, EngineResult
+from mpexport.precision.plan import PrecisionPlan, read_plan
 from tests.conftest import MODELS, REPO, assert_bad_input
 
 SHAPES = {"pixels": ((1, 1, 8, 8), (8, 1, 8, 8), (64, 1, 8, 8))}
@@ -74,7 +66,7 @@ def test_manifest_round_trips_as_typed_records(verified: Path) -> None:
     assert manifest.manifest_version == MANIFEST_VERSION and manifest.revision == 2
     assert [event.command for event in manifest.history] == ["convert", "verify"]
     assert Manifest.from_json(json.loads(json.dumps(manifest.to_json()))) == manifest
-    assert isinstance(bundle.plan(), PrecisionPlan) and bundle.plan().options.low == "fp16"
+    assert isinstance(read_plan(bundle), PrecisionPlan) and read_plan(bundle).options.low == "fp16"
     assert bundle.staleness(manifest.verify) is None and bundle.covered(manifest.verify, MIXED_ONNX)
     assert {stage.stage for stage in manifest.timings["verify"]} >= {"open", "load", "backends", "passes"}
     assert all(stage.seconds >= 0 and stage.peak_rss_mb for stage in manifest.timings["convert"])
@@ -105,7 +97,7 @@ def test_a_missing_artifact_is_refused(cli, bundle_copy: Path) -> None:
 def test_rebuilt_engine_turns_covering_verdicts_stale(cli, bundle_copy: Path, tmp_path: Path) -> None:
     """convert -> verify -> build -> package: the engine is new and verify never ran it (no GPU here), so package
     refuses; the engine's own check covers it, and a second build makes that check stale until recorded anew."""
-    first = rebuild(bundle_copy, shapes=SHAPES, builder=stand_in_builder)
+    first = build(bundle_copy, shapes=SHAPES, builder=stand_in_builder)
     bundle = Bundle.open(bundle_copy, uses=(ENGINE,))
     engine = bundle.manifest.engine
     assert first.path == bundle_copy / ENGINE_FILE and engine.covers.keys() == {ENGINE, PLAN}
@@ -118,7 +110,7 @@ def test_rebuilt_engine_turns_covering_verdicts_stale(cli, bundle_copy: Path, tm
     # when the engine is rebuilt.
     bundle.manifest.verify.covers = bundle.digests(FP32_ONNX, MIXED_ONNX, PLAN, ENGINE)
     bundle.commit("test")
-    rebuild(bundle_copy, shapes=SHAPES, builder=stand_in_builder)
+    build(bundle_copy, shapes=SHAPES, builder=stand_in_builder)
     reopened = Bundle.open(bundle_copy)
     assert "model.plan was rewritten by mpexport build" in reopened.staleness(reopened.manifest.verify)
     assert_bad_input(cli("package", bundle_copy, "--out", repo), "stale verify verdict", "model.plan")

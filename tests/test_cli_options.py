@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from mpexport.bundle import Bundle
+from mpexport.bundle.store import Bundle
+from mpexport.precision.plan import read_plan
 from tests.conftest import MODELS
 from tests.test_bundle import stand_in_builder
 
@@ -36,8 +37,8 @@ def test_convert_plan_and_data_pass_options(cli, base: Path, tmp_path: Path) -> 
                  "--keep-fp32-module", r"^blocks\.1\.attn$", "--force-low-module", r"^blocks\.0\.norm1$",
                  "--calibration-samples", "64", "--check-samples", "100")
     assert result.exit_code == 0, result.stderr
-    manifest, plan = Bundle.open(out).manifest, Bundle.open(out).plan()
-    default = Bundle.open(base).plan()
+    manifest, plan = Bundle.open(out).manifest, read_plan(Bundle.open(out))
+    default = read_plan(Bundle.open(base))
     assert manifest.export.opset == 21 and Bundle.open(base).manifest.export.opset != 21
     kept = [node for node in plan.nodes if node.module == "blocks.1.attn" and node.precision != "none"]
     assert kept and all(node.precision == "fp32" and node.rule == "override" for node in kept)
@@ -52,7 +53,7 @@ def test_convert_plan_and_data_pass_options(cli, base: Path, tmp_path: Path) -> 
 def test_convert_target(cli, tmp_path: Path) -> None:
     out = tmp_path / "m"
     assert cli("convert", TRANSFORMER, "--val-data", VAL, "--out", out, "--target", "bf16").exit_code == 0
-    plan = Bundle.open(out).plan()
+    plan = read_plan(Bundle.open(out))
     assert plan.policy.name == "cpu-fp16" and plan.options.low == "bf16"  # trained fp16, deployed bf16
     assert {node.precision for node in plan.nodes if node.op_type == "MatMul"} == {"bf16"}
 
@@ -93,7 +94,7 @@ def test_verify_candidate_low_type(cli, base: Path) -> None:
 
 def test_inspect_nodes(cli, base: Path) -> None:
     plain, with_nodes = cli("inspect", base).stdout, cli("inspect", base, "--nodes").stdout
-    name = Bundle.open(base).plan().nodes[0].name
+    name = read_plan(Bundle.open(base)).nodes[0].name
     assert name in with_nodes and name not in plain
 
 
@@ -107,7 +108,9 @@ def test_package_name(cli, base: Path, tmp_path: Path) -> None:
 def recording_builder(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """TensorRT cannot run here: convert's and build's engine stage get an available status and the stand-in
     builder, which records the arguments the options turned into."""
-    from mpexport import conversion, engine
+    from mpexport.commands import build as engine_command
+    from mpexport.commands import convert as conversion
+    from mpexport.deploy import tensorrt as engine
 
     calls: list[dict[str, Any]] = []
 
@@ -116,7 +119,7 @@ def recording_builder(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         return stand_in_builder(onnx_path, out_dir, profiles, plan)
 
     available = engine.TensorRTStatus(True, "10.13.0", "stand-in GPU", "9.0")
-    for module in (conversion, engine):
+    for module in (conversion, engine_command):
         monkeypatch.setattr(module, "tensorrt_status", lambda: available)
         monkeypatch.setattr(module, "build_engine", builder)
     return calls

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 import mpexport
-from mpexport.bundle import Bundle
+from mpexport.bundle.store import Bundle
+from mpexport.capture.provenance import read_provenance
+from mpexport.precision.plan import read_plan
 from tests.conftest import EXAMPLES, MODELS, assert_bad_input
 from tests.toy_models import build_cnn, build_vit
 
@@ -264,9 +266,9 @@ def test_one_data_pass_gives_the_export_check_and_the_range_statistics(tmp_path:
     --calibration-samples, in one ONNX Runtime pass; the plan equals one calibrated in a separate pass."""
     import onnx_ir as ir
 
-    from mpexport.bundle import FP32_ONNX
-    from mpexport.plan import make_plan
-    from mpexport.ranges import collect_ranges
+    from mpexport.bundle.names import FP32_ONNX
+    from mpexport.precision.planner import make_plan
+    from mpexport.precision.ranges import collect_ranges
 
     model, val = MODELS / "digits_transformer.pt2", MODELS / "digits_transformer.val.npz"
     progress: list[tuple[int, int | None]] = []
@@ -275,10 +277,10 @@ def test_one_data_pass_gives_the_export_check_and_the_range_statistics(tmp_path:
     assert result.manifest.export_check.comparison["samples"] == 128 and result.export_check_passed
     assert progress == [(64, 192), (128, 192), (192, 192)]
     bundle = Bundle.open(result.out)
-    plan = bundle.plan()
+    plan = read_plan(bundle)
     assert plan.calibration_samples == 192
     with np.load(val) as data:
         batches = [{"pixels": data["pixels"][start:start + 64]} for start in range(0, 192, 64)]
     fp32 = bundle.path(FP32_ONNX)
-    separate = make_plan(ir.load(str(fp32)), bundle.provenance(), plan.options, collect_ranges(fp32, batches))
+    separate = make_plan(ir.load(str(fp32)), read_provenance(bundle), plan.options, collect_ranges(fp32, batches))
     assert separate.to_json() == plan.to_json()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mpexport.engine import (
+from mpexport.base.errors import MpexportError
+from mpexport.deploy.tensorrt import (
     compare_engine_with_plan,
     derive_profiles,
     engine_layers,
@@ -22,7 +23,6 @@ from mpexport.engine import (
     parse_shapes_option,
     tensorrt_status,
 )
-from mpexport.errors import MpexportError
 from tests.conftest import MODELS, assert_bad_input
 
 LISTING_10 = {

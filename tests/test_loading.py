@@ -7,14 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpexport.errors import MpexportError
-from mpexport.loading import (
-    FORMAT_CHECKPOINT,
-    FORMAT_EXPORT,
-    FORMAT_PICKLE,
-    FORMAT_TORCHSCRIPT,
-    load_model,
-)
+from mpexport.base.errors import MpexportError
+from mpexport.sources.loading import load_model
+from mpexport.sources.model import FORMAT_CHECKPOINT, FORMAT_EXPORT, FORMAT_PICKLE, FORMAT_TORCHSCRIPT
 from tests.conftest import MODELS, REPO
 from tests.toy_models import build_cnn
 

@@ -16,9 +16,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import mpexport
-from mpexport.agreement import plan_agreement
-from mpexport.bundle import FP32_ONNX, Bundle
-from mpexport.plan import PlanOptions, PrecisionPlan, make_plan
+from mpexport.bundle.names import FP32_ONNX
+from mpexport.bundle.store import Bundle
+from mpexport.capture.provenance import read_provenance
+from mpexport.precision.agreement import plan_agreement
+from mpexport.precision.options import PlanOptions
+from mpexport.precision.plan import PrecisionPlan, read_ranges
+from mpexport.precision.planner import make_plan
 from tests.conftest import assert_bad_input, assert_nothing_written
 from tests.toy_models import TextLogits, build_bert, build_cnn
 
@@ -38,8 +42,8 @@ def torchscript_export(module: torch.nn.Module, example: tuple[torch.Tensor, ...
 def plan_of(out: Path, policy: str) -> PrecisionPlan:
     """The plan a bundle's FP32 ONNX and provenance get under ``policy``."""
     bundle = Bundle.open(out)
-    return make_plan(ir.load(str(bundle.path(FP32_ONNX))), bundle.provenance(), PlanOptions(policy=policy),
-                     bundle.ranges())
+    return make_plan(ir.load(str(bundle.path(FP32_ONNX))), read_provenance(bundle), PlanOptions(policy=policy),
+                     read_ranges(bundle))
 
 
 def assert_agrees_everywhere(reference: Path, other: Path, *, at_least: int) -> None:

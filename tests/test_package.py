@@ -118,12 +118,12 @@ def test_engine_becomes_a_tensorrt_plan_model(cli, verified: Path, tmp_path: Pat
     """Packaging logic for an engine (no TensorRT here: `mpexport build`'s bundle side runs with a stand-in
     builder that writes a stand-in engine file; verify cannot run it here, so packaging it needs
     --allow-unverified)."""
-    from mpexport.engine import rebuild
+    from mpexport.commands.build import build
     from tests.test_bundle import stand_in_builder
 
     directory = tmp_path / "with_engine"
     shutil.copytree(verified, directory)
-    rebuild(directory, shapes={"pixels": ((1, 1, 8, 8), (8, 1, 8, 8), (64, 1, 8, 8))}, builder=stand_in_builder)
+    build(directory, shapes={"pixels": ((1, 1, 8, 8), (8, 1, 8, 8), (64, 1, 8, 8))}, builder=stand_in_builder)
     repo = tmp_path / "repo"
     assert_bad_input(cli("package", directory, "--out", repo), "engine that verify did not check")
     assert cli("package", directory, "--out", repo, "--allow-unverified").exit_code == 0

@@ -12,9 +12,13 @@ import pytest
 import torch
 
 import mpexport
-from mpexport.bundle import FP32_ONNX, Bundle
-from mpexport.oracle import compare_with_plan, observe_autocast
-from mpexport.plan import Overrides, PlanOptions, make_plan
+from mpexport.bundle.names import FP32_ONNX
+from mpexport.bundle.store import Bundle
+from mpexport.capture.provenance import read_provenance
+from mpexport.precision.options import Overrides, PlanOptions
+from mpexport.precision.oracle import compare_with_plan, observe_autocast
+from mpexport.precision.plan import read_plan
+from mpexport.precision.planner import make_plan
 from tests.conftest import MODELS, REPO, assert_bad_input
 from tests.toy_models import build_fp32_head, build_outliers
 
@@ -28,9 +32,9 @@ def converted(tmp_path: Path, model: Path, val: Path, **options) -> Path:
     return out
 
 
-def plan_for(out: Path, policy: str, **options) -> mpexport.plan.PrecisionPlan:
+def plan_for(out: Path, policy: str, **options) -> mpexport.precision.plan.PrecisionPlan:
     bundle = Bundle.open(out)
-    return make_plan(ir.load(bundle.path(FP32_ONNX)), bundle.provenance(), PlanOptions(policy=policy, **options))
+    return make_plan(ir.load(bundle.path(FP32_ONNX)), read_provenance(bundle), PlanOptions(policy=policy, **options))
 
 
 def oracle_inputs(val: Path, names: list[str], count: int = 4) -> dict[str, torch.Tensor]:
@@ -177,7 +181,7 @@ def test_policy_file_in_the_library_gives_the_plan_the_cli_gives(cli, tmp_path: 
     assert (by_cli / "plan.json").read_bytes() == (by_api.out / "plan.json").read_bytes()
     plan = by_api.manifest.plan
     assert plan.policy == "cuda-fp16" and plan.target == "bf16" and plan.policy_source.startswith("given")
-    options = Bundle.open(by_api.out).plan().options
+    options = read_plan(Bundle.open(by_api.out)).options
     assert options.headroom == 4.0 and options.overrides.keep_fp32_ops == ["Gelu"]
     assert options.overrides.keep_fp32_modules == ["^blocks\\.1\\."]
 
@@ -256,8 +260,8 @@ def test_oracle_checkpoint_and_torchscript_inputs(tmp_path: Path, cnn_checkpoint
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The same module reaching convert as a checkpoint (+ factory) and as a TorchScript file: every node's plan
     agrees with autocast run on the program each path captured."""
-    from mpexport.export import torchscript_program
-    from mpexport.specs import TensorSpec
+    from mpexport.base.specs import TensorSpec
+    from mpexport.capture.export import torchscript_program
     from tests.toy_models import build_cnn
 
     monkeypatch.chdir(REPO)
@@ -282,11 +286,11 @@ def test_oracle_legacy_exporter_by_module(tmp_path: Path, pixels_npz: Path) -> N
     against real CPU autocast module by module (each module's output dtype; the CUDA policies need eager CUDA
     autocast, a GPU). This found Conv's stand-in naming aten.convolution, which CPU autocast does not list: a
     legacy-exported convolution was planned FP32 under CPU policies."""
-    from mpexport import provenance
-    from mpexport.export import ExportRequest, LegacyTorchScriptStrategy, export_onnx
-    from mpexport.loading import load_model
-    from mpexport.oracle import compare_modules_with_plan, observe_module_outputs
-    from mpexport.specs import TensorSpec
+    from mpexport.base.specs import TensorSpec
+    from mpexport.capture import provenance
+    from mpexport.capture.export import ExportRequest, LegacyTorchScriptStrategy, export_onnx
+    from mpexport.precision.oracle import compare_modules_with_plan, observe_module_outputs
+    from mpexport.sources.loading import load_model
     from tests.toy_models import build_cnn
 
     model = build_cnn().eval()
@@ -321,9 +325,9 @@ def test_sdpa_kernel_rule_against_the_cpu_autocast_paths(tmp_path: Path, low: st
     the README: the plan's error is below 2x the kernels' (verify's default budget factor over the noise floor)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from mpexport.bundle import MIXED_ONNX
-    from mpexport.runners import OrtRunner
-    from mpexport.verification import _strict_model
+    from mpexport.backends.onnxruntime import OrtRunner
+    from mpexport.bundle.names import MIXED_ONNX
+    from mpexport.graph.emulate import load_strict_emulation
 
     generator = torch.Generator().manual_seed(0)
     q, k, v = (3 * torch.randn(8, 4, 64, 32, generator=generator) for _ in range(3))
@@ -334,12 +338,12 @@ def test_sdpa_kernel_rule_against_the_cpu_autocast_paths(tmp_path: Path, low: st
     result = mpexport.convert(tmp_path / "attention.pt2", out=tmp_path / "m", val_data=tmp_path / "val.npz",
                               plan_options=PlanOptions(policy=f"cpu-{low}", range_check=False))
     bundle = Bundle.open(result.out)
-    plan = bundle.plan()
+    plan = read_plan(bundle)
     assert {node.op_type for node in plan.nodes if node.rule == "kernel"} >= {"Softmax"}
     assert {node.precision for node in plan.nodes if node.op_type == "MatMul"} == {low}
 
     reference = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double()).float()
-    strict = OrtRunner.from_model(_strict_model(bundle.path(MIXED_ONNX)), bundle.directory, name="strict")
+    strict = OrtRunner.from_model(load_strict_emulation(bundle.path(MIXED_ONNX)), bundle.directory, name="strict")
     (planned,) = strict.run({"q": q.numpy(), "k": k.numpy(), "v": v.numpy()})
     errors = {"plan": np.abs(planned - reference.numpy()).mean()}
     with torch.autocast("cpu", dtype=DTYPES[low]):

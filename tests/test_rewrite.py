@@ -15,11 +15,13 @@ import torch
 from onnx import TensorProto, helper
 
 import mpexport
-from mpexport.bundle import Bundle
-from mpexport.errors import MpexportError
-from mpexport.lint import lint_model
-from mpexport.plan import PlanOptions
-from mpexport.rewrite import apply_plan, realized_precisions
+from mpexport.base.errors import MpexportError
+from mpexport.bundle.store import Bundle
+from mpexport.graph.contract import realized_precisions
+from mpexport.graph.lint import lint_model
+from mpexport.graph.rewrite import apply_plan
+from mpexport.precision.options import PlanOptions
+from mpexport.precision.plan import read_plan
 from tests import toy_models
 from tests.conftest import MODELS, assert_bad_input
 
@@ -192,12 +194,13 @@ def test_lint_cli(cli, tmp_path: Path) -> None:
 def test_external_data_path_matches_the_inline_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The large-model path (weights in external data files, read memory-mapped one at a time, range rule on the
     external model, converted weights computed while saving) gives the same plan and model as the inline path."""
-    from mpexport import conversion, verification
+    from mpexport.commands import fp32 as fp32_stage
+    from mpexport.commands.verify import verify
 
     model, val = MODELS / "digits_transformer.pt2", MODELS / "digits_transformer.val.npz"
     options = PlanOptions(policy="cuda-fp16")
     inline = mpexport.convert(model, out=tmp_path / "inline", val_data=val, plan_options=options)
-    monkeypatch.setattr(conversion, "EXTERNAL_DATA_THRESHOLD", 0)  # both models with external data
+    monkeypatch.setattr(fp32_stage, "MIXED_EXTERNAL_DATA_THRESHOLD", 0)  # both models with external data
     external = mpexport.convert(model, out=tmp_path / "external", val_data=val, plan_options=options)
 
     assert external.manifest.export.external_data and external.lint_passed
@@ -216,12 +219,12 @@ def test_external_data_path_matches_the_inline_one(tmp_path: Path, monkeypatch: 
                .run(None, feeds)[0] for r in (inline, external)]
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
-    report = verification.verify(external.out)
+    report = verify(external.out)
     assert report.passed, report.failures
     assert {"onnx-mixed", "strict-fp16"} <= report.metrics.keys()
     assert not [path.name for path in external.out.iterdir() if path.name.startswith(".")]
 
-    from mpexport.package import package_triton
+    from mpexport.deploy.triton import package_triton
 
     package_triton(external.out, tmp_path / "repo", name="m")
     packaged = tmp_path / "repo" / "m" / "1" / "model.onnx"
@@ -234,9 +237,9 @@ def test_fp32_working_copy_with_external_data_gives_a_self_contained_mixed_model
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Above 64 MB of weights only the FP32 ONNX (mpexport's working copy) has external data; the mixed model is
     one file that carries every weight, also those it did not convert, and runs without the FP32 data file."""
-    from mpexport import conversion
+    from mpexport.commands import fp32 as fp32_stage
 
-    monkeypatch.setattr(conversion, "FP32_EXTERNAL_DATA_THRESHOLD", 0)
+    monkeypatch.setattr(fp32_stage, "FP32_EXTERNAL_DATA_THRESHOLD", 0)
     model, val = MODELS / "digits_transformer.pt2", MODELS / "digits_transformer.val.npz"
     result = mpexport.convert(model, out=tmp_path / "m", val_data=val, plan_options=PlanOptions(policy="cuda-fp16"))
     assert result.export_check_passed and result.lint_passed
@@ -257,8 +260,8 @@ def test_fp32_working_copy_with_external_data_gives_a_self_contained_mixed_model
 def test_reading_external_weights_unmaps_them(tmp_path: Path) -> None:
     """Plan and rewrite read every weight of an external-data model, each unmapped after use, and the converted
     weights are computed while saving: after saving, no weight of the source is mapped or held."""
-    from mpexport import provenance
-    from mpexport.plan import make_plan
+    from mpexport.capture import provenance
+    from mpexport.precision.planner import make_plan
 
     result = mpexport.convert(MODELS / "digits_resnet.pt2", out=tmp_path / "r", plan_options=PlanOptions(
         policy="cuda-fp16"), val_data=MODELS / "digits_resnet.val.npz")
@@ -350,7 +353,7 @@ def test_initializer_read_by_a_subgraph_keeps_its_type_there(tmp_path: Path) -> 
 def test_streamed_single_file_is_the_same_model(tmp_path: Path) -> None:
     """save_model assembles a single-file model from per-initializer pieces: the same message as onnx-ir's save,
     and the in-memory model keeps its weights."""
-    from mpexport.onnxfile import save_model
+    from mpexport.graph.onnxfile import save_model
 
     model = small_graph(RNG.normal(size=(4, 4)).astype(np.float32))
     model.graph.register_initializer(ir.Value(name="big", const_value=ir.tensor(RNG.normal(size=(300, 700)))))
@@ -365,7 +368,7 @@ def test_streamed_single_file_is_the_same_model(tmp_path: Path) -> None:
 
 def test_calibration_statistics_equal_the_intermediates_themselves(tmp_path: Path) -> None:
     """The in-graph statistics (ReduceMax(Abs), a non-finite flag, Shape) equal what the full intermediates say."""
-    from mpexport.ranges import collect_ranges, intermediates_session
+    from mpexport.precision.ranges import collect_ranges, intermediates_session
 
     result = mpexport.convert(MODELS / "digits_transformer.pt2", out=tmp_path / "t", plan_options=PlanOptions(
         range_check=False))
@@ -399,7 +402,7 @@ def test_lint_compares_every_node_of_a_torchscript_exporter_model(cli, tmp_path:
                "x:batch,4", "--amp-policy", "cuda-fp16", "--out", out).exit_code == 0
     bundle = Bundle.open(out)
     assert bundle.manifest.export.strategy == "legacy-torchscript"
-    plan = bundle.plan()
+    plan = read_plan(bundle)
     assert "/fc/Gemm" in plan.precisions() and plan.precisions()["/fc/Gemm"] == "fp16"
     check = next(c for c in bundle.manifest.lint.checks if c["name"] == "realized precision = plan")
     compared, total = (int(part) for part in check["detail"].split(" nodes compared")[0].split(" of "))

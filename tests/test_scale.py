@@ -16,11 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mpexport import runners
-from mpexport.bundle import Bundle
-from mpexport.cluster import RayOptions, plan_shards
-from mpexport.valdata import ValidationData, load_validation_data
-from mpexport.verification import VerifyOptions, build_forms, load_inputs, verify
+from mpexport.backends import onnxruntime as runners
+from mpexport.bundle.store import Bundle
+from mpexport.check.forms import build_forms, load_inputs
+from mpexport.check.ray import RayOptions, plan_shards
+from mpexport.check.report import VerifyOptions
+from mpexport.commands.verify import verify
+from mpexport.data.base import ValidationData
+from mpexport.data.open import load_validation_data
 from tests.conftest import DIGITS_VAL, assert_bad_input
 
 TIGHT = VerifyOptions(batch_size=32, atol=0.02)
@@ -142,9 +145,9 @@ def test_tallies_of_shards_merge_into_the_whole_pass_exactly(bundle: Path) -> No
 
 
 def test_workers_that_built_different_backends_end_the_run() -> None:
-    from mpexport.cluster import Shard, _same_backends
-    from mpexport.errors import MpexportError
-    from mpexport.verification import Tally
+    from mpexport.base.errors import MpexportError
+    from mpexport.check.ray import Shard, _same_backends
+    from mpexport.check.tally import Tally
 
     shards = [Shard(0, 0, 2, 0, 64), Shard(1, 2, 2, 64, 64)]
     emulated = {"torch-fp32": {"state": "ran"}, "torch-amp": {"state": "ran", "mode": "cuda-fp16 emulated"},

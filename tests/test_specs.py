@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mpexport.errors import MpexportError
-from mpexport.specs import TensorSpec, parse_input_option, spec_from_array
+from mpexport.base.errors import MpexportError
+from mpexport.base.specs import TensorSpec, parse_input_option, spec_from_array
 
 
 def test_input_option_with_symbolic_and_fixed_dims() -> None:

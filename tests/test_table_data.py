@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import mpexport
-from mpexport import tabledata
-from mpexport.valdata import load_validation_data
+from mpexport.data import tables as tabledata
+from mpexport.data.open import load_validation_data
 from tests.conftest import DIGITS_VAL, MODELS, assert_bad_input
 
 

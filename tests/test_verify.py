@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import mpexport
-from mpexport.bundle import Bundle
-from mpexport.plan import PlanOptions
-from mpexport.rewrite import apply_plan
-from mpexport.verification import verify, verify_candidate
+from mpexport.bundle.store import Bundle
+from mpexport.check.verify import verify_candidate
+from mpexport.commands.verify import verify
+from mpexport.graph.rewrite import apply_plan
+from mpexport.precision.options import PlanOptions
 from tests.conftest import MODELS, assert_bad_input
 from tests.toy_models import build_overflow_hazard
 
@@ -91,7 +92,7 @@ def test_candidate_cli_exit_code_and_localisation(cli, hazard: dict[str, Path]) 
 
 
 def test_explicit_thresholds_override_the_budget(hazard: dict[str, Path]) -> None:
-    from mpexport.verification import VerifyOptions
+    from mpexport.check.report import VerifyOptions
 
     report = verify(hazard["out"], options=VerifyOptions(atol=1e-9), write=False)
     assert report.verdict == "fail"
@@ -198,8 +199,8 @@ def test_strict_emulation_rounds_low_precision_constants() -> None:
     import onnx
     from onnx import TensorProto, helper
 
-    from mpexport.emulate import strict_emulation
-    from mpexport.runners import OrtRunner
+    from mpexport.backends.onnxruntime import OrtRunner
+    from mpexport.graph.emulate import strict_emulation
 
     graph = helper.make_graph(
         [helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="down"),
@@ -239,7 +240,7 @@ def test_localisation_in_directory_mode_names_node_module_reason_and_value(cli, 
 
 
 def test_observed_values_in_words() -> None:
-    from mpexport.verification import _observed
+    from mpexport.check.localise import _observed
 
     assert _observed(3, 0.0, 9.1e4, "fp16") == "output reached 9.1e+04 > 65504, the FP16 max"
     assert _observed(2, 0.0, 4.4e3, "fp16") == "2 values became non-finite in FP16 (FP32 reaches 4.4e+03)"
@@ -261,7 +262,7 @@ def test_native_io_types_convert_then_verify(cli, tmp_path: Path) -> None:
 
 
 def test_localisation_says_why_when_it_cannot_run(hazard: dict[str, Path], tmp_path: Path) -> None:
-    from mpexport.verification import localise
+    from mpexport.check.localise import localise
 
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")
@@ -285,8 +286,9 @@ class Wide(torch.nn.Module):
 
 
 def test_onnx_fp32_runs_on_the_pytorch_parameters_in_place(tmp_path: Path, pixels_npz: Path) -> None:
-    from mpexport.bundle import FP32_ONNX, Bundle
-    from mpexport.verification import _shared_parameters
+    from mpexport.bundle.names import FP32_ONNX
+    from mpexport.bundle.store import Bundle
+    from mpexport.check.registry import shared_parameters
 
     torch.manual_seed(0)
     module = Wide().eval()
@@ -295,7 +297,7 @@ def test_onnx_fp32_runs_on_the_pytorch_parameters_in_place(tmp_path: Path, pixel
     torch.export.save(program, tmp_path / "wide.pt2")
     mpexport.convert(tmp_path / "wide.pt2", out=tmp_path / "out", val_data=pixels_npz)
     loaded = torch.export.load(tmp_path / "wide.pt2").module()
-    shared = _shared_parameters(loaded, Bundle.open(tmp_path / "out").path(FP32_ONNX))
+    shared = shared_parameters(loaded, Bundle.open(tmp_path / "out").path(FP32_ONNX))
     assert list(shared) == ["fc.weight"]
     assert np.shares_memory(shared["fc.weight"], loaded.state_dict()["fc.weight"].numpy())
     report = mpexport.verify(tmp_path / "out", write=False)
@@ -305,9 +307,9 @@ def test_onnx_fp32_runs_on_the_pytorch_parameters_in_place(tmp_path: Path, pixel
 
 def test_low_memory_sessions_compute_what_the_optimized_ones_do(tmp_path: Path) -> None:
     """Large models run onnx-mixed and the strict emulation unoptimized and without ONNX Runtime's arena."""
-    from mpexport.bundle import MIXED_ONNX
-    from mpexport.runners import OrtRunner
-    from mpexport.verification import _strict_model
+    from mpexport.backends.onnxruntime import OrtRunner
+    from mpexport.bundle.names import MIXED_ONNX
+    from mpexport.graph.emulate import load_strict_emulation
 
     out = tmp_path / "t"
     mpexport.convert(MODELS / "digits_transformer.pt2", out=out, val_data=MODELS / "digits_transformer.val.npz",
@@ -316,16 +318,17 @@ def test_low_memory_sessions_compute_what_the_optimized_ones_do(tmp_path: Path) 
     with np.load(MODELS / "digits_transformer.val.npz") as data:
         batch = {"pixels": data["pixels"][:32]}
     for build in (lambda low: OrtRunner(mixed, name="m", low_memory=low),
-                  lambda low: OrtRunner.from_model(_strict_model(mixed), mixed.parent, name="s", low_memory=low)):
+                  lambda low: OrtRunner.from_model(load_strict_emulation(mixed), mixed.parent, name="s",
+                                                   low_memory=low)):
         fast, small = build(False).run(batch)[0], build(True).run(batch)[0]
         np.testing.assert_allclose(small, fast, rtol=1e-3, atol=1e-3)
 
 
 def test_low_memory_sessions_share_one_mapped_copy_of_the_weights(tmp_path: Path) -> None:
     """A large model's onnx-mixed and strict sessions use the weights in its external data file in place."""
-    from mpexport.bundle import MIXED_ONNX
-    from mpexport.runners import OrtRunner, mapped_weights
-    from mpexport.verification import _strict_model
+    from mpexport.backends.onnxruntime import OrtRunner, mapped_weights
+    from mpexport.bundle.names import MIXED_ONNX
+    from mpexport.graph.emulate import load_strict_emulation
 
     out = tmp_path / "t"
     mpexport.convert(MODELS / "digits_transformer.pt2", out=out, val_data=MODELS / "digits_transformer.val.npz",
@@ -346,20 +349,20 @@ def test_low_memory_sessions_share_one_mapped_copy_of_the_weights(tmp_path: Path
     with np.load(MODELS / "digits_transformer.val.npz") as data:
         batch = {"pixels": data["pixels"][:32]}
     for build in (lambda shared: OrtRunner(external, name="m", low_memory=True, shared_weights=shared),
-                  lambda shared: OrtRunner.from_model(_strict_model(external), tmp_path, name="s", low_memory=True,
-                                                      shared_weights=shared)):
+                  lambda shared: OrtRunner.from_model(load_strict_emulation(external), tmp_path, name="s",
+                                                      low_memory=True, shared_weights=shared)):
         assert np.array_equal(build(weights).run(batch)[0], build(None).run(batch)[0])
 
 
 def test_strict_emulation_widens_each_weight_right_before_its_first_user(tmp_path: Path) -> None:
     """Unoptimized sessions run the graph's order: the FP32 copies of FP16 weights are made when needed."""
-    from mpexport.bundle import MIXED_ONNX
-    from mpexport.verification import _strict_model
+    from mpexport.bundle.names import MIXED_ONNX
+    from mpexport.graph.emulate import load_strict_emulation
 
     out = tmp_path / "t"
     mpexport.convert(MODELS / "digits_transformer.pt2", out=out, val_data=MODELS / "digits_transformer.val.npz",
                      plan_options=PlanOptions(policy="cuda-fp16"))
-    nodes = list(_strict_model(Bundle.open(out).path(MIXED_ONNX)).graph)
+    nodes = list(load_strict_emulation(Bundle.open(out).path(MIXED_ONNX)).graph)
     widens = [index for index, node in enumerate(nodes) if node.name.endswith("__widen")]
     assert len(widens) > 3 and widens != list(range(len(widens)))  # spread through the graph, not all at the top
     for index in widens:

@@ -1,0 +1,32 @@
+"""One name per thing: every artifact's key (what the manifest and the commands call it), the file it is written
+under, its description in messages, and the other fixed file names of an output directory.
+
+Code refers to an artifact by its key only; the file comes from :data:`FILE_NAMES` (a key is never a file name).
+"""
+
+from __future__ import annotations
+
+STAGE = "bundle"
+MANIFEST = "manifest.json"
+TEMP_PREFIX = ".mpexport-tmp-"
+"""Prefix of temporary files and directories inside a bundle (swept when the command that made them died)."""
+REPOSITORY_MARKER = ".mpexport-repository"
+"""The file that marks a Triton model repository written by ``package`` (so ``--force`` may replace it)."""
+
+FP32_ONNX, PROVENANCE, RANGES, PLAN = "fp32_onnx", "provenance", "ranges", "plan"
+MIXED_ONNX, ENGINE, REPORT, REPORT_HTML, REPAIR = "mixed_onnx", "engine", "report", "report_html", "repair"
+REPAIR_POLICY = "repair_policy"
+FILE_NAMES = {FP32_ONNX: "model.fp32.onnx", PROVENANCE: "provenance.json", RANGES: "ranges.json", PLAN: "plan.json",
+              MIXED_ONNX: "model.mixed.onnx", ENGINE: "model.plan", REPORT: "report.json", REPORT_HTML: "report.html",
+              REPAIR: "repair.json", REPAIR_POLICY: "repair.policy.toml"}
+"""Artifact key -> the file name mpexport writes it under."""
+DESCRIPTIONS = {FP32_ONNX: "FP32 ONNX model", PROVENANCE: "provenance record", RANGES: "calibration statistics",
+                PLAN: "precision plan", MIXED_ONNX: "mixed-precision model", ENGINE: "TensorRT engine",
+                REPORT: "parity report", REPORT_HTML: "HTML parity report", REPAIR: "repair record",
+                REPAIR_POLICY: "repair policy file"}
+ENGINE_LAYERS = "engine_layers.json"
+TIMING_CACHE = "timing.cache"
+ENGINE_COMPANIONS = (ENGINE_LAYERS, TIMING_CACHE)
+"""Files recorded as part of the engine artifact: the engine inspector's layer listing and TensorRT's timing cache."""
+VERDICTS = ("export_check", "lint", "engine", "verify")
+"""Manifest sections that certify artifacts (each records what it covered)."""

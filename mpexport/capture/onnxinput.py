@@ -1,0 +1,94 @@
+"""An FP32 ONNX model exported elsewhere (Optimum, the TorchScript exporter, another team's pipeline) as
+``convert``'s input: read and checked (a valid model, FP32 throughout, its external data present), its nodes named
+uniquely, and its provenance recorded from what it carries: the dynamo exporter's per-node metadata where present
+(the plan then decides exactly as for a ``.pt2``), else the module scopes the TorchScript exporter writes into node
+names, else nothing. Without aten ops the plan infers them from op types and recognises the fused patterns the
+policy cares about (:mod:`mpexport.precision.patterns`), and every such reason says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from mpexport.base.dtypes import LOW_ONNX_TYPES, PRECISION_OF_ONNX
+from mpexport.base.errors import MpexportError, first_line
+from mpexport.capture.provenance import CLASS_HIERARCHY
+from mpexport.graph.walk import infer_types, name_nodes_uniquely, walk
+
+STAGE = "load"
+MIN_OPSET = 13
+"""The oldest default-domain opset the writer supports (Softmax/ReduceSum semantics it relies on)."""
+
+
+def read_fp32_onnx(path: str | Path) -> ir.Model:
+    """The model at ``path``, checked: readable, its external data present, valid for the ONNX checker, opset
+    :data:`MIN_OPSET` or newer, and FP32 (no FP16/BF16 value, initializer, input or output). Every problem is a
+    one-line :class:`MpexportError` (exit 2). Untyped values are typed by shape inference, nodes without a unique
+    name are named."""
+    path = Path(path)
+    try:  # first, on its own: its parsed copy is freed before the model is read (the peak is one copy, not two)
+        onnx.checker.check_model(str(path))
+        invalid = None
+    except Exception as exc:  # noqa: BLE001 - the checker's verdict is the finding
+        invalid = first_line(exc)
+    try:
+        model = ir.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is bad input
+        raise MpexportError(f"'{path}' is not a readable ONNX model: {first_line(exc)}", stage=STAGE) from None
+    _check_external_data(model, path)
+    if invalid is not None:
+        raise MpexportError(f"'{path}' is not a valid ONNX model: {invalid}", stage=STAGE)
+    infer_types(model)
+    opset = model.opset_imports.get("", 0)
+    if opset < MIN_OPSET:
+        raise MpexportError(f"'{path}' uses ONNX opset {opset}; mpexport writes mixed precision from opset "
+                            f"{MIN_OPSET} on", stage=STAGE,
+                            hint="re-export it at a newer opset, or upgrade it with onnx.version_converter")
+    low = _first_low_precision_value(model)
+    if low is not None:
+        what, dtype = low
+        raise MpexportError(f"'{path}' is not an FP32 model: {what} is already {PRECISION_OF_ONNX[dtype].upper()}",
+                            stage=STAGE, hint="give the FP32 ONNX the model was converted from")
+    name_nodes_uniquely(model)
+    return model
+
+
+def provenance_kind(model: ir.Model) -> str:
+    """What the model records about where its nodes came from: ``exporter`` (the dynamo exporter's metadata),
+    ``scope`` (module scopes in node names, as the TorchScript exporter writes them) or ``none``."""
+    nodes = [visited.node for visited in walk(model.graph)]
+    if nodes and sum(CLASS_HIERARCHY in node.metadata_props for node in nodes) >= len(nodes) // 2:
+        return "exporter"
+    if nodes and sum((node.name or "").startswith("/") for node in nodes) >= len(nodes) // 2:
+        return "scope"
+    return "none"
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        location = Path(tensor.base_dir) / tensor.location
+        if not location.is_file():
+            raise MpexportError(f"the external data file '{location}' of '{path}' is missing (initializer "
+                                f"'{value.name}' is stored there)", stage=STAGE,
+                                hint="keep the .data file beside the .onnx file it belongs to")
+        if location.stat().st_size < (tensor.offset or 0) + (tensor.length or 0):
+            raise MpexportError(f"the external data file '{location}' of '{path}' is shorter than initializer "
+                                f"'{value.name}' needs: truncated?", stage=STAGE)
+
+
+def _first_low_precision_value(model: ir.Model) -> tuple[str, ir.DataType] | None:
+    graph = model.graph
+    for value in (*graph.inputs, *graph.outputs, *graph.initializers.values()):
+        if value.dtype in LOW_ONNX_TYPES:
+            return f"'{value.name}'", value.dtype
+    for visited in walk(graph):
+        for value in visited.node.outputs:
+            if value.dtype in LOW_ONNX_TYPES:
+                return f"the output '{value.name}' of node '{visited.node.name}'", value.dtype
+    return None

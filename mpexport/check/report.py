@@ -1,0 +1,89 @@
+"""What a verify concludes: its options (batching, budget, explicit thresholds) and its :class:`ParityReport`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mpexport.base.timing import StageTiming
+from mpexport.check.backends import RAN
+from mpexport.check.metrics import OutputMetrics
+from mpexport.check.samples import SampleStats, WorstSample
+
+STAGE = "verify"
+
+
+@dataclass
+class VerifyOptions:
+    """Budget factor over the training noise floor, explicit thresholds (None: from the budget), batching."""
+
+    budget_factor: float = 2.0
+    atol: float | None = None
+    min_cosine: float | None = None
+    max_top1_drop: float | None = None
+    batch_size: int = 64
+    max_samples: int | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    """For a table given as ``val_data``: input (or ``labels``) -> column (``--columns``)."""
+
+
+@dataclass
+class ParityReport:
+    """Metrics per backend and output, thresholds, verdict, failures, each backend's state, localisation."""
+
+    verdict: str
+    backends: dict[str, dict[str, Any]]
+    metrics: dict[str, dict[str, OutputMetrics]]
+    thresholds: dict[str, dict[str, Any]]
+    failures: list[str]
+    localisation: list[dict[str, Any]] = field(default_factory=list)
+    samples: int = 0
+    data: str = ""
+    notes: list[str] = field(default_factory=list)
+    timings: list[StageTiming] = field(default_factory=list)
+    batches: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    worst: WorstSample | None = None
+    """The sample the strict emulation got most wrong (localisation runs on it)."""
+    per_sample: dict[str, SampleStats] = field(default_factory=dict)
+    """Per output of the strict emulation: each sample's own statistics (repair picks the failing samples)."""
+    repair: dict[str, Any] | None = None
+    """What ``repair`` changed, when this report confirms a repair."""
+    reference: str = ""
+    """The backend every other was compared with: ``torch-fp32``, or ``onnx-fp32`` without a PyTorch model."""
+
+    def failing_samples(self, backend: str) -> list[int]:
+        """The samples on which ``backend`` breaks its thresholds by themselves (non-finite values, error beyond
+        ``atol``, cosine below the minimum) or disagrees on top-1 with FP32, in order."""
+        failing: set[int] = set()
+        for output, stats in self.per_sample.items():
+            limits = self.thresholds.get(backend, {}).get(output)
+            if limits is not None:
+                failing.update(stats.failing(limits))
+        return sorted(failing)
+
+    @property
+    def passed(self) -> bool:
+        """True when the verdict is pass."""
+        return self.verdict == "pass"
+
+    def ran(self, backend: str) -> bool:
+        """True when ``backend`` ran over the whole data."""
+        return self.backends.get(backend, {}).get("state") == RAN
+
+    def to_json(self) -> dict[str, Any]:
+        """``report.json``: verdict, thresholds, metrics per backend and output, failures, localisation."""
+        return {
+            "verdict": self.verdict, "reference": self.reference, "samples": self.samples, "batches": self.batches,
+            "data": self.data,
+            "options": self.options, "failures": self.failures,
+            "thresholds": self.thresholds, "backends": self.backends, "notes": self.notes,
+            "metrics": {backend: {name: m.to_json() for name, m in outputs.items()}
+                        for backend, outputs in self.metrics.items()},
+            "localisation": self.localisation,
+            "localised_on": self.worst.to_json() if self.worst is not None and self.localisation else None,
+            "repair": self.repair,
+            "timings": [{"stage": t.stage, "seconds": t.seconds, "peak_rss_mb": t.peak_rss_mb} for t in self.timings],
+        }
+
+
