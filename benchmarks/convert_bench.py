@@ -161,7 +161,7 @@ def convert_onnx_in(name: str, source: Path, target: Path) -> dict:
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if name == "mpexport":  # its stages reset the kernel's high-water mark (to measure each): take theirs too
-        stages = json.loads((target / "manifest.json").read_text())["timings"]["convert"]
+        stages = json.loads((target / "manifest.json").read_text())["stages"]["convert"]
         peak = max([peak, *(stage["peak_rss_mb"] for stage in stages)])
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak)}
 

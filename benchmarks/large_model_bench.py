@@ -8,11 +8,11 @@ Each step runs in its own process, and peak RSS is that process's own (``ru_maxr
 1. prepare: the model with random weights, saved as a pickled module, and 8 sequences of 128 tokens;
 2. convert: ``mpexport.convert`` end to end (load, export, FP32 ONNX with external data, the data pass - export
    check against PyTorch and the range rule's statistics -, plan, mixed-precision rewrite, lint). Seconds and
-   peak RSS per stage are the manifest's own record (``timings.convert``);
+   peak RSS per stage are the manifest's own record (``stages.convert``);
 3. writer: the mixed-precision writer alone on the FP32 ONNX that step 2 wrote (read with external data, plan
    without calibration, rewrite, save with external data, lint), in a fresh process;
 4. verify: ``mpexport.verify`` of step 2's bundle on its 8 sequences (every backend: PyTorch FP32, torch-amp,
-   ONNX Runtime FP32 and mixed, strict emulation). Seconds and peak RSS per stage from the report's timings.
+   ONNX Runtime FP32 and mixed, strict emulation). Seconds and peak RSS per stage from the report's stages.
 
 Targets: the conversion peaks below twice the model's FP16 size (= its FP32 weight bytes; issue 4); verify below
 2.5x its FP32 weights (issue 16). ``--steps verify`` reruns one step on an existing workdir.
@@ -53,7 +53,7 @@ def prepare(workdir: Path, layers: int, hidden: int, heads: int) -> None:
 
 def convert(workdir: Path) -> dict:
     """``mpexport.convert`` of the prepared model; seconds and peak RSS overall and per stage, as the manifest
-    records them (``timings.convert``)."""
+    records them (``stages.convert``)."""
     import mpexport
     from mpexport.precision.options import PlanOptions
 
@@ -61,10 +61,10 @@ def convert(workdir: Path) -> dict:
     result = mpexport.convert(workdir / "model.pt", out=workdir / "build", val_data=workdir / "val.npz",
                               trust_pickle=True, force=True, plan_options=PlanOptions(policy="cuda-fp16"))
     manifest = result.manifest
-    stages = {stage.stage: stage.peak_rss_mb for stage in manifest.timings["convert"]}
+    stages = {stage.stage: stage.peak_rss_mb for stage in manifest.stages["convert"]}
     return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": max(stages.values()),
             "stage_peak_rss_mb": stages,
-            "stage_seconds": {stage.stage: stage.seconds for stage in manifest.timings["convert"]},
+            "stage_seconds": {stage.stage: stage.seconds for stage in manifest.stages["convert"]},
             "export_check_passed": result.export_check_passed, "lint_passed": result.lint_passed,
             "external_data": manifest.export.external_data,
             "precision": manifest.plan.summary["precision"]}
@@ -106,10 +106,10 @@ def verify(workdir: Path) -> dict:
 
     started = time.perf_counter()
     report = mpexport.verify(workdir / "build", trust_pickle=True, write=False)
-    stages = {stage.stage: stage.peak_rss_mb for stage in report.timings}
+    stages = {stage.stage: stage.peak_rss_mb for stage in report.stages}
     peak = max([_peak_mb(), *(value for value in stages.values() if value)])
     return {"seconds": round(time.perf_counter() - started, 1), "peak_rss_mb": peak,
-            "stage_peak_rss_mb": stages, "stage_seconds": {stage.stage: stage.seconds for stage in report.timings},
+            "stage_peak_rss_mb": stages, "stage_seconds": {stage.stage: stage.seconds for stage in report.stages},
             "verdict": report.verdict, "samples": report.samples,
             "backends": {name: state.get("state") for name, state in report.backends.items()}}
 

@@ -87,7 +87,9 @@ def run_convert(workdir: Path, out: Path, verify: bool) -> dict:
     record["plan_sha256"] = hashlib.sha256(plan_file.read_bytes()).hexdigest()[:16]
     record["precision"] = json.loads(plan_file.read_text())["summary"]["precision"]
     manifest = result.manifest
-    timings = getattr(manifest, "timings", {}).get("convert") if not isinstance(manifest, dict) else None
+    # "stages" from manifest version 3 on, "timings" before (this benchmark also runs older checkouts)
+    recorded = getattr(manifest, "stages", None) or getattr(manifest, "timings", {})
+    timings = recorded.get("convert") if not isinstance(manifest, dict) else None
     if timings:
         record["stages"] = {stage.stage: [stage.seconds, stage.peak_rss_mb] for stage in timings}
     if verify:
@@ -96,8 +98,9 @@ def run_convert(workdir: Path, out: Path, verify: bool) -> dict:
         record["verify_seconds"] = round(time.perf_counter() - started, 2)
         record["verdict"] = report.verdict
         record["verify_backends"] = {name: state.get("seconds") for name, state in report.backends.items()}
-        if getattr(report, "timings", None):
-            record["verify_stages"] = {stage.stage: [stage.seconds, stage.peak_rss_mb] for stage in report.timings}
+        verify_stages = getattr(report, "stages", None) or getattr(report, "timings", None)
+        if verify_stages:
+            record["verify_stages"] = {stage.stage: [stage.seconds, stage.peak_rss_mb] for stage in verify_stages}
     return record
 
 

@@ -146,13 +146,13 @@ def run_bisection(bundle: Path) -> dict:
     baseline = verify_forms(opened, inputs, options)
     plan = read_plan(opened)
     search = Search(opened, plan, inputs, options, baseline, f"strict-{plan.options.low}", 1000, None)
-    candidates = search.candidates
+    candidates = search.trials.candidates
     low, high = 0, len(candidates)  # invariant: the first `high` pass
-    if not search.trial(frozenset(candidates), "all").passed:
+    if not search.trials.trial(frozenset(candidates), "all").passed:
         return {"passes": False, "set": None, "trials": search.count, "note": "even all FP32 fails"}
     while low < high:
         middle = (low + high) // 2
-        if search.trial(frozenset(candidates[:middle]), f"prefix {middle}").passed:
+        if search.trials.trial(frozenset(candidates[:middle]), f"prefix {middle}").passed:
             high = middle
         else:
             low = middle + 1
@@ -240,8 +240,9 @@ def time_trials(directory: Path, atol: float | None) -> None:
     search = Search(bundle, plan, inputs, options, baseline, f"strict-{plan.options.low}", 100, None)
     for count in (0, 10, 40):
         started = time.perf_counter()
-        search.trial(frozenset(search.candidates[:count]), f"first {count}")
-        print(f"trial with {count} nodes FP32 on {len(search.samples)} samples: {time.perf_counter() - started:.2f} s")
+        search.trials.trial(frozenset(search.trials.candidates[:count]), f"first {count}")
+        seconds = time.perf_counter() - started
+        print(f"trial with {count} nodes FP32 on {len(search.trials.samples)} samples: {seconds:.2f} s")
 
 
 def main() -> None:

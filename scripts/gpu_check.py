@@ -53,16 +53,21 @@ def _text_model(name: str) -> torch.nn.Module:
     return {"bert": build_bert, "llama": build_llama}[name]()
 
 
-def _cases(tmp: Path) -> list[dict[str, Any]]:
+EXAMPLES = ("digits_resnet", "digits_transformer")
+TEXT_MODELS = (("bert", 200), ("llama", 100))
+MODELS = (*EXAMPLES, *(name for name, _ in TEXT_MODELS))
+
+
+def _cases(tmp: Path, models: tuple[str, ...] = MODELS) -> list[dict[str, Any]]:
     """(name, .pt2, validation .npz, inputs for the oracle, positional?) for every model checked."""
     cases = []
-    for example in ("digits_resnet", "digits_transformer"):
+    for example in (name for name in EXAMPLES if name in models):
         val = ROOT / "models" / f"{example}.val.npz"
         with np.load(val) as data:
             inputs = {"pixels": torch.from_numpy(data["pixels"][:8])}
         cases.append({"name": example, "pt2": ROOT / "models" / f"{example}.pt2", "val": val, "inputs": inputs,
                       "positional": True})
-    for name, vocab in (("bert", 200), ("llama", 100)):
+    for name, vocab in ((name, vocab) for name, vocab in TEXT_MODELS if name in models):
         model = _text_model(name)
         ids = torch.randint(1, vocab, (8, 12), generator=torch.Generator().manual_seed(0))
         mask = torch.ones_like(ids)
@@ -93,7 +98,7 @@ class _fake_cuda_only:
         torch.cuda.is_available = self.saved  # type: ignore[method-assign]
 
 
-def oracle_check(cpu_only: bool) -> dict[str, Any]:
+def oracle_check(cpu_only: bool, models: tuple[str, ...] = MODELS) -> dict[str, Any]:
     """Plan vs CUDA autocast for every case and both CUDA policies."""
     import onnx_ir as ir
 
@@ -108,7 +113,7 @@ def oracle_check(cpu_only: bool) -> dict[str, Any]:
     results = []
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        for case in _cases(tmp):
+        for case in _cases(tmp, models):
             out = tmp / f"out-{case['name']}"
             mpexport.convert(case["pt2"], out=out, val_data=case["val"])
             bundle = Bundle.open(out, uses=(FP32_ONNX, PROVENANCE))
@@ -133,7 +138,8 @@ def oracle_check(cpu_only: bool) -> dict[str, Any]:
             "all_agree": all(r["checked"] == r["agreed"] and not r["unobserved"] for r in results)}
 
 
-def numerics_and_engines(cpu_only: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def numerics_and_engines(cpu_only: bool,
+                         models: tuple[str, ...] = MODELS) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per bundled example (cuda-fp16 plan): torch-amp vs strict-fp16 errors, and the engine where possible."""
     import mpexport
     from mpexport.commands.verify import verify
@@ -144,7 +150,7 @@ def numerics_and_engines(cpu_only: bool) -> tuple[list[dict[str, Any]], dict[str
     build = status.available and not cpu_only
     rows = []
     with tempfile.TemporaryDirectory() as folder, _fake_cuda_only(cpu_only):
-        for example in ("digits_resnet", "digits_transformer"):
+        for example in (name for name in EXAMPLES if name in models):
             out = Path(folder) / example
             val = ROOT / "models" / f"{example}.val.npz"
             result = mpexport.convert(ROOT / "models" / f"{example}.pt2", out=out, val_data=val,
@@ -157,7 +163,7 @@ def numerics_and_engines(cpu_only: bool) -> tuple[list[dict[str, Any]], dict[str
                    "torch_amp_mode": report.backends["torch-amp"].get("mode"),
                    "export_check": {"reference": result.manifest.export_check.comparison["reference"],
                                     "passed": result.manifest.export_check.passed,
-                                    "seconds": next(stage.seconds for stage in result.manifest.timings["convert"]
+                                    "seconds": next(stage.seconds for stage in result.manifest.stages["convert"]
                                                     if stage.stage == "data pass")}}
             if build:
                 row["engine"] = result.manifest.engine.check
@@ -223,16 +229,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu_check.json", help="Where to write the JSON summary.")
     parser.add_argument("--cpu-only", action="store_true", help="Do not use a GPU even if one exists.")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"Comma-separated models to check (default: all of {', '.join(MODELS)}).")
     args = parser.parse_args()
+    models = tuple(name.strip() for name in args.models.split(",") if name.strip())
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     warnings.simplefilter("ignore")
     start = time.perf_counter()
     summary: dict[str, Any] = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "cuda": torch.cuda.is_available(),
                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
-        "oracle": oracle_check(args.cpu_only),
+        "oracle": oracle_check(args.cpu_only, models),
     }
-    summary["numerics"], summary["tensorrt"] = numerics_and_engines(args.cpu_only)
+    summary["numerics"], summary["tensorrt"] = numerics_and_engines(args.cpu_only, models)
     summary["sdpa"] = sdpa_kernels(args.cpu_only)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,8 +1,8 @@
-"""Shared fixtures: paths, the CLI run in-process, bad-input assertions."""
+"""Shared fixtures: the bundled examples converted once per session, the CLI run in-process, small models and
+data (helpers that are not fixtures live in :mod:`tests.helpers`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from mpexport.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
-MODELS = REPO / "models"
-EXAMPLES = ["digits_resnet", "digits_transformer"]
-DIGITS_VAL = MODELS / "digits_resnet.val.npz"
+from tests.helpers import DIGITS_VAL, MODELS, REPO, CliResult
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +21,9 @@ def digits() -> dict[str, np.ndarray]:
         return {"pixels": data["pixels"], "labels": data["labels"]}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled digits ResNet converted with its validation set (one per test module)."""
+    """The bundled digits ResNet converted with its validation set (shared: tests read it, or copy it to change it)."""
     import mpexport
 
     out = tmp_path_factory.mktemp("bundle") / "resnet"
@@ -35,13 +31,15 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@dataclass
-class CliResult:
-    """Exit code and the two output streams of one CLI run."""
-
-    exit_code: int
-    stdout: str
-    stderr: str
+@pytest.fixture(scope="session")
+def verified(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundled transformer, converted and verified (shared: copy it before changing it)."""
+    out = tmp_path_factory.mktemp("verified") / "transformer"
+    runner = CliRunner()
+    assert runner.invoke(main, ["convert", str(MODELS / "digits_transformer.pt2"), "--val-data",
+                                str(MODELS / "digits_transformer.val.npz"), "--out", str(out)]).exit_code == 0
+    assert runner.invoke(main, ["verify", str(out)]).exit_code == 0
+    return out
 
 
 @pytest.fixture
@@ -54,24 +52,6 @@ def cli(monkeypatch: pytest.MonkeyPatch):
         return CliResult(result.exit_code, result.stdout, result.stderr)
 
     return run
-
-
-def assert_bad_input(result: CliResult, *fragments: str) -> None:
-    """Exit 2 with exactly one line on stderr, starting ``error:``, containing every fragment, no traceback."""
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:"), lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
-def assert_nothing_written(out: Path) -> None:
-    """Neither the output directory nor a staging leftover exists beside it."""
-    assert not out.exists()
-    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    assert leftovers == []
 
 
 @pytest.fixture

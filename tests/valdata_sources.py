@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from tests.conftest import MODELS
+from tests.helpers import MODELS
 
 
 def digits_loader() -> torch.utils.data.DataLoader:

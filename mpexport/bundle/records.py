@@ -13,10 +13,10 @@ from typing import Any, TypeVar
 
 from mpexport.base.errors import MpexportError
 from mpexport.base.specs import TensorSpec
-from mpexport.base.timing import StageTiming
+from mpexport.base.status import RAN, SKIPPED, StageStatus
 from mpexport.bundle.names import ENGINE, FP32_ONNX, MANIFEST, MIXED_ONNX, PLAN, REPORT, REPORT_HTML, STAGE
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 
 
 VERSIONED_PACKAGES = ("mpexport", "torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy")
@@ -179,15 +179,27 @@ class Manifest:
     engine: EngineRecord | None = None
     verify: VerifyRecord | None = None
     repair: dict[str, Any] | None = None
-    skipped: dict[str, str] = field(default_factory=dict)
-    timings: dict[str, list[StageTiming]] = field(default_factory=dict)
+    stages: dict[str, list[StageStatus]] = field(default_factory=dict)
+    """Per command (convert, verify, build, repair): every stage it went through, ran / skipped / failed, with why,
+    seconds and peak memory (the command's last run)."""
     history: list[Event] = field(default_factory=list)
+
+    def skip_reason(self, stage: str) -> str | None:
+        """Why ``stage`` was skipped, from the last command that recorded it (None when it ran, or no command did)."""
+        found = None
+        for statuses in self.stages.values():
+            for status in statuses:
+                if status.stage == stage:
+                    found = status.why if status.status == SKIPPED else None
+        return found
 
     def to_json(self) -> dict[str, Any]:
         """The manifest as written to ``manifest.json``."""
         data = asdict(self)
         data["inputs"] = [spec.to_json() for spec in self.inputs]
         data["outputs"] = [spec.to_json() for spec in self.outputs]
+        data["stages"] = {command: [status.to_json() for status in statuses]
+                          for command, statuses in self.stages.items()}
         return data
 
     @staticmethod
@@ -206,9 +218,8 @@ class Manifest:
             plan=_optional(PlanRecord, data.get("plan")), rewrite=dict(data.get("rewrite", {})),
             lint=_optional(LintRecord, data.get("lint")), engine=_optional(EngineRecord, data.get("engine")),
             verify=_optional(VerifyRecord, data.get("verify")), repair=data.get("repair"),
-            skipped=dict(data.get("skipped", {})),
-            timings={command: [_record(StageTiming, item) for item in stages]
-                     for command, stages in data.get("timings", {}).items()},
+            stages={command: [_record(StageStatus, item) for item in statuses]
+                    for command, statuses in data.get("stages", {}).items()},
             history=[_record(Event, item) for item in data.get("history", [])],
         )
 
@@ -259,16 +270,35 @@ def read_manifest(directory: Path) -> Manifest:
         raise MpexportError(f"'{path}' was written by a newer mpexport (manifest version {version}; this one "
                             f"reads up to {MANIFEST_VERSION})", stage=STAGE, hint="upgrade mpexport")
     try:
-        return Manifest.from_json(_upgrade_v1(data) if version == 1 else data)
+        if version == 1:
+            data = _upgrade_v1(data)
+        if data["manifest_version"] == 2:
+            data = _upgrade_v2(data)
+        return Manifest.from_json(data)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MpexportError(f"'{path}' is damaged: {type(exc).__name__}: {exc}", stage=STAGE,
                             hint="convert again") from None
 
 
+def _upgrade_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 manifest in version-3 form: its per-command ``timings`` and its ``skipped`` stages become one
+    status record per stage (``stages``); timed stages ran (version 2 recorded no failed stage), skipped ones
+    belong to convert (the only command that skipped any)."""
+    upgraded = {key: value for key, value in data.items() if key not in ("timings", "skipped")}
+    stages: dict[str, list[dict[str, Any]]] = {
+        command: [{"stage": item["stage"], "status": RAN, "seconds": item.get("seconds", 0.0),
+                   "peak_rss_mb": item.get("peak_rss_mb")} for item in items]
+        for command, items in data.get("timings", {}).items()}
+    for stage, why in data.get("skipped", {}).items():
+        stages.setdefault("convert", []).append({"stage": stage, "status": SKIPPED, "why": why})
+    upgraded.update(manifest_version=3, stages=stages)
+    return upgraded
+
+
 def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 manifest in version-2 form. Version 1 recorded no coverage: the convert-time verdicts
-    (export check, lint, engine) are taken to cover the artifacts as hashed then; a verify verdict is kept
-    but stale, since version 1 let artifacts change under it."""
+    """A version-1 manifest in version-2 form (then upgraded as a version-2 one). Version 1 recorded no coverage:
+    the convert-time verdicts (export check, lint, engine) are taken to cover the artifacts as hashed then; a verify
+    verdict is kept but stale, since version 1 let artifacts change under it."""
     hashes: dict[str, str] = data.get("hashes", {})
     artifacts = {}
     for key, file in data.get("artifacts", {}).items():
@@ -284,7 +314,7 @@ def _upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
     source = data.get("source") or None
     check = data.get("export_check")
     upgraded: dict[str, Any] = {
-        "manifest_version": MANIFEST_VERSION, "revision": 0, "versions": data.get("versions", {}),
+        "manifest_version": 2, "revision": 0, "versions": data.get("versions", {}),
         "source": {key: source[key] for key in ("path", "format", "sha256", "factory", "training", "notes")
                    if key in source} if source else None,
         "inputs": data.get("inputs", []), "outputs": data.get("outputs", []), "artifacts": artifacts,

@@ -12,6 +12,7 @@ import numpy as np
 from mpexport.backends.base import Runner
 from mpexport.base.errors import MpexportError, first_line
 from mpexport.base.specs import Batch
+from mpexport.base.status import FAILED, RAN, SKIPPED
 
 REFERENCE = "torch-fp32"
 AMP = "torch-amp"
@@ -19,7 +20,6 @@ ONNX_AMP = "onnx-amp"
 """The noise floor without a PyTorch model: the training policy emulated strictly on the FP32 ONNX."""
 NOISE_FLOORS = (AMP, ONNX_AMP)
 ONNX_FP32 = "onnx-fp32"
-RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
 
 
 class Skip(Exception):

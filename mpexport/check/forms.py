@@ -13,10 +13,11 @@ from mpexport.backends.torch import TorchRunner
 from mpexport.base.errors import MpexportError
 from mpexport.base.policies import DEFAULT_POLICY
 from mpexport.base.specs import Batch, TensorSpec
+from mpexport.base.status import RAN
 from mpexport.bundle.names import FP32_ONNX, MIXED_ONNX, PLAN
 from mpexport.bundle.records import SourceRecord
 from mpexport.bundle.store import Bundle
-from mpexport.check.backends import ONNX_FP32, RAN, Backends
+from mpexport.check.backends import ONNX_FP32, Backends
 from mpexport.check.registry import (
     ALLOWED_SKIPS,
     BACKENDS,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from mpexport.check.backends import AMP, FAILED, NOISE_FLOORS, ONNX_FP32, RAN
+from mpexport.base.status import FAILED, RAN
+from mpexport.check.backends import AMP, NOISE_FLOORS, ONNX_FP32
 from mpexport.check.compare import FP32_RTOL, Comparison
 from mpexport.check.metrics import OutputMetrics
 from mpexport.check.report import VerifyOptions

@@ -39,10 +39,9 @@ import numpy as np
 
 from mpexport.base.errors import MpexportError, first_line
 from mpexport.base.files import sha256_file
-from mpexport.base.timing import StageClock
+from mpexport.base.status import FAILED, RAN, StageClock
 from mpexport.bundle.names import ENGINE, FP32_ONNX, MIXED_ONNX, PLAN
 from mpexport.bundle.store import Bundle
-from mpexport.check.backends import FAILED, RAN
 from mpexport.check.forms import (
     build_forms,
     check_unchanged,
@@ -161,7 +160,7 @@ def verify_on_ray(directory: str | Path, ray_options: RayOptions, *, val_data: s
     report.notes.append(f"ran on Ray: {len(shards)} shards of up to {shards[0].batches} batches on {workers} "
                         f"workers of {ray_options.cpus_per_worker} CPU{share} each; backend seconds are summed over "
                         "the workers")
-    report.timings = clock.stages
+    report.stages = clock.stages
     return report, bundle
 
 

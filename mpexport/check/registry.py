@@ -137,7 +137,7 @@ def _tensorrt(build: Build) -> Runner:
     """``tensorrt``: the engine, where the bundle has one and this machine can run it."""
     bundle = build.bundle
     if not bundle.has(ENGINE):
-        raise Skip(bundle.manifest.skipped.get("engine", "no engine in this bundle"))
+        raise Skip(bundle.manifest.skip_reason("engine") or "no engine in this bundle")
     if build.replacing:
         raise Skip("the bundle's engine was built from the model this one replaces")
     from mpexport.backends.tensorrt import TensorRTRunner

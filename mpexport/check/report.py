@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mpexport.base.timing import StageTiming
-from mpexport.check.backends import RAN
+from mpexport.base.status import RAN, StageStatus
 from mpexport.check.metrics import OutputMetrics
 from mpexport.check.samples import SampleStats, WorstSample
 
@@ -40,7 +39,8 @@ class ParityReport:
     samples: int = 0
     data: str = ""
     notes: list[str] = field(default_factory=list)
-    timings: list[StageTiming] = field(default_factory=list)
+    stages: list[StageStatus] = field(default_factory=list)
+    """The command's stages (status, seconds, peak memory)."""
     batches: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     worst: WorstSample | None = None
@@ -83,7 +83,7 @@ class ParityReport:
             "localisation": self.localisation,
             "localised_on": self.worst.to_json() if self.worst is not None and self.localisation else None,
             "repair": self.repair,
-            "timings": [{"stage": t.stage, "seconds": t.seconds, "peak_rss_mb": t.peak_rss_mb} for t in self.timings],
+            "stages": [stage.to_json() for stage in self.stages],
         }
 
 

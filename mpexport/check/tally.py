@@ -11,7 +11,8 @@ import numpy as np
 
 from mpexport.base.errors import first_line
 from mpexport.base.specs import Batch, TensorSpec
-from mpexport.check.backends import FAILED, RAN, Backends, Timed
+from mpexport.base.status import FAILED, RAN
+from mpexport.check.backends import Backends, Timed
 from mpexport.check.compare import Comparison, batch_samples
 from mpexport.check.gate import gate, mismatches, unchecked
 from mpexport.check.metrics import OutputMetrics

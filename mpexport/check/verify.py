@@ -29,7 +29,7 @@ from mpexport.backends.onnxruntime import OrtRunner
 from mpexport.backends.torch import TorchRunner
 from mpexport.base.errors import MpexportError, first_line
 from mpexport.base.specs import Batch, TensorSpec
-from mpexport.base.timing import StageClock
+from mpexport.base.status import StageClock
 from mpexport.bundle.names import FP32_ONNX
 from mpexport.bundle.store import Bundle
 from mpexport.check.amp import TorchAmpRunner

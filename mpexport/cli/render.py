@@ -1,4 +1,4 @@
-"""What the commands print for people: tables, progress bars, timings (``--json`` prints the records instead)."""
+"""What the commands print for people: tables, progress bars, stages (``--json`` prints the records instead)."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ class StageProgress:
 
 
 def print_convert(result: Any) -> None:
-    """Convert's result as a table: each stage, what it found, the notes and timings."""
+    """Convert's result as a table: each stage, what it found, the notes and the stages."""
     manifest = result.manifest
     table = Table(title=f"mpexport convert → {result.out}", show_header=True, title_justify="left")
     table.add_column("stage")
@@ -76,7 +76,7 @@ def print_convert(result: Any) -> None:
                       + (f"; {share:.1%} of MACs in {plan.target}" if share is not None else ""))
     check = manifest.export_check
     if check is None:
-        table.add_row("export check", f"[yellow]skipped[/]: {escape(manifest.skipped.get('export check', ''))}")
+        table.add_row("export check", f"[yellow]skipped[/]: {escape(manifest.skip_reason('export check') or '')}")
     else:
         outputs = check.comparison["outputs"]
         worst = max(outputs.values(), key=lambda output: output["relative_error"]) if outputs else None
@@ -96,8 +96,8 @@ def print_convert(result: Any) -> None:
         table.add_row("engine", f"TensorRT {engine.tensorrt} on {engine.details.get('gpu')}: "
                       f"{engine.check['compared']} layers compared with the plan, {len(engine.check['mismatches'])} "
                       "disagree")
-    elif "engine" in manifest.skipped:
-        table.add_row("engine", f"[yellow]skipped[/]: {escape(manifest.skipped['engine'])}")
+    elif manifest.skip_reason("engine"):
+        table.add_row("engine", f"[yellow]skipped[/]: {escape(manifest.skip_reason('engine') or '')}")
     for key, artifact in manifest.artifacts.items():
         table.add_row(f"artifact {key}", ", ".join(sorted(artifact.sha256)))
     stdout.print(table)
@@ -108,19 +108,23 @@ def print_convert(result: Any) -> None:
         for spec in specs:
             io.add_row(kind, spec.name, spec.dtype, "(" + ", ".join(map(str, spec.shape)) + ")")
     stdout.print(io)
-    print_timings(manifest.timings.get("convert", []))
+    print_stages(manifest.stages.get("convert", []))
     for note in result.notes:
         stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
 
 
-def print_timings(stages: list[Any]) -> None:
-    """One line: each stage's seconds and peak memory."""
-    if not stages:
+def print_stages(stages: list[Any]) -> None:
+    """One line: each stage that ran with its seconds and peak memory, then the stages skipped (why is in the
+    table and the manifest)."""
+    ran = [stage for stage in stages if stage.status != "skipped"]
+    if not ran:
         return
     parts = [f"{stage.stage} {stage.seconds:.1f} s" + (f"/{stage.peak_rss_mb:,.0f} MB" if stage.peak_rss_mb else "")
-             for stage in stages]
-    total = sum(stage.seconds for stage in stages)
-    stdout.print(f"[dim]timings (seconds/peak RSS): {', '.join(parts)}; total {total:.1f} s[/]", soft_wrap=True)
+             + (f" {stage.status.upper()}" if stage.status != "ran" else "") for stage in ran]
+    total = sum(stage.seconds for stage in ran)
+    skipped = [stage.stage for stage in stages if stage.status == "skipped"]
+    tail = f"; skipped: {', '.join(skipped)}" if skipped else ""
+    stdout.print(f"[dim]stages (seconds/peak RSS): {', '.join(parts)}; total {total:.1f} s{tail}[/]", soft_wrap=True)
 
 
 def print_repair(result: Any, directory: str) -> None:
@@ -210,7 +214,7 @@ def print_verify(report: Any, directory: str | None) -> None:
                      + (f" — plan: {escape(row['reason'])}" if row.get("reason") else ""), soft_wrap=True)
     for note in report.notes:
         stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-    print_timings(report.timings)
+    print_stages(report.stages)
     if directory:
         stdout.print(f"report: {directory}/report.json, {directory}/report.html")
 

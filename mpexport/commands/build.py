@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from mpexport.base.errors import MpexportError
+from mpexport.base.status import StageClock
 from mpexport.bundle.names import ENGINE, TIMING_CACHE
 from mpexport.deploy.tensorrt import (
     DEFAULT_WORKSPACE,
@@ -34,20 +35,24 @@ def build(directory: Path, *, shapes: dict[str, Profile] | None = None, allow_tf
     from mpexport.bundle.records import EngineRecord
     from mpexport.bundle.store import Bundle
 
-    bundle = Bundle.open(directory, uses=(MIXED_ONNX, PLAN))
+    clock = StageClock()
+    with clock.stage("open"):
+        bundle = Bundle.open(directory, uses=(MIXED_ONNX, PLAN))
     builder = builder or build_engine
     if builder is build_engine and not (status := tensorrt_status()).available:
         raise MpexportError(f"cannot build a TensorRT engine here: {status.why}", stage=STAGE)
     plan = read_plan(bundle)
-    profiles = derive_profiles([spec.to_json() for spec in bundle.manifest.inputs], _observed_shapes(bundle, shapes),
-                               shapes)
+    with clock.stage("profiles"):
+        profiles = derive_profiles([spec.to_json() for spec in bundle.manifest.inputs],
+                                   _observed_shapes(bundle, shapes), shapes)
     with bundle.transaction("build") as transaction:
-        result = builder(bundle.path(MIXED_ONNX), transaction.staging, profiles, plan.precisions(),
-                         workspace=workspace, allow_tf32=allow_tf32, timing_cache=bundle.directory / TIMING_CACHE,
-                         module_of={node.name: node.module or "" for node in plan.nodes})
+        with clock.stage("engine"):
+            result = builder(bundle.path(MIXED_ONNX), transaction.staging, profiles, plan.precisions(),
+                             workspace=workspace, allow_tf32=allow_tf32, timing_cache=bundle.directory / TIMING_CACHE,
+                             module_of={node.name: node.module or "" for node in plan.nodes})
         transaction.put(ENGINE, ENGINE_FILE, result.companions)
         bundle.manifest.engine = EngineRecord.from_build(result.metadata, bundle.digests(ENGINE, PLAN))
-        bundle.manifest.skipped.pop("engine", None)
+        bundle.manifest.stages["build"] = clock.stages
     result.path = bundle.directory / ENGINE_FILE
     return result
 

@@ -6,7 +6,7 @@ engine. The data pass runs the validation samples once: PyTorch FP32 (on the GPU
 FP32 ONNX in ONNX Runtime with the range rule's probes attached, so one ONNX Runtime pass serves both the export
 check and the calibration statistics. The PyTorch model is dropped after it; plan and rewrite read the FP32 ONNX
 file back, weights memory-mapped one at a time, so a large model's weights are in memory once at most. Every
-stage's seconds and peak memory land in the manifest (``timings.convert``).
+stage's status, seconds and peak memory land in the manifest (``stages.convert``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import onnx_ir as ir
 from mpexport.base.errors import MpexportError
 from mpexport.base.files import write_json
 from mpexport.base.specs import TensorSpec
-from mpexport.base.timing import StageClock
+from mpexport.base.status import StageClock
 from mpexport.bundle import staging as artifacts
 from mpexport.bundle.names import ENGINE, FILE_NAMES, FP32_ONNX, MIXED_ONNX, PLAN, RANGES
 from mpexport.bundle.records import EngineRecord, Manifest
@@ -158,9 +158,13 @@ def convert(
             del model_ir
         with clock.stage("lint"):
             manifest.lint = lint_record(lint_model(bundle.path(MIXED_ONNX), plan), bundle)
-        with clock.stage("engine"):
-            _engine(bundle, plan, engine_status, fp32.specs, fp32.data, engine_options or EngineOptions())
-        manifest.timings["convert"] = clock.stages
+        skipped = _engine_skip(engine_status)
+        if skipped:
+            clock.skip("engine", skipped)
+        else:
+            with clock.stage("engine"):
+                _engine(bundle, plan, fp32.specs, fp32.data, engine_options or EngineOptions())
+        manifest.stages["convert"] = clock.stages
         bundle.commit("convert")
     return ConvertResult(Path(out), bundle.manifest, _notes(fp32, plan, bundle.manifest))
 
@@ -194,16 +198,19 @@ def _engine_status(engine: str) -> TensorRTStatus | None:
     return status
 
 
-def _engine(bundle: Bundle, plan: PrecisionPlan, status: TensorRTStatus | None, specs: list[TensorSpec],
-            data: ValidationData | None, options: EngineOptions) -> None:
-    """Build the engine where possible (``status`` None: --engine off); otherwise record why it was skipped."""
-    manifest = bundle.manifest
+def _engine_skip(status: TensorRTStatus | None) -> str | None:
+    """Why convert builds no engine (``status`` None: --engine off); None when it builds one."""
     if status is None:
-        manifest.skipped["engine"] = "disabled (--engine off)"
-        return
+        return "disabled (--engine off)"
     if not status.available:
-        manifest.skipped["engine"] = status.why or "TensorRT is not available"
-        return
+        return status.why or "TensorRT is not available"
+    return None
+
+
+def _engine(bundle: Bundle, plan: PrecisionPlan, specs: list[TensorSpec], data: ValidationData | None,
+            options: EngineOptions) -> None:
+    """Build the engine from the mixed model and record it."""
+    manifest = bundle.manifest
     observed = [{name: tuple(array.shape) for name, array in batch.items()}
                 for batch in (data.batches(PROFILE_BATCH, limit=PROFILE_SAMPLES, inputs=specs) if data else [])]
     profiles = derive_profiles([spec.to_json() for spec in manifest.inputs], observed, options.shapes)

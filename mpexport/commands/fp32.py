@@ -19,7 +19,7 @@ from mpexport.base.callables import is_callable_spec
 from mpexport.base.errors import MpexportError, first_line
 from mpexport.base.files import write_json
 from mpexport.base.specs import Batch, TensorSpec, normalize_dtype
-from mpexport.base.timing import StageClock
+from mpexport.base.status import StageClock
 from mpexport.bundle.names import FILE_NAMES, FP32_ONNX, PROVENANCE
 from mpexport.bundle.records import ExportCheckRecord, ExportRecord, ValidationRecord
 from mpexport.bundle.store import Bundle, portable_paths
@@ -178,8 +178,8 @@ def _onnx_stage(bundle: Bundle, request: FP32Request, clock: StageClock, loaded:
         manifest.inputs, manifest.outputs = specs, graph_specs(model.graph.outputs)
         manifest.export = ExportRecord("onnx-input", [], 0.0, opset, external, f"onnx ({kind})")
         manifest.provenance = provenance.summarize(records)
-        manifest.skipped["export check"] = "the model came as ONNX: there is no PyTorch model to check it against " \
-            "(verify uses onnx-fp32 as the reference; verify --reference MODEL adds the PyTorch backends)"
+        clock.skip("export check", "the model came as ONNX: there is no PyTorch model to check it against (verify "
+                   "uses onnx-fp32 as the reference; verify --reference MODEL adds the PyTorch backends)")
         del model
     ranges = None
     if options.range_check and data is not None and request.calibration_samples > 0:

@@ -30,7 +30,7 @@ def lint_record(result: LintResult, bundle: Bundle) -> LintRecord:
 
 def write_reports(transaction: Transaction, report: ParityReport, command: str) -> None:
     """Write ``report.json`` and ``report.html`` in ``transaction`` and record the verdict, covering the artifacts the
-    backends that ran used (the engine only when the tensorrt backend ran), with the command's timings."""
+    backends that ran used (the engine only when the tensorrt backend ran), with the command's stages."""
     from mpexport.check.report_html import render_html
 
     bundle = transaction.bundle
@@ -40,7 +40,7 @@ def write_reports(transaction: Transaction, report: ParityReport, command: str) 
     bundle.manifest.verify = VerifyRecord(report.verdict, report.samples, report.data, report.failures[:10],
                                           {name: _state(state) for name, state in report.backends.items()},
                                           bundle.digests(*covered))
-    bundle.manifest.timings[command] = report.timings
+    bundle.manifest.stages[command] = report.stages
 
 
 def _state(state: dict[str, Any]) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpexport.base.timing import StageClock
+from mpexport.base.status import StageClock
 from mpexport.bundle.names import (
     ENGINE,
     FILE_NAMES,
@@ -130,7 +130,7 @@ def repair(directory: str | Path, *, val_data: str | Path | None = None, options
             result.status = "too costly"
             result.notes.append(costly)
             return result
-        report.timings = clock.stages
+        report.stages = clock.stages
         _commit(bundle, repaired, result, report, mixed_dir, policy_file_text(plan, result))
     finally:
         shutil.rmtree(mixed_dir, ignore_errors=True)

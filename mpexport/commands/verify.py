@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mpexport.base.timing import StageClock
+from mpexport.base.status import StageClock
 from mpexport.bundle.names import ENGINE, FP32_ONNX, MIXED_ONNX, PLAN
 from mpexport.bundle.store import Bundle
 from mpexport.check.forms import load_inputs
@@ -40,7 +40,7 @@ def verify(directory: str | Path, *, val_data: str | Path | None = None, options
             inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size,
                                  reference=reference, columns=options.columns or None)
         report = verify_forms(bundle, inputs, options, on_batch, clock=clock)
-        report.timings = clock.stages
+        report.stages = clock.stages
     if write:
         with bundle.transaction("verify") as transaction:
             write_reports(transaction, report, "verify")

@@ -19,10 +19,10 @@ import numpy as np
 import onnx_ir as ir
 
 from mpexport.base.dtypes import LOW_ONNX_TYPES as LOW_TYPES
-from mpexport.graph.walk import infer_types, mark_added, subgraphs, walk
+from mpexport.graph.walk import added_role, infer_types, mark_added, subgraphs, walk
 
 
-class EmulationError(ValueError):
+class EmulationError(ir.passes.PreconditionError, ValueError):
     """The model uses low precision in a way the strict emulation cannot reproduce (so it cannot vouch for it)."""
 
 
@@ -32,35 +32,64 @@ def load_strict_emulation(mixed: str | Path) -> ir.Model:
 
 
 def strict_emulation(model: ir.Model) -> ir.Model:
-    """Turn ``model`` (in place) into its FP32 strict emulation and return it. Raises :class:`EmulationError`
-    when the model computes in low precision inside a subgraph body (If/Loop/Scan), which it does not emulate."""
-    graph = model.graph
-    _refuse_low_bodies(graph)
-    _type_values(model)
-    _widen_initializers(graph)
-    for value in graph.inputs:
-        if value.dtype in LOW_TYPES:
-            value.dtype = ir.DataType.FLOAT
-    for node in list(graph):
-        low_constant = _low_value_attribute(node)
-        if low_constant is not None:
-            tensor = node.attributes["value"].value
-            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float32)))
-            _round_outputs(graph, node, low_constant)
-            continue
-        type_attribute = _low_type_attribute(node)
-        if type_attribute is not None:  # Cast(to=FP16), EyeLike/Random*(dtype=FP16): compute FP32, round
-            low = ir.DataType(node.attributes[type_attribute].value)
-            node.attributes[type_attribute] = ir.AttrInt64(type_attribute, ir.DataType.FLOAT)
-            _round_outputs(graph, node, low)
-            continue
-        lows = [output.dtype for output in node.outputs if output.dtype in LOW_TYPES]
-        if not lows:
-            continue
-        if node.op_type == "ReduceMean":
-            _pessimistic_mean(graph, node, lows[0])
-        _round_outputs(graph, node, lows[0])
-    return model
+    """Turn ``model`` (in place) into its FP32 strict emulation (:class:`StrictEmulation`) and return it. Raises
+    :class:`EmulationError` when the model computes in low precision inside a subgraph body (If/Loop/Scan), which it
+    does not emulate."""
+    return StrictEmulation()(model).model
+
+
+class StrictEmulation(ir.passes.InPlacePass):
+    """The strict emulation as an onnx-ir pass (the rules in the module docstring).
+
+    Requires: no low precision inside subgraph bodies (:class:`EmulationError`). Ensures: the only low-precision
+    values left are the outputs of its rounding Casts, each read by the Cast back to FP32 right after it; every
+    graph input and output is FP32 or not a float."""
+
+    def requires(self, model: ir.Model) -> None:
+        """Low precision only in the main graph."""
+        _refuse_low_bodies(model.graph)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Widen every low-precision value to FP32 storage with a rounding round trip after it."""
+        graph = model.graph
+        _type_values(model)
+        _widen_initializers(graph)
+        for value in graph.inputs:
+            if value.dtype in LOW_TYPES:
+                value.dtype = ir.DataType.FLOAT
+        for node in list(graph):
+            low_constant = _low_value_attribute(node)
+            if low_constant is not None:
+                tensor = node.attributes["value"].value
+                node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float32)))
+                _round_outputs(graph, node, low_constant)
+                continue
+            type_attribute = _low_type_attribute(node)
+            if type_attribute is not None:  # Cast(to=FP16), EyeLike/Random*(dtype=FP16): compute FP32, round
+                low = ir.DataType(node.attributes[type_attribute].value)
+                node.attributes[type_attribute] = ir.AttrInt64(type_attribute, ir.DataType.FLOAT)
+                _round_outputs(graph, node, low)
+                continue
+            lows = [output.dtype for output in node.outputs if output.dtype in LOW_TYPES]
+            if not lows:
+                continue
+            if node.op_type == "ReduceMean":
+                _pessimistic_mean(graph, node, lows[0])
+            _round_outputs(graph, node, lows[0])
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        """Low precision survives only as rounding."""
+        graph = model.graph
+        for node in graph:
+            for output in node.outputs:
+                if output.dtype in LOW_TYPES and (added_role(node) != ROUNDING or any(
+                        user.op_type != "Cast" for user, _ in output.uses())):
+                    raise ir.passes.PostconditionError(f"'{output.name}' (from {node.name}) is still "
+                                                       f"{output.dtype.name} outside a rounding round trip")
+        for value in (*graph.inputs, *graph.outputs):
+            if value.dtype in LOW_TYPES:
+                raise ir.passes.PostconditionError(f"graph input or output '{value.name}' is still {value.dtype.name}")
 
 
 ROUNDING = "rounding"

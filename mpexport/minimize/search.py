@@ -7,34 +7,23 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 
-from mpexport.backends.onnxruntime import OrtRunner
-from mpexport.base.dtypes import TYPE_MAX
 from mpexport.base.errors import MpexportError
-from mpexport.base.specs import Batch
 from mpexport.bundle.names import FILE_NAMES, FP32_ONNX, MIXED_ONNX, TEMP_PREFIX
 from mpexport.bundle.store import Bundle
-from mpexport.capture.provenance import read_provenance
 from mpexport.check.forms import VerifyInputs
-from mpexport.check.localise import localise
 from mpexport.check.report import ParityReport, VerifyOptions
-from mpexport.check.samples import SampleStats
 from mpexport.check.verify import verify_forms
-from mpexport.data.base import LABELS
-from mpexport.graph.emulate import strict_emulation
 from mpexport.graph.onnxfile import save_model
 from mpexport.graph.rewrite import apply_plan
-from mpexport.graph.weights import max_abs, reduce_tensor
-from mpexport.minimize import GUARD_SAMPLES, MAX_CONFIRMATIONS, MAX_FAILING, MAX_GROWTH, STAGE
-from mpexport.precision.options import Overrides
-from mpexport.precision.plan import NodePlan, PrecisionPlan, read_ranges
-from mpexport.precision.planner import make_plan
+from mpexport.minimize import MAX_CONFIRMATIONS, MAX_FAILING, MAX_GROWTH, STAGE
+from mpexport.minimize.trials import OutOfTrials, Trials
+from mpexport.precision.plan import PrecisionPlan
 
 
 def check_repairable(baseline: ParityReport, strict: str) -> None:
@@ -49,117 +38,34 @@ def check_repairable(baseline: ParityReport, strict: str) -> None:
                             "repair against", stage=STAGE)
 
 
-# -- the search ----------------------------------------------------------------------------------------------
-@dataclass
-class _Trial:
-    passed: bool
-    failing: list[int]
-    summary: str
-
-
 class Search:
-    """Trials of extra FP32 node sets on the trial samples, and the search over them."""
+    """The search over :class:`Trials`: the modules localisation names grown first, then narrowed by delta
+    debugging (or all low-precision nodes narrowed), and the set confirmed with every backend on every sample; the
+    samples a confirmation fails join the trial samples for another round."""
 
     def __init__(self, bundle: Bundle, plan: PrecisionPlan, inputs: VerifyInputs, options: VerifyOptions,
                  baseline: ParityReport, strict: str, max_trials: int,
                  on_trial: Callable[[int, str], None] | None) -> None:
+        self.trials = Trials(bundle, plan, inputs, options, baseline, strict, max_trials, on_trial)
         self.bundle = bundle
         self.plan = plan
         self.inputs = inputs
         self.options = options
         self.strict = strict
-        self.max_trials = max_trials
-        self.on_trial = on_trial
-        self.records = read_provenance(bundle)
-        self.ranges = read_ranges(bundle)
-        # Without the calibration statistics (a bundle from an older mpexport) the range rule cannot be re-run:
-        # the nodes it kept FP32 stay FP32.
-        self.range_kept = [node.name for node in plan.nodes if node.rule == "range"] if self.ranges is None else []
-        self.io_types = str(bundle.manifest.rewrite.get("io_types", "fp32"))
-        self.low = plan.options.low
-        self.thresholds = baseline.thresholds[strict]
         self.failure = next((line for line in baseline.failures if line.startswith(strict)), baseline.failures[0])
         self.observed = {row["node"]: row["observed"] for row in baseline.localisation}
-        self.total = baseline.samples
-        self.by_name = {node.name: node for node in plan.nodes}
-        self.candidates = [node.name for node in plan.nodes if node.precision == self.low]
-        self.cast_at_runtime = _fitting_initializers(bundle.path(FP32_ONNX), TYPE_MAX[self.low])
-        self.failing = _worst_first(baseline, strict)
-        self._set_samples(_trial_samples(baseline, strict, self.failing))
-        self.cache: dict[frozenset[str], _Trial] = {}
-        self.count = 0
-        self.log: list[str] = []
         self.why = ""
 
-    def _set_samples(self, samples: list[int]) -> None:
-        """The trial samples' inputs in batches and the FP32 reference's outputs on them (computed once)."""
-        self.samples = samples
-        self.batches = _gather(self.inputs, samples, self.options.batch_size)
-        reference = self.inputs.reference_runner(self.bundle)
-        self.reference = [reference.run(batch) for batch, _ in self.batches]
+    @property
+    def count(self) -> int:
+        """Trials run so far."""
+        return self.trials.count
 
-    # -- trials --------------------------------------------------------------------------------------------
-    def replanned(self, keep: Iterable[str]) -> tuple[PrecisionPlan, ir.Model]:
-        """The plan with ``keep`` forced FP32 (downstream nodes re-decided), and the FP32 model it was made on."""
-        model = ir.load(str(self.bundle.path(FP32_ONNX)))
-        extra = Overrides(keep_fp32_nodes=sorted({*keep, *self.range_kept}))
-        options = replace(self.plan.options, overrides=self.plan.options.overrides.merged(extra))
-        return make_plan(model, self.records, options, self.ranges), model
+    @property
+    def log(self) -> list[str]:
+        """What was tried, a line each."""
+        return self.trials.log
 
-    def trial_model(self, keep: Iterable[str]) -> tuple[PrecisionPlan, ir.Model]:
-        """The mixed model of the plan with ``keep`` FP32, in memory, its weights cast at run time."""
-        plan, model = self.replanned(keep)
-        apply_plan(model, plan.precisions(), io_types=self.io_types, cast_at_runtime=self.cast_at_runtime)
-        return plan, model
-
-    def trial(self, keep: frozenset[str], what: str) -> _Trial:
-        """Run the strict emulation of the plan with ``keep`` FP32 on the trial samples (cached per set)."""
-        if keep in self.cache:
-            return self.cache[keep]
-        if self.count >= self.max_trials:
-            raise _OutOfTrials
-        self.count += 1
-        _, model = self.trial_model(keep)
-        runner = OrtRunner.from_model(strict_emulation(model), self.bundle.path(FP32_ONNX).parent, name="trial")
-        result = self._judge([runner.run(batch) for batch, _ in self.batches])
-        self.cache[keep] = result
-        self.log.append(f"trial {self.count}: {what} ({len(keep)} nodes FP32): "
-                        f"{'pass' if result.passed else 'fail, ' + result.summary}")
-        if self.on_trial:
-            self.on_trial(self.count, self.log[-1])
-        return result
-
-    def _judge(self, outputs: list[list[np.ndarray]]) -> _Trial:
-        """Each trial sample against the gate's thresholds by itself; top-1 disagreements within the allowance."""
-        names = [spec.name for spec in self.bundle.manifest.outputs]
-        failing: set[int] = set()
-        mismatches = 0
-        for (_, indices), expected, actual in zip(self.batches, self.reference, outputs, strict=True):
-            for name, want, have in zip(names, expected, actual, strict=False):
-                limits = self.thresholds.get(name)
-                if limits is None or np.shape(want) != np.shape(have):
-                    continue
-                stats = SampleStats()
-                stats.add(np.asarray(want), np.asarray(have))
-                alone = {key: value for key, value in limits.items() if key != "min_top1_agreement"}
-                failing.update(indices[position] for position in stats.failing(alone) if position < len(indices))
-                if "min_top1_agreement" in limits:
-                    mismatches += sum(not match for match in stats.top1_match)
-        allowed = self._allowed_mismatches()
-        passed = not failing and mismatches <= allowed
-        summary = f"{len(failing)} trial samples out of budget" if failing else \
-            f"{mismatches} top-1 disagreements (allowed {allowed})"
-        return _Trial(passed, sorted(failing, key=self._rank), summary)
-
-    def _rank(self, index: int) -> int:
-        """Worst failing samples first."""
-        return self.failing.index(index) if index in self.failing else len(self.failing) + index
-
-    def _allowed_mismatches(self) -> int:
-        limits = next((limits for limits in self.thresholds.values() if "min_top1_agreement" in limits), None)
-        return int((1 - limits["min_top1_agreement"]) * self.total) if limits else 0
-
-    # -- search --------------------------------------------------------------------------------------------
     def run(self) -> tuple[frozenset[str], PrecisionPlan, ParityReport, Path] | None:
         """The repaired set, its plan, its passing report and the directory of its mixed model; None if none."""
         try:
@@ -171,26 +77,27 @@ class Search:
                 if report.passed:
                     return keep, plan, report, mixed_dir
                 shutil.rmtree(mixed_dir, ignore_errors=True)
-                extra = [index for index in report.failing_samples(self.strict) if index not in self.samples]
+                extra = [index for index in report.failing_samples(self.strict) if index not in self.trials.samples]
                 if not extra:
                     self.why = "a set passed every trial sample but not verify on the whole set: " + \
                         "; ".join(report.failures[:2])
                     return None
-                self.log.append(f"{len(extra)} samples that failed the confirmation join the trial samples")
-                self.failing += [index for index in extra if index not in self.failing]
-                self._set_samples(sorted({*self.samples, *extra[:MAX_FAILING]}))
-                self.cache.clear()
+                self.trials.log.append(f"{len(extra)} samples that failed the confirmation join the trial samples")
+                trials = self.trials
+                trials.failing += [index for index in extra if index not in trials.failing]
+                trials.set_samples(sorted({*trials.samples, *extra[:MAX_FAILING]}))
+                trials.cache.clear()
             self.why = f"no set was confirmed on the whole set in {MAX_CONFIRMATIONS} rounds"
-        except _OutOfTrials:
-            self.why = f"stopped after {self.max_trials} trials (--max-trials)"
+        except OutOfTrials:
+            self.why = f"stopped after {self.trials.max_trials} trials (--max-trials)"
         return None
 
     def _search(self) -> frozenset[str] | None:
         grown = self._grow_modules()
         if grown is not None:
             return self._ddmin(grown, "of the modules' nodes")
-        everything = frozenset(self.candidates)
-        if not self.trial(everything, "every low-precision node FP32").passed:
+        everything = frozenset(self.trials.candidates)
+        if not self.trials.trial(everything, "every low-precision node FP32").passed:
             self.why = "even with every low-precision node FP32 the strict emulation fails: not a precision problem " \
                 "(look at the export check and the FP32 model)"
             return None
@@ -201,53 +108,36 @@ class Search:
         keep: frozenset[str] = frozenset()
         modules: list[str] = []
         for _ in range(MAX_GROWTH):
-            offender = self._first_offender(keep)
+            offender = self.trials.first_offender(keep, self.observed)
             if offender is None:
                 return None
             if offender.module is None or offender.module in modules:
                 group, what = {offender.name}, f"+ node {offender.name}"
             else:
                 modules.append(offender.module)
-                group = {name for name in self.candidates if _in_module(self.by_name[name].module, offender.module)}
+                group = {name for name in self.trials.candidates
+                         if _in_module(self.trials.by_name[name].module, offender.module)}
                 what = f"+ module '{offender.module or '<root>'}'"
             keep = keep | group
-            if self.trial(keep, what).passed:
+            if self.trials.trial(keep, what).passed:
                 return keep
-        return None
-
-    def _first_offender(self, keep: frozenset[str]) -> NodePlan | None:
-        """The first low-precision node (not yet kept) that localisation names under the plan with ``keep`` FP32,
-        on the worst failing trial sample."""
-        trial = self.cache.get(keep)
-        failing = trial.failing if trial is not None else self.failing
-        if not failing:
-            return None
-        batch, _ = _gather(self.inputs, [failing[0]], 1)[0]
-        plan, model = self.trial_model(keep)
-        fp32 = self.bundle.path(FP32_ONNX)
-        rows, _ = localise(fp32, model, batch, {node.name: node.to_json() for node in plan.nodes}, low=self.low,
-                           base_dir=fp32.parent)
-        for row in rows:
-            if row["node"] in self.by_name and row["node"] in self.candidates and row["node"] not in keep:
-                self.observed.setdefault(row["node"], row["observed"])
-                return self.by_name[row["node"]]
         return None
 
     def _ddmin(self, passing: frozenset[str], where: str) -> frozenset[str]:
         """Delta debugging: a 1-minimal subset of the passing set ``passing`` (without any one of its nodes, the
         trial fails). Non-contiguous: it tests subsets and their complements, not prefixes."""
-        items = [name for name in self.candidates if name in passing]  # graph order: deterministic
+        items = [name for name in self.trials.candidates if name in passing]  # graph order: deterministic
         granularity = 2
         while len(items) >= 2:
             chunks = _split(items, granularity)
             reduced = next((chunk for chunk in chunks
-                            if self.trial(frozenset(chunk), f"{len(chunk)} {where}").passed), None)
+                            if self.trials.trial(frozenset(chunk), f"{len(chunk)} {where}").passed), None)
             if reduced is not None:
                 items, granularity = reduced, 2
                 continue
             rests = [[name for name in items if name not in chunk] for chunk in chunks]
-            reduced = next((rest for rest in rests if self.trial(frozenset(rest), f"{len(rest)} {where}").passed),
-                           None)
+            reduced = next((rest for rest in rests
+                            if self.trials.trial(frozenset(rest), f"{len(rest)} {where}").passed), None)
             if reduced is not None:
                 items, granularity = reduced, max(granularity - 1, 2)
                 continue
@@ -256,24 +146,20 @@ class Search:
             granularity = min(len(items), 2 * granularity)
         return frozenset(items)
 
-    # -- confirmation --------------------------------------------------------------------------------------
     def confirm(self, keep: frozenset[str]) -> tuple[PrecisionPlan, ParityReport, Path]:
         """Write the mixed model of the repaired plan into a temporary directory inside the bundle and verify it
         with every backend on every sample."""
-        plan = with_repair_reasons(self.replanned(keep)[0], keep, self.plan, self.failure, self.observed)
+        plan = with_repair_reasons(self.trials.replanned(keep)[0], keep, self.plan, self.failure, self.observed)
         model = ir.load(str(self.bundle.path(FP32_ONNX)))
-        apply_plan(model, plan.precisions(), io_types=self.io_types)
+        apply_plan(model, plan.precisions(), io_types=self.trials.io_types)
         directory = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=self.bundle.directory))
         mixed_file = FILE_NAMES[MIXED_ONNX]
         external = len(self.bundle.manifest.artifacts[MIXED_ONNX].sha256) > 1
         save_model(model, directory / mixed_file, external_data=f"{mixed_file}.data" if external else None)
         report = verify_forms(self.bundle, self.inputs, self.options, mixed=directory / mixed_file, plan=plan)
-        self.log.append(f"confirmation with {len(keep)} nodes FP32 on all {report.samples} samples: {report.verdict}")
+        self.trials.log.append(f"confirmation with {len(keep)} nodes FP32 on all {report.samples} samples: "
+                               f"{report.verdict}")
         return plan, report, directory
-
-
-class _OutOfTrials(Exception):
-    """The trial budget is spent."""
 
 
 def _split(items: list[str], parts: int) -> list[list[str]]:
@@ -289,71 +175,6 @@ def _split(items: list[str], parts: int) -> list[list[str]]:
 
 def _in_module(module: str | None, prefix: str) -> bool:
     return module is not None and (prefix == "" or module == prefix or module.startswith(f"{prefix}."))
-
-
-def _fitting_initializers(fp32_path: Path, limit: float) -> set[str]:
-    """Initializers whose values the low type holds (cast at run time in trials; the others are converted, with
-    mask sentinels saturated as the writer does)."""
-    model = ir.load(str(fp32_path))
-    fitting = set()
-    for name, value in model.graph.initializers.items():
-        tensor = value.const_value
-        if tensor is not None and value.dtype == ir.DataType.FLOAT and reduce_tensor(tensor, max_abs) <= limit:
-            fitting.add(name)
-    return fitting
-
-
-def _worst_first(baseline: ParityReport, strict: str) -> list[int]:
-    """The samples failing the strict emulation, the worst first (most non-finite values, then largest error)."""
-    stats = list(baseline.per_sample.values())
-
-    def badness(index: int) -> tuple[int, float]:
-        return (sum(s.nonfinite[index] for s in stats), max(s.max_abs[index] for s in stats))
-
-    return sorted(baseline.failing_samples(strict), key=badness, reverse=True)
-
-
-def _trial_samples(baseline: ParityReport, strict: str, failing: list[int]) -> list[int]:
-    """The worst failing samples (at most MAX_FAILING) and GUARD_SAMPLES passing ones spread over the set."""
-    chosen = set(failing[:MAX_FAILING])
-    passing = [index for index in range(baseline.samples) if index not in set(failing)]
-    step = max(1, len(passing) // GUARD_SAMPLES)
-    return sorted(chosen | set(passing[::step][:GUARD_SAMPLES]))
-
-
-def _gather(inputs: VerifyInputs, samples: list[int], batch_size: int) -> list[tuple[Batch, list[int]]]:
-    """The inputs of ``samples`` (global indices) in batches of up to ``batch_size`` (a model with a fixed batch size:
-    the whole batches that hold them), with the indices each batch holds."""
-    wanted = set(samples)
-    fixed = next((spec.shape[0] for spec in inputs.specs if spec.shape and isinstance(spec.shape[0], int)), None)
-    size = fixed or batch_size
-    found: list[tuple[Batch, list[int]]] = []
-    pending: list[tuple[dict[str, np.ndarray], int]] = []
-    start = 0
-    for batch in inputs.data.batches(size, inputs=inputs.specs, exact=fixed is not None):
-        count = len(next(iter(batch.values())))
-        hits = [position for position in range(count) if start + position in wanted]
-        if fixed is not None and hits:
-            found.append((_without_labels(batch), list(range(start, start + count))))
-        elif not fixed:
-            pending += [({name: array[position:position + 1] for name, array in _without_labels(batch).items()},
-                         start + position) for position in hits]
-        start += count
-        if start > max(samples, default=-1):
-            break
-    for offset in range(0, len(pending), batch_size):
-        group = pending[offset:offset + batch_size]
-        shapes = {tuple(array.shape for array in item.values()) for item, _ in group}
-        if len(shapes) == 1:
-            found.append(({name: np.concatenate([item[name] for item, _ in group]) for name in group[0][0]},
-                          [index for _, index in group]))
-        else:
-            found += [(item, [index]) for item, index in group]
-    return found
-
-
-def _without_labels(batch: Batch) -> Batch:
-    return {name: array for name, array in batch.items() if name != LABELS}
 
 
 def with_repair_reasons(plan: PrecisionPlan, keep: frozenset[str], original: PrecisionPlan, failure: str,

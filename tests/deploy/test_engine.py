@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mpexport.base.errors import MpexportError
+from mpexport.bundle.store import Bundle
 from mpexport.deploy.tensorrt import (
     compare_engine_with_plan,
     derive_profiles,
@@ -23,7 +24,7 @@ from mpexport.deploy.tensorrt import (
     parse_shapes_option,
     tensorrt_status,
 )
-from tests.conftest import MODELS, assert_bad_input
+from tests.helpers import MODELS, assert_bad_input
 
 LISTING_10 = {
     "Layers": [
@@ -117,11 +118,13 @@ def test_no_tensorrt_here_convert_skips_on_auto_and_refuses_on(cli, tmp_path: Pa
     result = cli("convert", MODELS / "digits_resnet.pt2", "--val-data", MODELS / "digits_resnet.val.npz", "--out", out)
     assert result.exit_code == 0 and "skipped" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["skipped"]["engine"] == status.why and "engine" not in manifest["artifacts"]
+    assert {"stage": "engine", "status": "skipped", "why": status.why} in [
+        {key: stage.get(key) for key in ("stage", "status", "why")} for stage in manifest["stages"]["convert"]]
+    assert "engine" not in manifest["artifacts"]
     off = tmp_path / "off"
     assert cli("convert", MODELS / "digits_resnet.pt2", "--engine", "off", "--input", "pixels:batch,1,8,8",
                "--out", off).exit_code == 0
-    assert json.loads((off / "manifest.json").read_text())["skipped"]["engine"] == "disabled (--engine off)"
+    assert Bundle.open(off).manifest.skip_reason("engine") == "disabled (--engine off)"
     refused = tmp_path / "refused"
     assert_bad_input(cli("convert", MODELS / "digits_resnet.pt2", "--engine", "on", "--out", refused),
                      "--engine on", status.why.split(" (")[0])

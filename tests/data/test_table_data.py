@@ -15,7 +15,7 @@ import pytest
 import mpexport
 from mpexport.data import tables as tabledata
 from mpexport.data.open import load_validation_data
-from tests.conftest import DIGITS_VAL, MODELS, assert_bad_input
+from tests.helpers import DIGITS_VAL, MODELS, assert_bad_input
 
 
 def pixel_table(digits: dict[str, np.ndarray], image: str = "pixels", label: str = "labels") -> pa.Table:

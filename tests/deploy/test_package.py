@@ -14,24 +14,10 @@ import onnx
 import pytest
 from google.protobuf import text_format
 
-from tests.conftest import MODELS, REPO, assert_bad_input, assert_nothing_written
+from tests.helpers import REPO, assert_bad_input, assert_nothing_written
 
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
                   onnx.TensorProto.INT64: "TYPE_INT64"}
-
-
-@pytest.fixture(scope="module")
-def verified(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from click.testing import CliRunner
-
-    from mpexport.cli import main
-
-    out = tmp_path_factory.mktemp("pkg") / "transformer"
-    runner = CliRunner()
-    assert runner.invoke(main, ["convert", str(MODELS / "digits_transformer.pt2"), "--val-data",
-                                str(MODELS / "digits_transformer.val.npz"), "--out", str(out)]).exit_code == 0
-    assert runner.invoke(main, ["verify", str(out)]).exit_code == 0
-    return out
 
 
 def parse_config(path: Path):
@@ -119,7 +105,7 @@ def test_engine_becomes_a_tensorrt_plan_model(cli, verified: Path, tmp_path: Pat
     builder that writes a stand-in engine file; verify cannot run it here, so packaging it needs
     --allow-unverified)."""
     from mpexport.commands.build import build
-    from tests.test_bundle import stand_in_builder
+    from tests.helpers import stand_in_builder
 
     directory = tmp_path / "with_engine"
     shutil.copytree(verified, directory)

@@ -19,7 +19,7 @@ import mpexport
 from mpexport.bundle.store import Bundle
 from mpexport.sources.loading import load_model
 from mpexport.sources.records import find_training_args, read_trainer_args
-from tests.conftest import assert_bad_input, assert_nothing_written
+from tests.helpers import assert_bad_input, assert_nothing_written
 from tests.toy_models import build_bert, build_cnn
 
 CNN_FACTORY = "tests.toy_models:build_cnn"

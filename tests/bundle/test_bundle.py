@@ -19,38 +19,11 @@ from mpexport.bundle.names import ENGINE, ENGINE_LAYERS, FP32_ONNX, MIXED_ONNX, 
 from mpexport.bundle.records import MANIFEST_VERSION, Manifest, VerifyRecord
 from mpexport.bundle.store import Bundle
 from mpexport.commands.build import build
-from mpexport.deploy.tensorrt import ENGINE_FILE, EngineCheck, EngineResult
+from mpexport.deploy.tensorrt import ENGINE_FILE
 from mpexport.precision.plan import PrecisionPlan, read_plan
-from tests.conftest import MODELS, REPO, assert_bad_input
+from tests.helpers import MODELS, REPO, assert_bad_input, stand_in_builder
 
 SHAPES = {"pixels": ((1, 1, 8, 8), (8, 1, 8, 8), (64, 1, 8, 8))}
-
-
-def stand_in_builder(onnx_path: Path, out_dir: Path, profiles: dict, plan: dict[str, str], **_: object) -> EngineResult:
-    """Writes what `build_engine` writes, with stand-in contents (TensorRT needs a GPU): exercises the bundle side
-    of `mpexport build` only; no engine is built or claimed."""
-    assert onnx_path.is_file() and profiles
-    (out_dir / ENGINE_FILE).write_bytes(b"stand-in engine built at %d" % time.monotonic_ns())
-    (out_dir / ENGINE_LAYERS).write_text(json.dumps({"Layers": []}))
-    (out_dir / TIMING_CACHE).write_bytes(b"")
-    check = EngineCheck()
-    return EngineResult(out_dir / ENGINE_FILE, {"tensorrt": "10.13.0", "gpu": "stand-in", "compute_capability": "9.0",
-                                                "check": check.to_json()}, check)
-
-
-@pytest.fixture(scope="module")
-def verified(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundled transformer, converted and verified (copy it before changing it)."""
-    from click.testing import CliRunner
-
-    from mpexport.cli import main
-
-    out = tmp_path_factory.mktemp("bundle") / "transformer"
-    runner = CliRunner()
-    assert runner.invoke(main, ["convert", str(MODELS / "digits_transformer.pt2"), "--val-data",
-                                str(MODELS / "digits_transformer.val.npz"), "--out", str(out)]).exit_code == 0
-    assert runner.invoke(main, ["verify", str(out)]).exit_code == 0
-    return out
 
 
 @pytest.fixture
@@ -68,8 +41,9 @@ def test_manifest_round_trips_as_typed_records(verified: Path) -> None:
     assert Manifest.from_json(json.loads(json.dumps(manifest.to_json()))) == manifest
     assert isinstance(read_plan(bundle), PrecisionPlan) and read_plan(bundle).options.low == "fp16"
     assert bundle.staleness(manifest.verify) is None and bundle.covered(manifest.verify, MIXED_ONNX)
-    assert {stage.stage for stage in manifest.timings["verify"]} >= {"open", "load", "backends", "passes"}
-    assert all(stage.seconds >= 0 and stage.peak_rss_mb for stage in manifest.timings["convert"])
+    assert {stage.stage for stage in manifest.stages["verify"]} >= {"open", "load", "backends", "passes"}
+    assert all(stage.seconds >= 0 and stage.peak_rss_mb for stage in manifest.stages["convert"]
+               if stage.status == "ran")
 
 
 @pytest.mark.parametrize("command", ["verify", "build", "package", "inspect"])
@@ -124,7 +98,7 @@ def test_rebuilt_engine_turns_covering_verdicts_stale(cli, bundle_copy: Path, tm
 
 def test_a_concurrent_commit_is_refused_and_changes_nothing(bundle_copy: Path) -> None:
     first, second = Bundle.open(bundle_copy), Bundle.open(bundle_copy)
-    first.manifest.skipped["note"] = "first"
+    first.manifest.repair = {"note": "first"}
     first.commit("test")
     before = (bundle_copy / "manifest.json").read_bytes()
     with pytest.raises(MpexportError, match="changed by another mpexport command"):
@@ -183,6 +157,30 @@ def test_temporaries_of_dead_commands_are_swept(bundle_copy: Path) -> None:
     assert not leftover.exists() and mine.exists()
 
 
+def _as_version_2(manifest: dict) -> dict:
+    """The same manifest as an mpexport of manifest version 2 wrote it: seconds per stage in ``timings``, skipped
+    stages apart in ``skipped``."""
+    old = {key: value for key, value in manifest.items() if key != "stages"}
+    old["manifest_version"] = 2
+    old["timings"] = {command: [{"stage": s["stage"], "seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"]}
+                                for s in stages if s["status"] == "ran"]
+                      for command, stages in manifest["stages"].items()}
+    old["skipped"] = {s["stage"]: s["why"] for s in manifest["stages"].get("convert", []) if s["status"] == "skipped"}
+    return old
+
+
+def test_version_2_manifests_read_their_timings_and_skips_as_stage_records(bundle_copy: Path) -> None:
+    path = bundle_copy / "manifest.json"
+    current = Bundle.open(bundle_copy).manifest
+    path.write_text(json.dumps(_as_version_2(json.loads(path.read_text()))))
+    upgraded = Bundle.open(bundle_copy, uses=(FP32_ONNX, MIXED_ONNX, PLAN)).manifest
+    assert upgraded.manifest_version == MANIFEST_VERSION
+    assert upgraded.skip_reason("engine") == current.skip_reason("engine") is not None
+    assert [(s.stage, s.status) for s in upgraded.stages["convert"]] == [(s.stage, s.status)
+                                                                          for s in current.stages["convert"]]
+    assert upgraded.stages["verify"] == current.stages["verify"]
+
+
 def _as_version_1(manifest: dict) -> dict:
     """The same bundle as an mpexport of manifest version 1 wrote it."""
     artifacts = {key: value["file"] for key, value in manifest["artifacts"].items()}
@@ -190,7 +188,8 @@ def _as_version_1(manifest: dict) -> dict:
     check = dict(manifest["export_check"]["comparison"], data=manifest["export_check"]["data"])
     return {"manifest_version": 1, "artifacts": artifacts, "hashes": hashes, "inputs": manifest["inputs"],
             "outputs": manifest["outputs"], "source": {k: manifest["source"][k] for k in ("path", "format", "sha256")},
-            "versions": manifest["versions"], "skipped": manifest["skipped"], "export": manifest["export"],
+            "versions": manifest["versions"], "skipped": _as_version_2(manifest)["skipped"],
+            "export": manifest["export"],
             "provenance": manifest["provenance"], "export_check": check, "plan": manifest["plan"],
             "rewrite": manifest["rewrite"], "lint": {"model": "model.mixed.onnx", "ok": True, "checks": []},
             "verify": {"verdict": "pass", "samples": 360, "data": "x", "failures": []}}

@@ -12,8 +12,7 @@ import pytest
 
 from mpexport.bundle.store import Bundle
 from mpexport.precision.plan import read_plan
-from tests.conftest import MODELS
-from tests.test_bundle import stand_in_builder
+from tests.helpers import MODELS, stand_in_builder
 
 TRANSFORMER, VAL = MODELS / "digits_transformer.pt2", MODELS / "digits_transformer.val.npz"
 

@@ -14,7 +14,7 @@ import torch
 from mpexport.bundle.names import ENGINE
 from mpexport.bundle.store import Bundle
 from mpexport.precision.plan import read_plan
-from tests.conftest import assert_bad_input
+from tests.helpers import assert_bad_input
 from tests.toy_models import build_rare_overflow, rare_overflow_data
 
 
@@ -133,7 +133,7 @@ def test_an_impossible_budget_is_exit_1_and_changes_nothing(cli, bundle_copy: Pa
 
 def test_a_bundle_with_an_engine_never_ships_it_unverified(cli, bundle_copy: Path, tmp_path: Path) -> None:
     from mpexport.commands.build import build
-    from tests.test_bundle import stand_in_builder
+    from tests.helpers import stand_in_builder
 
     build(bundle_copy, shapes={"x": ((1, 16), (8, 16), (64, 16))}, builder=stand_in_builder)
     result = cli("repair", bundle_copy)

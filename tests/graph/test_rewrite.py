@@ -23,7 +23,7 @@ from mpexport.graph.rewrite import apply_plan
 from mpexport.precision.options import PlanOptions
 from mpexport.precision.plan import read_plan
 from tests import toy_models
-from tests.conftest import MODELS, assert_bad_input
+from tests.helpers import MODELS, assert_bad_input
 
 RNG = np.random.default_rng(0)
 

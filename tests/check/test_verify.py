@@ -18,7 +18,7 @@ from mpexport.check.verify import verify_candidate
 from mpexport.commands.verify import verify
 from mpexport.graph.rewrite import apply_plan
 from mpexport.precision.options import PlanOptions
-from tests.conftest import MODELS, assert_bad_input
+from tests.helpers import MODELS, assert_bad_input
 from tests.toy_models import build_overflow_hazard
 
 

@@ -10,7 +10,7 @@ import torch
 from mpexport.base.errors import MpexportError
 from mpexport.sources.loading import load_model
 from mpexport.sources.model import FORMAT_CHECKPOINT, FORMAT_EXPORT, FORMAT_PICKLE, FORMAT_TORCHSCRIPT
-from tests.conftest import MODELS, REPO
+from tests.helpers import MODELS, REPO
 from tests.toy_models import build_cnn
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import MODELS, REPO, assert_bad_input, assert_nothing_written
+from tests.helpers import MODELS, REPO, assert_bad_input, assert_nothing_written
 from tests.toy_models import build_cnn
 
 RESNET = MODELS / "digits_resnet.pt2"

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import MODELS, REPO
+from tests.helpers import MODELS, REPO
 
 SEED = 20261129
 MODEL_CASES = 14

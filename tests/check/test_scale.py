@@ -24,7 +24,7 @@ from mpexport.check.report import VerifyOptions
 from mpexport.commands.verify import verify
 from mpexport.data.base import ValidationData
 from mpexport.data.open import load_validation_data
-from tests.conftest import DIGITS_VAL, assert_bad_input
+from tests.helpers import DIGITS_VAL, assert_bad_input
 
 TIGHT = VerifyOptions(batch_size=32, atol=0.02)
 """A gate the strict emulation breaks on some samples: the verdict, failing samples and localisation must agree."""
@@ -166,7 +166,7 @@ def _without_seconds(report: dict[str, Any]) -> dict[str, Any]:
     report = json.loads(json.dumps(report))
     for state in report["backends"].values():
         state.pop("seconds", None)
-    report.pop("timings")
+    report.pop("stages")
     return report
 
 

@@ -19,7 +19,7 @@ from mpexport.precision.options import Overrides, PlanOptions
 from mpexport.precision.oracle import compare_with_plan, observe_autocast
 from mpexport.precision.plan import read_plan
 from mpexport.precision.planner import make_plan
-from tests.conftest import MODELS, REPO, assert_bad_input
+from tests.helpers import MODELS, REPO, assert_bad_input
 from tests.toy_models import build_fp32_head, build_outliers
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
