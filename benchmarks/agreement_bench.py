@@ -24,9 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mpexport.capture.provenance import read_provenance
-from mpexport.precision.plan import read_ranges
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 POLICIES = ("cpu-fp16", "cpu-bf16", "cuda-fp16", "cuda-bf16")
@@ -66,8 +63,10 @@ def measure(name: str, module: torch.nn.Module, arrays: dict[str, np.ndarray], a
     import mpexport
     from mpexport.bundle.names import FP32_ONNX
     from mpexport.bundle.store import Bundle
+    from mpexport.capture.provenance import read_provenance
     from mpexport.precision.agreement import plan_agreement
     from mpexport.precision.options import PlanOptions
+    from mpexport.precision.plan import read_ranges
     from mpexport.precision.planner import make_plan
 
     np.savez(root / f"{name}.npz", **arrays)

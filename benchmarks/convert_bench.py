@@ -46,8 +46,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mpexport.capture.provenance import read_provenance
-
 CONVERTERS = ("mpexport", "onnxconverter-common", "modelopt-autocast")
 TOKENS = np.random.default_rng(1).integers(0, 30000, (2, 128))
 
@@ -75,6 +73,7 @@ def export_bert(workdir: Path, layers: int) -> Path:
 
 def convert_one(name: str, source: Path, target: Path) -> dict:
     """Run one converter in this process; returns seconds (imports excluded) and peak RSS (MB)."""
+    from mpexport.capture.provenance import read_provenance
     warnings.simplefilter("ignore")
     if name == "mpexport":
         import onnx_ir as ir

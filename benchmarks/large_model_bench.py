@@ -32,8 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mpexport.capture.provenance import read_provenance
-
 SEQUENCE, SAMPLES = 128, 8
 MB = 1 << 20
 
@@ -76,6 +74,7 @@ def writer(workdir: Path) -> dict:
 
     from mpexport.bundle.names import FP32_ONNX, PROVENANCE
     from mpexport.bundle.store import Bundle
+    from mpexport.capture.provenance import read_provenance
     from mpexport.graph.lint import lint_model
     from mpexport.graph.onnxfile import save_model
     from mpexport.graph.rewrite import apply_plan

@@ -36,8 +36,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mpexport.precision.plan import read_plan
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SAMPLES, RARE = 320, 40
@@ -138,6 +136,7 @@ def run_bisection(bundle: Path) -> dict:
     from mpexport.check.report import VerifyOptions
     from mpexport.check.verify import verify_forms
     from mpexport.minimize.search import Search
+    from mpexport.precision.plan import read_plan
 
     started = time.perf_counter()
     opened = Bundle.open(bundle)
@@ -181,6 +180,7 @@ print(json.dumps({"seconds": round(seconds, 2)}))
 
 def run_occ(bundle: Path, pt2: Path, val: Path, python: str | None, root: Path) -> dict:
     """onnxconverter-common's search on 16 failing samples, judged afterwards on every sample."""
+    from mpexport.precision.plan import read_plan
     if not python:
         return {"note": "no --baselines-python"}
     from mpexport.bundle.names import FP32_ONNX
@@ -214,6 +214,7 @@ def _low_share(path: Path, bundle) -> float | None:
     import onnx_ir as ir
 
     from mpexport.graph.contract import realized_precisions
+    from mpexport.precision.plan import read_plan
 
     macs = {node.name: node.macs for node in read_plan(bundle).nodes if node.macs}
     realized = realized_precisions(ir.load(str(path)))
@@ -229,6 +230,7 @@ def time_trials(directory: Path, atol: float | None) -> None:
     from mpexport.check.report import VerifyOptions
     from mpexport.check.verify import verify_forms
     from mpexport.minimize.search import Search
+    from mpexport.precision.plan import read_plan
 
     bundle = Bundle.open(directory)
     options = VerifyOptions(atol=atol)

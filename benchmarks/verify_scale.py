@@ -13,7 +13,7 @@ process, as a user runs it (the Ray runs start and stop their own local instance
 
 Reports wall seconds, samples per second, overhead, and how far each Ray report's numbers are from the single
 process's (largest relative difference over every metric; the verdict, sample count and failing backends must be
-equal). The merge itself is exact (tests/test_scale.py checks it bit for bit); differences here come from the
+equal). The merge itself is exact (tests/check/test_scale.py checks it bit for bit); differences here come from the
 backends' arithmetic on another thread count.
 """
 

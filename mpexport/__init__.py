@@ -10,7 +10,7 @@ The Python API mirrors the CLI::
     print(bundle.manifest.verify.verdict, mpexport.read_plan(bundle).summary()["macs"])
     mpexport.repair("build/m")                      # and build, package, inspect: every command is a function
 
-Layout: ``mpexport/`` holds one folder per stage, each importing only the folders below it (README, "Layout").
+Layout: ``mpexport/`` holds one folder per stage, each importing only the folders of earlier stages (README, "Layout").
 """
 
 from __future__ import annotations
@@ -35,15 +35,15 @@ _LAZY = {
     "InspectReport": "mpexport.commands.inspect", "RayOptions": "mpexport.check.ray",
     # the stages, for Python users who run one alone
     "Bundle": "mpexport.bundle.store", "Manifest": "mpexport.bundle.records",
-    "LoadedModel": "mpexport.sources.loading", "load_model": "mpexport.sources.loading",
+    "LoadedModel": "mpexport.sources.model", "load_model": "mpexport.sources.loading",
     "save": "mpexport.sources.saving", "TrainingRecord": "mpexport.sources.records",
     "ValidationData": "mpexport.data.base", "load_validation_data": "mpexport.data.open",
     "ExportRequest": "mpexport.capture.export", "ExportResult": "mpexport.capture.export",
     "export_onnx": "mpexport.capture.export",
-    "PlanOptions": "mpexport.precision.plan", "PrecisionPlan": "mpexport.precision.plan",
-    "Overrides": "mpexport.precision.plan", "read_plan": "mpexport.precision.plan",
+    "PlanOptions": "mpexport.precision.options", "PrecisionPlan": "mpexport.precision.plan",
+    "Overrides": "mpexport.precision.options", "read_plan": "mpexport.precision.plan",
     "lint_model": "mpexport.graph.lint", "verify_candidate": "mpexport.check.verify",
-    "inspect_plan": "mpexport.commands.inspect:inspect",  # the name before 0.2
+    "inspect_plan": "mpexport.commands.inspect:inspect",  # its earlier name
 }
 
 

@@ -39,8 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from mpexport.capture.provenance import read_provenance
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -105,6 +103,7 @@ def oracle_check(cpu_only: bool, models: tuple[str, ...] = MODELS) -> dict[str, 
     import mpexport
     from mpexport.bundle.names import FP32_ONNX, PROVENANCE
     from mpexport.bundle.store import Bundle
+    from mpexport.capture.provenance import read_provenance
     from mpexport.precision.options import PlanOptions
     from mpexport.precision.oracle import compare_with_plan, observe_autocast
     from mpexport.precision.planner import make_plan

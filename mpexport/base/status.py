@@ -21,7 +21,6 @@ from typing import Any
 from mpexport.base.errors import first_line
 
 RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
-STATES = (RAN, SKIPPED, FAILED)
 PROC_STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
 

@@ -1,9 +1,12 @@
-"""The output directory as one typed record: a :class:`Bundle` and its :class:`Manifest`.
+"""The output directory as one typed record: a :class:`Bundle` and its
+:class:`~mpexport.bundle.records.Manifest`.
 
 ``convert`` creates a bundle; ``inspect``, ``verify``, ``build``, ``package`` (and ``repair``) open one. This
-module is the only code that reads or writes ``manifest.json``, and it treats the directory like a database file:
+module and :mod:`mpexport.bundle.records` are the only code that reads or writes ``manifest.json``, and they treat
+the directory like a database file:
 
-* **typed**: every manifest section is a dataclass; the plan is read back as a :class:`PrecisionPlan`;
+* **typed**: every manifest section is a dataclass (:mod:`mpexport.bundle.records`); the plan, provenance and
+  ranges are read back by their own stages (:func:`mpexport.precision.plan.read_plan`...);
 * **checked on open**: the SHA-256 of every artifact a command will use is compared with the manifest, so a
   modified or missing file is a one-line error naming it (exit 2), never silently used;
 * **atomic commits**: new artifacts are written into a temporary directory inside the bundle and moved into

@@ -14,7 +14,6 @@ from mpexport.base.errors import MpexportError, first_line
 from mpexport.base.specs import Batch
 from mpexport.base.status import FAILED, RAN, SKIPPED
 
-REFERENCE = "torch-fp32"
 AMP = "torch-amp"
 ONNX_AMP = "onnx-amp"
 """The noise floor without a PyTorch model: the training policy emulated strictly on the FP32 ONNX."""

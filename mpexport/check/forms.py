@@ -38,7 +38,8 @@ from mpexport.sources.loading import load_model
 from mpexport.sources.model import FORMAT_ONNX, LoadedModel
 
 LOW_MEMORY_WEIGHTS = 1 << 30
-"""FP32 weight bytes from which the low-precision sessions trade speed for memory (:func:`session_options`)."""
+"""FP32 weight bytes from which the low-precision sessions trade speed for memory
+(:func:`mpexport.backends.onnxruntime.session_options`)."""
 
 
 @dataclass

@@ -3,14 +3,14 @@
 The validation set is cut into shards, each a run of whole batches (the batches a single-process verify folds,
 numbered globally, so Parquet row groups and files before a shard are never read by it). Ray Data runs the shards
 through ``map_batches`` on a pool of actors; each actor opens the bundle, loads the model and builds every backend
-once, then folds its shards into a :class:`mpexport.check.verify.Tally`. The driver joins the tallies in shard
+once, then folds its shards into a :class:`mpexport.check.tally.Tally`. The driver joins the tallies in shard
 order with :meth:`Tally.merge`: maxima, minima, counts and exactly-rounded sums, and the p99 subsample is keyed by
 global batch index, so it is the same subsample a single pass draws (an exact merge of the same estimator, no
 sketch). The report therefore equals the single-process one up to the backends' own arithmetic on another thread
 count, provided the workers are alike: workers that built different backends (a GPU, a kernel or the memory one
 had and another had not) end the run, as does a backend that ran on part of the data. Actors get an equal share of
-the cluster's GPUs by default: Ray hides the GPUs from an actor that asks for none. The driver then gates,
-localises and writes as verify does.
+the cluster's GPUs by default: Ray hides the GPUs from an actor that asks for none. The driver then gates and
+localises as verify does (:mod:`mpexport.commands.verify` writes the result).
 
 Failures: a worker that dies is restarted and its shard retried by Ray (:data:`RETRIES` times); a shard whose
 data or backends raise ends the run with one line naming the shard (exit 2, nothing written); a merged run that

@@ -134,7 +134,7 @@ def fp32_stage(bundle: Bundle, request: FP32Request, clock: StageClock,
     calibrate = options.range_check and data is not None and request.calibration_samples > 0
     with clock.stage("data pass"):
         check, ranges, device_note = _data_pass(bundle, loaded, specs, data, examples, request, output_bytes,
-                                                shareable_weights(exported.model), calibrate, on_progress)
+                                                _shareable_weights(exported.model), calibrate, on_progress)
         bundle.manifest.export_check = ExportCheckRecord(check.passed, check.to_json(), _data_description(data),
                                                          bundle.digests(FP32_ONNX))
     notes = loaded.notes + record_notes(request.plan_options, loaded) + exported.notes + \
@@ -330,7 +330,7 @@ def _data_description(data: ValidationData | None) -> str:
     return data.describe() if data is not None else "example inputs (no --val-data)"
 
 
-def shareable_weights(model: ir.Model) -> dict[str, np.ndarray]:
+def _shareable_weights(model: ir.Model) -> dict[str, np.ndarray]:
     """The in-memory model's initializers as arrays that view their data (the PyTorch parameters, for an export),
     for ONNX Runtime to use in place: checking a large export then holds its weights once, not twice."""
     shared = {}

@@ -1,24 +1,26 @@
 """``repair``: when a deployable form fails parity, find a small set of extra FP32 nodes with which every
-backend passes the same gate, and say why each node is there.
+backend passes the same gate, and say why each node is there. This module runs the steps and commits the result;
+the search itself (steps 2-4) is :mod:`mpexport.minimize`.
 
 1. **Baseline**: verify the bundle as it is. A pass leaves nothing to repair. The gate's thresholds (the training
    noise floor) are kept: a repair never loosens them.
 2. **Trial samples**: the samples on which the strict emulation breaks the thresholds by itself (non-finite values,
-   error beyond ``atol``, cosine below the minimum, top-1 disagreement; the worst :data:`MAX_FAILING` of them) plus
-   :data:`GUARD_SAMPLES` passing ones spread over the set, so a trial cannot fix one sample by breaking others.
+   error beyond ``atol``, cosine below the minimum, top-1 disagreement; the worst :data:`~mpexport.minimize.MAX_FAILING`
+   of them) plus :data:`~mpexport.minimize.GUARD_SAMPLES` passing ones spread over the set, so a trial cannot fix one
+   sample by breaking others.
 3. **Trials are cheap**: a trial re-plans with the extra FP32 nodes (``make_plan``, so downstream nodes follow their
    inputs as training did), rewrites the FP32 working copy in memory with its weights cast at run time (no weight
    converted or written), emulates it strictly and runs the trial samples. No export, no file.
-4. **Modules first, then nodes**: the module of the first node localisation names (on the worst failing sample)
-   goes FP32 as a whole, what a user would write as ``--keep-fp32-module``; while the trial still fails,
-   localisation under it names the next offender, whose module joins (growing along the data flow, at most
-   :data:`MAX_GROWTH` times). Delta debugging (non-contiguous, not prefix bisection) then reduces the passing set
-   to a 1-minimal set of nodes: without any one of them, the trial fails. If module growth does not pass, delta
-   debugging starts from every low-precision node; if even that fails, it is not a precision problem.
+4. **Modules first, then nodes**: the module of the first node localisation names (on the worst failing sample) goes
+   FP32 as a whole, what a user would write as ``--keep-fp32-module``; while the trial still fails, localisation under
+   it names the next offender, whose module joins (growing along the data flow, at most
+   :data:`~mpexport.minimize.MAX_GROWTH` times). Delta debugging (non-contiguous, not prefix bisection) then reduces the
+   passing set to a 1-minimal set of nodes: without any one of them, the trial fails. If module growth does not pass,
+   delta debugging starts from every low-precision node; if even that fails, it is not a precision problem.
 5. **Confirm**: the repaired plan is written as the bundle's plan (rule ``repair``, each reason citing the failure it
-   fixes), the mixed model rewritten and linted, and verified with every backend on every sample; a sample that
-   still fails joins the trial samples and the search goes on (at most :data:`MAX_CONFIRMATIONS` times). Only a
-   confirmed repair is committed, in one transaction with ``repair.json``, ``repair.policy.toml`` and the report.
+   fixes), the mixed model rewritten and linted, and verified with every backend on every sample; a sample that still
+   fails joins the trial samples and the search goes on (at most :data:`~mpexport.minimize.MAX_CONFIRMATIONS` times).
+   Only a confirmed repair is committed, in one transaction with ``repair.json``, ``repair.policy.toml`` and the report.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Validation data: ``.npz`` files (arrays named after the model inputs, optional ``labels``), a directory
-of ``.npz`` shards read shard by shard, Parquet/Arrow files or a ``datasets`` directory (:mod:`mpexport.data.tables`),
-or ``module:function`` returning an iterable of batches (e.g. a torch DataLoader), all checked against the model's
-input specs.
+"""Validation data: the :class:`ValidationData` every source is (batches of arrays named after the model's inputs,
+optional ``labels``), read from ``.npz`` files or a directory of ``.npz`` shards shard by shard, and checked against
+the model's input specs. Tables are :mod:`mpexport.data.tables`, ``module:function`` batches
+:mod:`mpexport.data.callable`; :func:`mpexport.data.open.load_validation_data` opens any of them.
 
 Every problem (missing file, wrong names, shapes or dtypes, NaN/Inf, no samples) is a one-line
 :class:`MpexportError` (exit 2).

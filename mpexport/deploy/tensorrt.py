@@ -5,9 +5,9 @@ the ONNX tensor types are the precision contract, so the engine runs what the pl
 allowed, so the FP32 keep-list really runs FP32. The engine inspector's layer listing (detailed profiling
 verbosity) is read back and compared with the plan: the silent-FP32 failure and the opposite.
 
-Everything that needs no GPU (availability, version handling, flags, profiles, the plan-vs-engine comparison)
-is plain Python and tested here; the build and the runner need TensorRT and an NVIDIA GPU and have not run on
-this project's machines yet.
+Everything that needs no GPU (availability, version handling, flags, profiles, the plan-vs-engine comparison) is plain
+Python and tested here; the build and the runner (:mod:`mpexport.backends.tensorrt`) need TensorRT and an NVIDIA GPU and
+have not run on this project's machines yet.
 """
 
 from __future__ import annotations

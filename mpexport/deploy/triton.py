@@ -1,4 +1,5 @@
-"""``package``: a Triton Inference Server model repository from a verified output directory.
+"""A Triton Inference Server model repository from a verified output directory (``mpexport package``,
+:mod:`mpexport.commands.package`).
 
 One model per deployable form: ``<name>`` (``onnxruntime_onnx``, the mixed-precision ONNX; a ``model.onnx/``
 directory when the model has external data) and ``<name>_trt`` (``tensorrt_plan``, the engine named per GPU

@@ -10,8 +10,6 @@ import onnx_ir as ir
 
 from mpexport.base.dtypes import precision_of
 
-PROBE_OPS = ("ReduceMax", "ReduceMin", "ReduceSum", "Shape")
-
 
 @dataclass(frozen=True)
 class Probe:

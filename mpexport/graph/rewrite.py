@@ -38,7 +38,7 @@ from mpexport.base.dtypes import (
 )
 from mpexport.base.errors import MpexportError
 from mpexport.graph.contract import FAIL, cast_types, plan_match, rounding_chains
-from mpexport.graph.walk import mark_added, subgraphs, walk
+from mpexport.graph.walk import mark_added, node_names, subgraphs, walk
 from mpexport.graph.weights import converted, max_abs, reduce_tensor
 
 STAGE = "rewrite"
@@ -83,7 +83,12 @@ def apply_plan(model: ir.Model, precisions: dict[str, str], *, io_types: str = "
     low-precision node reads them (the same values: a variant built for a trial, whose weights stay in the FP32
     file; pass only those the low type holds, as mask sentinels are saturated when converted)."""
     rewrite = ApplyPlan(precisions, io_types=io_types, share_limit=share_limit, cast_at_runtime=cast_at_runtime)
-    rewrite(model)
+    try:
+        rewrite(model)
+    except (ir.passes.PreconditionError, ir.passes.PostconditionError) as exc:
+        raise MpexportError(f"the rewrite cannot apply this plan: {exc}", stage=STAGE,
+                            hint="a plan made from this FP32 model applies; anything else is a bug to report"
+                            ) from None
     assert rewrite.report is not None
     return rewrite.report
 
@@ -91,14 +96,16 @@ def apply_plan(model: ir.Model, precisions: dict[str, str], *, io_types: str = "
 class ApplyPlan(ir.passes.InPlacePass):
     """The rewrite as an onnx-ir pass (the rules in the module docstring).
 
-    Requires: every planned node is in the model (a plan made from another graph cannot be applied), and
-    ``io_types`` is ``fp32`` or ``native``. Ensures the contract lint checks (:mod:`mpexport.graph.contract`):
-    every planned node realizes its planned precision (no-op Casts the pass removed excepted), every Cast agrees
-    with its declared output, no low -> FP32 -> low chains. :attr:`report` holds what the last run did."""
+    Requires: every planned node is in the model (a plan made from another graph cannot be applied). Ensures the
+    contract lint checks (:mod:`mpexport.graph.contract`): every planned node realizes its planned precision (no-op
+    Casts the pass removed excepted), every Cast agrees with its declared output, no low -> FP32 -> low chains.
+    :attr:`report` holds what the last run did."""
 
     def __init__(self, precisions: dict[str, str], *, io_types: str = "fp32", share_limit: int = SHARE_LIMIT,
                  cast_at_runtime: Collection[str] = ()) -> None:
         super().__init__()
+        if io_types not in ("fp32", "native"):
+            raise MpexportError(f"unknown io types '{io_types}'", stage=STAGE, hint="use fp32 or native")
         self.precisions = precisions
         self.io_types = io_types
         self.share_limit = share_limit
@@ -106,10 +113,8 @@ class ApplyPlan(ir.passes.InPlacePass):
         self.report: RewriteReport | None = None
 
     def requires(self, model: ir.Model) -> None:
-        """The plan names only nodes of ``model``, and the I/O types are known."""
-        if self.io_types not in ("fp32", "native"):
-            raise MpexportError(f"unknown io types '{self.io_types}'", stage=STAGE, hint="use fp32 or native")
-        present = {visited.node.name for visited in walk(model.graph)}
+        """The plan names only nodes of ``model``."""
+        present = set(node_names(model))
         missing = [name for name in self.precisions if name not in present]
         if missing:
             raise ir.passes.PreconditionError(f"the plan names {len(missing)} nodes the model does not have "

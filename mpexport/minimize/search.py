@@ -149,7 +149,7 @@ class Search:
     def confirm(self, keep: frozenset[str]) -> tuple[PrecisionPlan, ParityReport, Path]:
         """Write the mixed model of the repaired plan into a temporary directory inside the bundle and verify it
         with every backend on every sample."""
-        plan = with_repair_reasons(self.trials.replanned(keep)[0], keep, self.plan, self.failure, self.observed)
+        plan = _with_repair_reasons(self.trials.replanned(keep)[0], keep, self.plan, self.failure, self.observed)
         model = ir.load(str(self.bundle.path(FP32_ONNX)))
         apply_plan(model, plan.precisions(), io_types=self.trials.io_types)
         directory = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=self.bundle.directory))
@@ -177,7 +177,7 @@ def _in_module(module: str | None, prefix: str) -> bool:
     return module is not None and (prefix == "" or module == prefix or module.startswith(f"{prefix}."))
 
 
-def with_repair_reasons(plan: PrecisionPlan, keep: frozenset[str], original: PrecisionPlan, failure: str,
+def _with_repair_reasons(plan: PrecisionPlan, keep: frozenset[str], original: PrecisionPlan, failure: str,
                          observed: dict[str, str]) -> PrecisionPlan:
     """The repaired plan with rule ``repair`` on the nodes the repair forced FP32; each reason cites the failure
     it fixes, what localisation saw at the node where it named it, and what the plan had said."""

@@ -1,13 +1,13 @@
 """Autocast policies as data: which aten ops autocast runs in low precision, FP32, or the widest input type.
 
-PyTorch defines autocast per aten op (``aten/src/ATen/autocast_mode.h/.cpp``) and registers one wrapper
-kernel per op under the ``AutocastCPU`` / ``AutocastCUDA`` dispatch keys. :func:`extract_policy_table` reads
-those registrations from the installed torch and classifies every registered op by *calling its autocast
-wrapper*: a dispatch mode below autocast records which dtypes the wrapper passes on, and aborts before any
-kernel runs. CUDA wrappers are exercised with fake CUDA tensors, so the CUDA policy is read from the binary
-on a machine without a GPU. The tables shipped in ``mpexport/precision/policies/`` were made this way (``python -m
-mpexport.precision.extract``); a test re-extracts them from the installed torch so an upgrade cannot silently
-change the policy. This module only reads the tables and needs no torch.
+PyTorch defines autocast per aten op (``aten/src/ATen/autocast_mode.h/.cpp``) and registers one wrapper kernel per op
+under the ``AutocastCPU`` / ``AutocastCUDA`` dispatch keys. :func:`mpexport.precision.extract.extract_policy_table`
+reads those registrations from the installed torch and classifies every registered op by *calling its autocast wrapper*:
+a dispatch mode below autocast records which dtypes the wrapper passes on, and aborts before any kernel runs. CUDA
+wrappers are exercised with fake CUDA tensors, so the CUDA policy is read from the binary on a machine without a GPU.
+The tables shipped in ``mpexport/precision/policies/`` were made this way (``python -m mpexport.precision.extract``); a
+test re-extracts them from the installed torch so an upgrade cannot silently change the policy. This module only reads
+the tables and needs no torch.
 
 Classes (``CastPolicy`` in ATen): ``lower_precision_fp``, ``fp32``, ``fp32_set_opt_dtype`` (FP32 unless a
 dtype is given), ``fp32_append_dtype``, ``promote`` (widest floating input), plus ``banned``.

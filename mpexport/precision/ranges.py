@@ -1,12 +1,11 @@
 """Calibration statistics for the range rule: the largest |value| every floating-point tensor of the FP32
 ONNX model reaches on calibration data, and the tensors' shapes (for MAC counts), streamed over batches.
 
-The statistics are computed inside the graph (:class:`mpexport.graph.probes.AddRangeProbes`), right after each
-float node output: ``ReduceMax(x)`` and
-``ReduceMin(x)`` (the peak |x| without a temporary), ``ReduceSum(x)`` (not finite when an element is NaN or
-infinite, or when the sum overflows, which needs elements far beyond the FP16 range: a conservative answer) and
-``Shape(x)``. Only these small results leave ONNX Runtime and every intermediate is freed as in plain inference,
-so calibrating a large model costs what running it costs, not the size of all its activations at once.
+The statistics are computed inside the graph (:class:`mpexport.graph.probes.AddRangeProbes`), right after each float
+node output: ``ReduceMax(x)`` and ``ReduceMin(x)`` (the peak |x| without a temporary), ``ReduceSum(x)`` (not finite when
+an element is NaN or infinite, or when the sum overflows, which needs elements far beyond the FP16 range: a conservative
+answer) and ``Shape(x)``. Only these small results leave ONNX Runtime and every intermediate is freed as in plain
+inference, so calibrating a large model costs what running it costs, not the size of all its activations at once.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from mpexport.precision.plan import RangeStats
 
 
 class ProbedRunner:
-    """The FP32 model in ONNX Runtime with the probes attached, as a :class:`mpexport.backends.onnxruntime.Runner`:
+    """The FP32 model in ONNX Runtime with the probes attached, as a :class:`mpexport.backends.base.Runner`:
     ``run(batch)`` returns the model's own outputs and, while :attr:`calibrating`, folds every float value's
     peak into :attr:`stats`. One pass over the data thus serves the export check and the range rule.
 

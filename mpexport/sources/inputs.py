@@ -3,7 +3,7 @@
 Sources, most authoritative first: what the model file records (a ``.pt2`` archive), ``--input`` options,
 the validation data (its dims made dynamic where the model's config says so: a Hugging Face model's sequence),
 the shapes the model's config implies, the ``forward`` signature (names only). Contradictions are one-line
-errors.
+errors. Also the validation data a bundle recorded, opened again (:func:`recorded_validation_data`).
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ import pytest
 from onnx import TensorProto, helper
 
 from mpexport.backends.onnxruntime import ir_session
+from mpexport.base.errors import MpexportError
 from mpexport.graph.emulate import ROUNDING, EmulationError, StrictEmulation
 from mpexport.graph.probes import AddRangeProbes, ExposeIntermediates
-from mpexport.graph.rewrite import ApplyPlan
+from mpexport.graph.rewrite import ApplyPlan, apply_plan
 from mpexport.graph.walk import added_role
 
 RNG = np.random.default_rng(0)
@@ -61,6 +62,10 @@ def test_apply_plan_retypes_and_keeps_its_contract(tmp_path) -> None:
 def test_apply_plan_requires_a_plan_of_this_graph() -> None:
     with pytest.raises(ir.passes.PreconditionError, match="made from another graph"):
         ApplyPlan({"mm": "fp16", "not_here": "fp16"})(linear_model())
+    with pytest.raises(MpexportError, match=r"\[rewrite\] the rewrite cannot apply this plan"):
+        apply_plan(linear_model(), {"not_here": "fp16"})  # the library function answers in one line
+    with pytest.raises(MpexportError, match="unknown io types"):
+        ApplyPlan({}, io_types="fp8")
 
 
 def test_apply_plan_ensures_fail_on_a_model_that_breaks_the_plan() -> None:
