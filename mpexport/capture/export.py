@@ -33,6 +33,7 @@ import torch
 from mpexport.base.errors import MpexportError, first_line
 from mpexport.base.specs import TensorSpec
 from mpexport.capture.fxfacts import FxFacts, collect_fx_facts
+from mpexport.capture.optimize import optimize_keeping_provenance
 from mpexport.graph.walk import name_nodes_uniquely, walk
 from mpexport.sources.model import FORMAT_TORCHSCRIPT, LoadedModel
 
@@ -237,70 +238,6 @@ class LegacyTorchScriptStrategy:
         return Captured(ir.from_proto(proto))
 
 
-MERGING_REWRITE_RULES = ("FuseBatchNorm", "FuseConvPad", "FuseConvIntegerPad", "CastCast")
-"""Rewrite rules of the exporter's optimizer left out: they merge nodes of different aten ops (Conv +
-BatchNorm, Pad + Conv), so the merged node would carry one op's provenance for both, or they delete
-a rounding the model declared (Cast -> Cast)."""
-
-
-def optimize_keeping_provenance(model: ir.Model) -> None:
-    """The exporter's default graph optimization (constant folding, redundancy removal, the rewrite rules)
-    minus :data:`MERGING_REWRITE_RULES`, in place, so every node keeps one true module and aten op."""
-    from onnxscript import rewriter
-
-    rules = [rule for rule in rewriter._DEFAULT_REWRITE_RULES
-             if not str(getattr(rule, "name", "")).startswith(MERGING_REWRITE_RULES)]
-    try:
-        _optimize(model, rules)
-    finally:
-        _forget_matched_graphs(rules)
-
-
-def _forget_matched_graphs(rules: list[Any]) -> None:
-    """onnxscript's default rewrite rules are module-level objects whose matchers keep the last graph they
-    matched (onnxscript 0.7): left alone, the exported model and the PyTorch weights it wraps outlive convert's
-    export stage, and a large model is held twice from then on."""
-    for rule in rules:
-        matcher: Any = getattr(rule, "_matcher", None)
-        if hasattr(matcher, "_init_match"):
-            matcher._init_match(0)  # a fresh, empty match result
-        for attribute in ("_graph", "_current_node", "_tracer"):
-            if hasattr(matcher, attribute):
-                setattr(matcher, attribute, None)
-
-
-def _optimize(model: ir.Model, rules: list[Any]) -> None:
-    import onnx_ir.passes.common as common_passes
-    from onnxscript import rewriter
-    from onnxscript.optimizer import _constant_folding
-
-    ir.passes.Sequential(
-        common_passes.InlinePass(),
-        ir.passes.PassManager(
-            [
-                _constant_folding.FoldConstantsPass(
-                    shape_inference=True,
-                    input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-                    output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
-                ),
-                rewriter.RewritePass(rules),
-                common_passes.RemoveUnusedNodesPass(),
-                common_passes.RemoveUnusedFunctionsPass(),
-                common_passes.RemoveUnusedOpsetsPass(),
-            ],
-            steps=2,
-            early_stop=True,
-        ),
-        common_passes.RemoveUnusedNodesPass(),
-        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-        common_passes.LiftSubgraphInitializersToMainGraphPass(),
-        common_passes.DeduplicateInitializersPass(),
-        common_passes.CommonSubexpressionEliminationPass(),
-        common_passes.OutputFixPass(),
-        common_passes.NameFixPass(),
-    )(model)
-
-
 def default_strategies() -> list[CaptureStrategy]:
     """The strategies tried by :func:`export_onnx`, best first."""
     return [DynamoStrategy(), DynamoStrategy(static=True), TorchScriptConverterStrategy(), LegacyTorchScriptStrategy()]
@@ -323,7 +260,7 @@ def reuse_torchlib_functions() -> None:
     except (ImportError, AttributeError):
         return
     if not hasattr(functions, "cache_info"):
-        apis.get_torchlib_ops = functools.cache(functions)
+        setattr(apis, "get_torchlib_ops", functools.cache(functions))  # noqa: B010 - a module attribute
 
 
 def export_onnx(request: ExportRequest, strategies: list[CaptureStrategy] | None = None) -> ExportResult:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mpexport.check.backends import FAILED, RAN, SKIPPED, Backends, Skip
+from mpexport.base.status import FAILED, RAN, SKIPPED
+from mpexport.check.backends import Backends, Skip
 from mpexport.check.registry import ALLOWED_SKIPS, BACKENDS, gated, required
 
 
