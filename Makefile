@@ -24,8 +24,10 @@ demo: setup
 	$(BIN)/mpexport verify build/digits_resnet
 	$(BIN)/mpexport verify build/digits_transformer
 
+# One worker per core, each test file on one worker (module fixtures built once; the Ray tests stay together), one
+# thread per worker (tests/conftest.py). `$(BIN)/python -m pytest tests/graph` runs a folder alone, in one process.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check .

@@ -14,6 +14,18 @@ from mpexport.cli import main
 from tests.helpers import DIGITS_VAL, MODELS, REPO, CliResult
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist every worker is one of the machine's cores: one thread each for PyTorch, ONNX Runtime and
+    the subprocesses the tests start (two workers of two threads each on two cores made the suite no faster)."""
+    import os
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        from mpexport.backends.onnxruntime import limit_threads
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        limit_threads(1)
+
+
 @pytest.fixture(scope="module")
 def digits() -> dict[str, np.ndarray]:
     """The bundled digits validation set: pixels (N x 1 x 8 x 8) and labels."""

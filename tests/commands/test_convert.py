@@ -16,7 +16,7 @@ import mpexport
 from mpexport.bundle.store import Bundle
 from mpexport.capture.provenance import read_provenance
 from mpexport.precision.plan import read_plan
-from tests.helpers import EXAMPLES, MODELS, assert_bad_input
+from tests.helpers import DIGITS_VAL, EXAMPLES, MODELS, assert_bad_input
 from tests.toy_models import build_cnn, build_vit
 
 
@@ -80,14 +80,19 @@ def test_conv_and_batch_norm_keep_their_own_provenance(cli, tmp_path: Path) -> N
     assert any(r["op_type"] == "BatchNormalization" for r in records)
 
 
-def test_output_is_deterministic(tmp_path: Path) -> None:
-    paths = []
-    for name in ("a", "b"):
-        result = mpexport.convert(MODELS / "digits_resnet.pt2", out=tmp_path / name,
-                                  val_data=MODELS / "digits_resnet.val.npz")
-        paths.append(result.out / "model.fp32.onnx")
-    assert paths[0].read_bytes() == paths[1].read_bytes()
-    assert (tmp_path / "a" / "provenance.json").read_bytes() == (tmp_path / "b" / "provenance.json").read_bytes()
+ARTIFACT_FILES = ("model.fp32.onnx", "provenance.json", "plan.json", "model.mixed.onnx")
+
+
+def test_output_is_deterministic(tmp_path: Path, bundle: Path) -> None:
+    """The same inputs give byte-identical artifacts: the ResNet against the session's conversion of it, the
+    transformer (attention, layer norms) converted twice."""
+    again = mpexport.convert(MODELS / "digits_resnet.pt2", out=tmp_path / "resnet", val_data=DIGITS_VAL).out
+    pairs = [(bundle, again)]
+    pairs.append(tuple(mpexport.convert(MODELS / "digits_transformer.pt2", out=tmp_path / name,
+                                        val_data=MODELS / "digits_transformer.val.npz").out for name in ("a", "b")))
+    for first, second in pairs:
+        for name in ARTIFACT_FILES:
+            assert (first / name).read_bytes() == (second / name).read_bytes(), (first.name, name)
 
 
 class _Wide(torch.nn.Module):

@@ -123,7 +123,9 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> Non
     installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
                                 "--no-deps", "--no-index", str(wheel)], capture_output=True, text=True)
     assert installed.returncode == 0, installed.stderr[-2000:]
-    probe = subprocess.run([str(python), "-c", _INSTALLED_PROBE], cwd=tmp_path, capture_output=True, text=True)
+    clean = {**os.environ, "PYTHONPATH": ""}  # nothing but the venv and its path file decides what imports
+    probe = subprocess.run([str(python), "-c", _INSTALLED_PROBE], cwd=tmp_path, capture_output=True, text=True,
+                           env=clean)
     assert probe.returncode == 0, probe.stderr[-2000:]
     found = json.loads(probe.stdout)
     assert found["file"].startswith(str(site)), found["file"]  # the wheel's copy, not the checkout
@@ -138,7 +140,7 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> Non
              [str(mpexport), "verify", "bundle"],
              [str(mpexport), "package", "bundle", "--out", "repo"]]
     for step in steps:
-        done = subprocess.run(step, cwd=work, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+        done = subprocess.run(step, cwd=work, capture_output=True, text=True, env=clean)
         assert done.returncode == 0, (step[1], done.stdout[-1500:], done.stderr[-1500:])
     assert (work / "repo" / "digits_transformer" / "config.pbtxt").is_file()
 
