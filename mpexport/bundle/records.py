@@ -283,14 +283,22 @@ def read_manifest(directory: Path) -> Manifest:
 def _upgrade_v2(data: dict[str, Any]) -> dict[str, Any]:
     """A version-2 manifest in version-3 form: its per-command ``timings`` and its ``skipped`` stages become one
     status record per stage (``stages``); timed stages ran (version 2 recorded no failed stage), skipped ones
-    belong to convert (the only command that skipped any)."""
+    belong to convert (the only command that skipped any) and replace its timed record of the same stage (version 2
+    timed the engine stage also when it skipped the build)."""
     upgraded = {key: value for key, value in data.items() if key not in ("timings", "skipped")}
     stages: dict[str, list[dict[str, Any]]] = {
         command: [{"stage": item["stage"], "status": RAN, "seconds": item.get("seconds", 0.0),
                    "peak_rss_mb": item.get("peak_rss_mb")} for item in items]
         for command, items in data.get("timings", {}).items()}
     for stage, why in data.get("skipped", {}).items():
-        stages.setdefault("convert", []).append({"stage": stage, "status": SKIPPED, "why": why})
+        convert = stages.setdefault("convert", [])
+        skipped = {"stage": stage, "status": SKIPPED, "why": why}
+        timed = next((index for index, item in enumerate(convert) if item["stage"] == stage), None)
+        if timed is None:
+            convert.append(skipped)
+        else:
+            convert[timed] = {**skipped, "seconds": convert[timed]["seconds"],
+                              "peak_rss_mb": convert[timed]["peak_rss_mb"]}
     upgraded.update(manifest_version=3, stages=stages)
     return upgraded
 

@@ -252,9 +252,9 @@ def reuse_torchlib_functions() -> None:
     onnxscript is imported, and the registry torch builds from them stays per export (a custom translation table
     still goes into that export's registry only). Where this torch or onnxscript is laid out otherwise, nothing
     changes."""
-    from torch.onnx._internal import _lazy_import
-
     try:
+        from torch.onnx._internal import _lazy_import
+
         apis = importlib.import_module(_lazy_import.onnxscript_apis._name)  # type: ignore[attr-defined]
         functions = apis.get_torchlib_ops
     except (ImportError, AttributeError):

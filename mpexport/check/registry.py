@@ -19,6 +19,7 @@ import onnx_ir as ir
 
 from mpexport.backends.base import Runner
 from mpexport.backends.onnxruntime import OrtRunner, mapped_weights
+from mpexport.base.errors import MpexportError
 from mpexport.base.specs import Batch
 from mpexport.bundle.names import ENGINE, FP32_ONNX
 from mpexport.bundle.store import Bundle
@@ -113,7 +114,10 @@ def _onnx_amp(build: Build) -> Runner:
     options = PlanOptions(policy=plan.policy.name, target=plan.policy.low, torch_version=plan.policy.torch_version,
                           overrides=Overrides(), range_check=False)
     training = make_plan(model, read_provenance(bundle), options)
-    apply_plan(model, training.precisions())
+    try:
+        apply_plan(model, training.precisions())
+    except MpexportError as exc:  # a plan of this very model: a failure is this backend's, recorded as failed
+        raise RuntimeError(exc.message) from None
     return OrtRunner.from_model(strict_emulation(model), bundle.path(FP32_ONNX).parent, name=ONNX_AMP)
 
 

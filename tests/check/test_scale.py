@@ -61,10 +61,10 @@ def parquet_dir(tmp_path_factory: pytest.TempPathFactory, digits: dict[str, np.n
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """This process's backends on one thread, as a Ray actor of one CPU runs them (the same arithmetic)."""
-    threads = torch.get_num_threads()
+    threads, sessions = torch.get_num_threads(), runners.SESSION_THREADS
     runners.limit_threads(1)
     yield
-    runners.SESSION_THREADS = None
+    runners.SESSION_THREADS = sessions
     torch.set_num_threads(threads)
 
 

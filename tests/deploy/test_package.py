@@ -118,8 +118,8 @@ def test_the_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> Non
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                capture_output=True, text=True, check=True).stdout.strip())
-    here = sysconfig.get_paths()["purelib"]  # this environment's libraries, not its editable mpexport
-    (site / "test-dependencies.pth").write_text(here + "\n")
+    here = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}  # libraries, not the editable mpexport
+    (site / "test-dependencies.pth").write_text("".join(f"{path}\n" for path in sorted(here)))
     installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet",
                                 "--no-deps", "--no-index", str(wheel)], capture_output=True, text=True)
     assert installed.returncode == 0, installed.stderr[-2000:]

@@ -127,3 +127,17 @@ def test_exposed_intermediates_come_back_in_graph_order(tmp_path) -> None:
     assert exposed.names == ["h", "z", "y"]
     outputs = [value.name for value in model.graph.outputs]
     assert set(exposed.names) <= set(outputs) and outputs.count("y") == 1
+
+
+def test_apply_plan_answers_only_for_what_it_changes() -> None:
+    """A model's own low -> FP32 -> low casts (``x.half().float().half()`` in its code) are the model's: lint reports
+    them, the rewrite's ensures do not blame the rewrite for them."""
+    nodes = [helper.make_node("Cast", ["x"], ["a"], name="c1", to=TensorProto.FLOAT16),
+             helper.make_node("Cast", ["a"], ["b"], name="c2", to=TensorProto.FLOAT),
+             helper.make_node("Cast", ["b"], ["c"], name="c3", to=TensorProto.FLOAT16),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2])])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    report = apply_plan(model, {"c1": "fp16", "c2": "fp32", "c3": "fp16", "relu": "fp16"})
+    assert report.casts_inserted == 0 and node_types(model)["relu"] == ir.DataType.FLOAT16
