@@ -3,6 +3,7 @@ data (helpers that are not fixtures live in :mod:`tests.helpers`)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,6 @@ from tests.helpers import DIGITS_VAL, MODELS, REPO, CliResult
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist every worker is one of the machine's cores: one thread each for PyTorch, ONNX Runtime and
     the subprocesses the tests start (two workers of two threads each on two cores made the suite no faster)."""
-    import os
-
     if os.environ.get("PYTEST_XDIST_WORKER"):
         from mpexport.backends.onnxruntime import limit_threads
 
