@@ -49,3 +49,14 @@ def regular_file(path: str | Path, what: str, *, stage: str, hint: str | None = 
         raise MpexportError(f"{what} '{path}' is {kind}, not a regular file; mpexport reads files only",
                             stage=stage, hint=hint)
     return path
+
+
+def sha256_tree(path: Path) -> str:
+    """SHA-256 of a file, or of a directory's regular files (recursively, by relative name and content, in name
+    order): the same data gives the same digest wherever it lies."""
+    if not path.is_dir():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(item for item in path.rglob("*") if item.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}:{sha256_file(file)}\n".encode())
+    return digest.hexdigest()

@@ -28,5 +28,16 @@ ENGINE_LAYERS = "engine_layers.json"
 TIMING_CACHE = "timing.cache"
 ENGINE_COMPANIONS = (ENGINE_LAYERS, TIMING_CACHE)
 """Files recorded as part of the engine artifact: the engine inspector's layer listing and TensorRT's timing cache."""
+COMPANIONS = {FP32_ONNX: (f"{FILE_NAMES[FP32_ONNX]}.data",), MIXED_ONNX: (f"{FILE_NAMES[MIXED_ONNX]}.data",),
+              ENGINE: ENGINE_COMPANIONS}
+"""Artifact key -> the other files it may consist of (an ONNX model's external data, the engine's companions)."""
+
+
+def artifact_files(key: str) -> frozenset[str]:
+    """Every file name artifact ``key`` may consist of (its main file first among them): a manifest naming any other
+    file for it is damaged or tampered with, never followed."""
+    return frozenset((FILE_NAMES[key], *COMPANIONS.get(key, ())))
+
+
 VERDICTS = ("export_check", "lint", "engine", "verify")
 """Manifest sections that certify artifacts (each records what it covered)."""

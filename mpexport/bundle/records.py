@@ -14,9 +14,22 @@ from typing import Any, TypeVar
 from mpexport.base.errors import MpexportError
 from mpexport.base.specs import TensorSpec
 from mpexport.base.status import RAN, SKIPPED, StageStatus
-from mpexport.bundle.names import ENGINE, FP32_ONNX, MANIFEST, MIXED_ONNX, PLAN, REPORT, REPORT_HTML, STAGE
+from mpexport.bundle.names import (
+    ENGINE,
+    FILE_NAMES,
+    FP32_ONNX,
+    MANIFEST,
+    MIXED_ONNX,
+    PLAN,
+    REPORT,
+    REPORT_HTML,
+    STAGE,
+    artifact_files,
+)
 
 MANIFEST_VERSION = 3
+MAX_MANIFEST_BYTES = 16 << 20
+"""The largest ``manifest.json`` read: records are bounded, bulky evidence lives in artifacts of its own."""
 
 
 VERSIONED_PACKAGES = ("mpexport", "torch", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy")
@@ -67,6 +80,9 @@ class ValidationRecord:
     samples: int | None = None
     columns: dict[str, str] = field(default_factory=dict)
     """Input (or ``labels``) -> column, for tables whose columns are named otherwise (``--columns``)."""
+    sha256: str | None = None
+    """The files' digest when convert read them (a ``module:function`` has none): the recorded data is used again only
+    while it is unchanged."""
 
 
 @dataclass
@@ -164,6 +180,9 @@ class Manifest:
 
     manifest_version: int = MANIFEST_VERSION
     revision: int = 0
+    bundle_id: str | None = None
+    """A random identity given when convert creates the bundle: a directory replaced by another convert has another
+    one, so a command that opened the old bundle cannot commit into the new one (revisions restart at 1)."""
     versions: dict[str, str] = field(default_factory=dict)
     source: SourceRecord | None = None
     inputs: list[TensorSpec] = field(default_factory=list)
@@ -206,8 +225,12 @@ class Manifest:
     def from_json(data: dict[str, Any]) -> Manifest:
         """A manifest as :meth:`to_json` wrote it (raises ``KeyError``/``TypeError``/``ValueError`` when it is
         not one)."""
+        unknown = sorted(set(data) - {item.name for item in fields(Manifest)})
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(unknown)}")
         return Manifest(
             manifest_version=int(data["manifest_version"]), revision=int(data["revision"]),
+            bundle_id=_optional_text(data.get("bundle_id")),
             versions=dict(data.get("versions", {})), source=_optional(SourceRecord, data.get("source")),
             inputs=[TensorSpec.from_json(spec) for spec in data.get("inputs", [])],
             outputs=[TensorSpec.from_json(spec) for spec in data.get("outputs", [])],
@@ -225,6 +248,30 @@ class Manifest:
 
 
 Record = TypeVar("Record")
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def check_artifacts(manifest: Manifest) -> None:
+    """Raise ``ValueError`` unless every artifact names only the files mpexport writes for its key
+    (:func:`mpexport.bundle.names.artifact_files`), its main file among its hashed ones: a manifest cannot point a
+    command at another file of the bundle, or outside it, and every file used is one whose hash is checked."""
+    for key, artifact in manifest.artifacts.items():
+        if key not in FILE_NAMES:
+            raise ValueError(f"unknown artifact '{key}'")
+        allowed = artifact_files(key)
+        if artifact.file != FILE_NAMES[key]:
+            raise ValueError(f"artifact '{key}' names the file '{artifact.file}' (mpexport writes it as "
+                             f"'{FILE_NAMES[key]}')")
+        if not isinstance(artifact.sha256, dict) or artifact.file not in artifact.sha256:
+            raise ValueError(f"artifact '{key}' does not record the hash of its file '{artifact.file}'")
+        strays = sorted(name for name in artifact.sha256 if name not in allowed)
+        if strays:
+            raise ValueError(f"artifact '{key}' lists files mpexport does not write for it ({', '.join(strays)})")
 
 
 def _record(cls: type[Record], data: Any) -> Record:
@@ -259,6 +306,9 @@ def read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST
     if not path.is_file():
         raise MpexportError(f"'{directory}' is not an mpexport output directory (no {MANIFEST})", stage=STAGE)
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise MpexportError(f"'{path}' is {path.stat().st_size >> 20} MiB: mpexport writes manifests of kilobytes "
+                            f"(at most {MAX_MANIFEST_BYTES >> 20} MiB are read)", stage=STAGE, hint="convert again")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -274,7 +324,9 @@ def read_manifest(directory: Path) -> Manifest:
             data = _upgrade_v1(data)
         if data["manifest_version"] == 2:
             data = _upgrade_v2(data)
-        return Manifest.from_json(data)
+        manifest = Manifest.from_json(data)
+        check_artifacts(manifest)
+        return manifest
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MpexportError(f"'{path}' is damaged: {type(exc).__name__}: {exc}", stage=STAGE,
                             hint="convert again") from None

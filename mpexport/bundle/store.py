@@ -23,18 +23,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from mpexport.base.errors import MpexportError
-from mpexport.base.files import sha256_file
+from mpexport.base.files import sha256_file, sha256_tree
 from mpexport.bundle.names import DESCRIPTIONS, MANIFEST, STAGE, TEMP_PREFIX, VERDICTS
 from mpexport.bundle.records import Artifact, Event, Manifest, read_manifest, versions
 
@@ -49,13 +51,14 @@ class Bundle:
         self.directory = directory
         self.manifest = manifest
         self._loaded_revision = loaded_revision
+        self._loaded_identity = manifest.bundle_id if loaded_revision is not None else None
         self._written: set[str] = set()
 
     # -- opening -------------------------------------------------------------------------------------------
     @classmethod
     def create(cls, directory: str | Path) -> Bundle:
         """A new, empty bundle in ``directory`` (which exists and holds no manifest yet)."""
-        return cls(Path(directory), Manifest(versions=versions()), None)
+        return cls(Path(directory), Manifest(versions=versions(), bundle_id=uuid.uuid4().hex), None)
 
     @classmethod
     def open(cls, directory: str | Path, *, uses: Iterable[str] = ()) -> Bundle:
@@ -170,14 +173,21 @@ class Bundle:
         return _existing(source.path, source.relative_path, self.directory, "the source model")
 
     def validation_source(self) -> str | None:
-        """The validation data convert used, as a path that exists from here or a ``module:function``; None
-        when convert had none."""
+        """The validation data convert used, as a path that exists from here; None when convert had none. One-line
+        errors when it is gone, when it changed since convert (its SHA-256), and when it was a ``module:function``:
+        a manifest never decides what code runs, so the command line must name that function again."""
         record = self.manifest.validation
         if record is None:
             return None
         if record.kind == "callable":
-            return record.source
-        return str(_existing(record.source, record.relative_path, self.directory, "the validation data"))
+            raise MpexportError(f"the validation data convert used came from code, '{record.source}'; mpexport runs "
+                                "code only when the command line names it", stage=STAGE,
+                                hint=f"pass --val-data {record.source}")
+        path = _existing(record.source, record.relative_path, self.directory, "the validation data")
+        if record.sha256 is not None and sha256_tree(path) != record.sha256:
+            raise MpexportError(f"the validation data convert used, '{path}', changed since convert (its SHA-256 "
+                                "differs)", stage=STAGE, hint="pass --val-data to verify on the data as it is now")
+        return str(path)
 
     # -- committing ----------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -205,20 +215,47 @@ class Bundle:
         self._commit(command, [])
 
     def _commit(self, command: str, moves: list[tuple[Path, Path]]) -> None:
-        with _locked(self.directory):
-            on_disk = _revision_on_disk(self.directory)
-            if on_disk != self._loaded_revision:
+        with locked(self.directory):
+            identity, on_disk = _identity_on_disk(self.directory)
+            if (identity, on_disk) != (self._loaded_identity, self._loaded_revision):
+                change = (f"revision {self._loaded_revision} when opened, {on_disk} now"
+                          if identity == self._loaded_identity else "it was replaced by another convert")
                 raise MpexportError(
-                    f"'{self.directory}' was changed by another mpexport command while this one ran (revision "
-                    f"{self._loaded_revision} when opened, {on_disk} now); nothing was written", stage=STAGE,
-                    hint="run the command again")
-            for source, target in moves:
-                os.replace(source, target)
+                    f"'{self.directory}' was changed by another mpexport command while this one ran ({change}); "
+                    "nothing was written", stage=STAGE, hint="run the command again")
+            self.manifest.bundle_id = self.manifest.bundle_id or uuid.uuid4().hex
             self.manifest.revision += 1
             self.manifest.history.append(Event(self.manifest.revision, command, _now(), sorted(self._written)))
-            _write_atomically(self.directory / MANIFEST, json.dumps(self.manifest.to_json(), indent=2) + "\n")
+            text = json.dumps(self.manifest.to_json(), indent=2) + "\n"
+            try:
+                _land(self.directory, moves, text)
+            except BaseException:
+                self.manifest.revision -= 1
+                self.manifest.history.pop()
+                raise
+            self._loaded_identity = self.manifest.bundle_id
             self._loaded_revision = self.manifest.revision
             self._written.clear()
+
+    # -- reading out -----------------------------------------------------------------------------------------
+    def copy_file(self, key: str, name: str, target: Path) -> None:
+        """Copy the file ``name`` of artifact ``key`` to ``target``, hashing the bytes as they are copied: a
+        one-line error (and no ``target``) unless they are exactly the bytes the manifest recorded. What leaves the
+        bundle is what its verdicts covered, even if the file changed after the bundle was opened."""
+        artifact = self.manifest.artifacts.get(key)
+        expected = artifact.sha256.get(name) if artifact is not None else None
+        if expected is None:
+            raise MpexportError(f"internal: '{name}' is not a file of the {DESCRIPTIONS.get(key, key)}", stage=STAGE)
+        digest = hashlib.sha256()
+        with (self.directory / name).open("rb") as source, target.open("wb") as copy:
+            while block := source.read(1 << 20):
+                digest.update(block)
+                copy.write(block)
+        if digest.hexdigest() != expected:
+            target.unlink()
+            raise MpexportError(f"'{self.directory / name}' changed while it was copied (its SHA-256 differs from the "
+                                "manifest); nothing unverified is shipped", stage=STAGE, hint="run the command again")
+        shutil.copystat(self.directory / name, target)
 
 
 class Transaction:
@@ -273,33 +310,74 @@ def _existing(absolute: str, relative: str | None, directory: Path, what: str) -
                         hint="restore it, or pass it explicitly")
 
 
-def _revision_on_disk(directory: Path) -> int | None:
+def _identity_on_disk(directory: Path) -> tuple[str | None, int | None]:
+    """The bundle identity and revision of the manifest on disk now (``(None, None)`` without one)."""
     path = directory / MANIFEST
     if not path.exists():
-        return None
+        return None, None
     try:
-        return int(json.loads(path.read_text()).get("revision", 0))
-    except (OSError, ValueError, AttributeError):
-        return -1
+        data = json.loads(path.read_text())
+        return data.get("bundle_id"), int(data.get("revision", 0))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return None, -1
+
+
+def _land(directory: Path, moves: list[tuple[Path, Path]], manifest_text: str) -> None:
+    """Move the new files into place and replace the manifest, all or nothing: each replaced file is first set aside
+    beside its new version (inside the transaction's directory), and put back if any step fails."""
+    for _, target in moves:
+        if target.is_dir() and not target.is_symlink():
+            raise MpexportError(f"'{target}' is a directory where mpexport writes a file; nothing was written",
+                                stage=STAGE, hint="remove or rename it and run the command again")
+    landed: list[tuple[Path, Path | None]] = []
+    try:
+        for source, target in moves:
+            backup = source.with_name(f"{source.name}.previous") if os.path.lexists(target) else None
+            if backup is not None:
+                os.replace(target, backup)
+            landed.append((target, backup))
+            os.replace(source, target)
+        _write_atomically(directory / MANIFEST, manifest_text)
+    except BaseException as exc:
+        for target, backup in reversed(landed):
+            with contextlib.suppress(OSError):
+                if backup is not None:
+                    os.replace(backup, target)
+                else:
+                    target.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            where = exc.filename or directory
+            raise MpexportError(f"cannot write '{where}': {exc.strerror}; the bundle was left as it was",
+                                stage=STAGE) from None
+        raise
 
 
 def _write_atomically(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` in one rename (fsynced first): readers see the old or the new file."""
     temporary = path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{path.name}")
-    with temporary.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with temporary.open("w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """An exclusive lock on the bundle directory itself for the length of one commit (waits for another commit to
-    finish); no lock file is left behind."""
-    handle = os.open(directory, os.O_RDONLY)
+def locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the directory itself (waits for another holder to finish); no lock file is left behind.
+    Commits hold it, and so does ``convert --force`` while it swaps a bundle for its replacement: when the path was
+    swapped while this waited, a one-line error says so (the lock belonged to the old directory)."""
+    handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX)
+        held, now = os.fstat(handle), os.stat(directory)
+        if (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino):
+            raise MpexportError(f"'{directory}' was replaced by another mpexport command while this one ran; "
+                                "nothing was written", stage=STAGE, hint="run the command again")
         yield
     finally:
         os.close(handle)  # releases the lock
@@ -312,7 +390,7 @@ def _sweep_temporaries(directory: Path) -> None:
     """Remove temporary files and directories of mpexport commands that died (killed before they could)."""
     for entry in directory.iterdir():
         match = _TEMP_PID.match(entry.name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or alive(int(match.group(1))):
             continue
         if entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
@@ -320,7 +398,8 @@ def _sweep_temporaries(directory: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """True while process ``pid`` runs (this process included)."""
     if pid == os.getpid():
         return True
     try:

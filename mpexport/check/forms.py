@@ -63,22 +63,26 @@ class VerifyInputs:
 
 def load_inputs(bundle: Bundle, *, val_data: str | Path | None = None, trust_pickle: bool = False,
                 batch_size: int = 64, reference: str | Path | None = None,
-                columns: dict[str, str] | None = None) -> VerifyInputs:
+                columns: dict[str, str] | None = None, factory: str | None = None,
+                import_path: str | Path | None = None) -> VerifyInputs:
     """The validation data (``val_data``, else what convert recorded) checked against the model's inputs, and the
     source model (its SHA-256 checked against convert's), or ``reference`` (a PyTorch model file, e.g. the one an
     ONNX input was exported from); for an ONNX input without ``reference`` there is no PyTorch model. One-line
-    errors otherwise. ``columns`` maps the columns of a table given as ``val_data``."""
+    errors otherwise. ``columns`` maps the columns of a table given as ``val_data``. Code runs only as the caller
+    says: ``factory`` builds a checkpoint's model (the one convert recorded is not used on its own, see
+    :func:`source_to_load`; imported from ``import_path``, default the working directory), ``trust_pickle`` allows
+    a pickled module."""
     data = validation_data_for(bundle, val_data, columns)
     specs = bundle.manifest.inputs
     check_against(data, specs)
     loaded: LoadedModel | None
     if reference is not None:
-        loaded = load_model(reference, trust_pickle=trust_pickle)
+        loaded = load_model(reference, factory=factory, trust_pickle=trust_pickle, import_path=import_path)
         if loaded.format == FORMAT_ONNX:
             raise MpexportError("--reference takes the PyTorch model (an ONNX file is what verify checks)",
                                 stage=STAGE)
     else:
-        loaded = _source_model(bundle, trust_pickle)
+        loaded = _source_model(bundle, trust_pickle, factory, import_path)
     example = next(data.batches(batch_size, limit=batch_size, inputs=specs))
     return VerifyInputs(data, loaded, specs, example)
 
@@ -173,9 +177,10 @@ def validation_data_for(bundle: Bundle, val_data: str | Path | None,
     return data
 
 
-def source_to_load(bundle: Bundle, trust_pickle: bool) -> tuple[SourceRecord, Path] | None:
+def source_to_load(bundle: Bundle, trust_pickle: bool, factory: str | None = None) -> tuple[SourceRecord, Path] | None:
     """The source model convert recorded and where it is now, after the checks that need no loading (a record, a
-    trusted pickle); None for an ONNX input (no PyTorch model). One-line errors otherwise."""
+    trusted pickle, a factory named by the caller where convert used one: the manifest's record of it is never run
+    on its own); None for an ONNX input (no PyTorch model). One-line errors otherwise."""
     source = bundle.manifest.source
     if source is None:
         raise MpexportError(f"'{bundle.directory}' records no source model", stage=STAGE)
@@ -184,6 +189,10 @@ def source_to_load(bundle: Bundle, trust_pickle: bool) -> tuple[SourceRecord, Pa
     if source.format == "pickle" and not trust_pickle:
         raise MpexportError("the source model is a pickled module; loading it runs code from the file",
                             stage=STAGE, hint="pass --trust-pickle if you trust it")
+    if source.factory and not factory:
+        raise MpexportError(f"the source model is a checkpoint built by code (convert ran --factory {source.factory}); "
+                            "mpexport runs code only when the command line names it", stage=STAGE,
+                            hint=f"pass --factory {source.factory}")
     return source, bundle.source_path()
 
 
@@ -194,12 +203,13 @@ def check_unchanged(source: SourceRecord, path: Path, digest: str) -> None:
                             stage=STAGE, hint="convert again")
 
 
-def _source_model(bundle: Bundle, trust_pickle: bool) -> LoadedModel | None:
-    found = source_to_load(bundle, trust_pickle)
+def _source_model(bundle: Bundle, trust_pickle: bool, factory: str | None,
+                  import_path: str | Path | None) -> LoadedModel | None:
+    found = source_to_load(bundle, trust_pickle, factory)
     if found is None:
         return None
     source, path = found
-    loaded = load_model(path, factory=source.factory, trust_pickle=trust_pickle, import_path=source.import_path,
-                        task=source.task)
+    loaded = load_model(path, factory=factory if source.factory else None, trust_pickle=trust_pickle,
+                        import_path=import_path, task=source.task)
     check_unchanged(source, path, loaded.sha256)
     return loaded

@@ -113,7 +113,7 @@ def plan_shards(data: ValidationData, options: VerifyOptions, workers: int,
 
 def verify_on_ray(directory: str | Path, ray_options: RayOptions, *, val_data: str | Path | None = None,
                   options: VerifyOptions | None = None, trust_pickle: bool = False,
-                  reference: str | Path | None = None,
+                  reference: str | Path | None = None, factory: str | None = None,
                   on_shard: Callable[[int, int], None] | None = None) -> tuple[ParityReport, Bundle]:
     """Verify the bundle in ``directory`` on a Ray cluster (see the module docstring) without writing anything;
     returns the report (the one a single-process verify gives, with the shard count in its notes) and the opened
@@ -125,7 +125,7 @@ def verify_on_ray(directory: str | Path, ray_options: RayOptions, *, val_data: s
     with clock.stage("load"):
         data = _validation_data(bundle, val_data, options)
         check_against(data, bundle.manifest.inputs)
-        has_model = _check_source(bundle, trust_pickle, reference)
+        has_model = _check_source(bundle, trust_pickle, reference, factory)
         example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=bundle.manifest.inputs))
     ray = _import_ray()
     # Ray's driver prints what its workers report (a task retried after its actor died; an actor killed when a
@@ -142,7 +142,7 @@ def verify_on_ray(directory: str | Path, ray_options: RayOptions, *, val_data: s
             gpus = _gpus_per_worker(ray, ray_options, workers)
             job = _Job(str(bundle.directory.absolute()), _data_path(data), getattr(data, "columns", {}), options,
                        trust_pickle, str(Path(reference).absolute()) if reference else None,
-                       ray_options.cpus_per_worker)
+                       ray_options.cpus_per_worker, factory, os.getcwd())
             with clock.stage("passes"):
                 tally, states = _run_shards(ray, job, shards, workers, ray_options, gpus, on_shard)
         finally:
@@ -176,6 +176,9 @@ class _Job:
     trust_pickle: bool
     reference: str | None
     threads: int
+    factory: str | None = None
+    import_path: str | None = None
+    """The factory the command line named, and the driver's working directory the workers import it from."""
 
 
 class ShardVerifier:
@@ -216,7 +219,8 @@ class ShardVerifier:
             bundle = Bundle.open(job.directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, ENGINE))
             self.inputs = load_inputs(bundle, val_data=job.val_data, trust_pickle=job.trust_pickle,
                                       batch_size=job.options.batch_size, reference=job.reference,
-                                      columns=job.columns or None)
+                                      columns=job.columns or None, factory=job.factory,
+                                      import_path=job.import_path)
             self.forms = build_forms(bundle, self.inputs)
         except Exception as exc:  # noqa: BLE001 - reported with the shard it stopped, as one line
             self.error = f"the worker could not build the backends: {first_line(exc, 300)}"
@@ -392,7 +396,7 @@ def _data_path(data: ValidationData) -> str:
     return str(Path(data.path).absolute())
 
 
-def _check_source(bundle: Bundle, trust_pickle: bool, reference: str | Path | None) -> bool:
+def _check_source(bundle: Bundle, trust_pickle: bool, reference: str | Path | None, factory: str | None) -> bool:
     """The driver's checks of the PyTorch model the workers will load (without loading it): True when there is
     one. One-line errors for an untrusted pickle or a source model changed since convert."""
     from mpexport.sources.hf import directory_digest
@@ -401,7 +405,7 @@ def _check_source(bundle: Bundle, trust_pickle: bool, reference: str | Path | No
         if not Path(reference).is_file():
             raise MpexportError(f"--reference '{reference}' is not a file", stage=STAGE)
         return True
-    found = source_to_load(bundle, trust_pickle)
+    found = source_to_load(bundle, trust_pickle, factory)
     if found is None:
         return False
     source, path = found

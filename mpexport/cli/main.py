@@ -60,6 +60,12 @@ class MpexportGroup(click.Group):
             _fail("interrupted", 130)
         except _Terminated:
             _fail("terminated", 143)
+        except RecursionError:
+            _fail("an input is nested too deeply to read (Python's recursion limit): it is not a file mpexport "
+                  "writes or reads", 2)
+        except MemoryError:
+            _fail("out of memory: an input is larger than this machine can hold (check the file sizes, or lower "
+                  "--batch-size)", 2)
         except Exception as exc:  # last resort: one line instead of a traceback
             if os.environ.get("MPEXPORT_DEBUG"):
                 raise
@@ -208,7 +214,9 @@ def convert(model: str, out: str, val_data: str | None, columns: tuple[str, ...]
               "from ONNX) adds the PyTorch backends.")
 @click.option("--candidate", type=click.Path(dir_okay=False, path_type=str),
               help="Without DIRECTORY: any ONNX file (e.g. made by another tool) to check.")
-@click.option("--factory", metavar="MODULE:FUNCTION", help="With --reference: builds the model for a checkpoint.")
+@click.option("--factory", metavar="MODULE:FUNCTION",
+              help="Builds a checkpoint's model: the source model's (convert's --factory; a manifest never names code "
+              "that runs), or the --reference's.")
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled source model (runs its code).")
 @click.option("--amp-policy", type=click.Choice(POLICY_NAMES), default="cuda-fp16", show_default=True,
               help="With --reference: the training policy (the noise floor of the budget).")
@@ -256,7 +264,8 @@ def verify(directory: str | None, val_data: str | None, options: VerifyOptions, 
             if candidate:
                 raise click.UsageError("give DIRECTORY, or --reference and --candidate, not both")
             report = run_verify(directory, val_data=val_data, options=options, trust_pickle=trust_pickle,
-                                on_batch=on_progress, reference=reference, ray=ray, on_shard=on_progress)
+                                factory=factory, on_batch=on_progress, reference=reference, ray=ray,
+                                on_shard=on_progress)
         else:
             if not (reference and candidate and val_data):
                 raise click.UsageError("without DIRECTORY, give --reference, --candidate and --val-data")
@@ -267,7 +276,7 @@ def verify(directory: str | None, val_data: str | None, options: VerifyOptions, 
     elif not as_json:
         print_verify(report, directory)
     if not report.passed and then_repair and directory:
-        _run_repair(directory, val_data, trust_pickle, options, DEFAULT_MAX_TRIALS, as_json)
+        _run_repair(directory, val_data, trust_pickle, factory, options, DEFAULT_MAX_TRIALS, as_json)
         return
     if not report.passed:
         sys.exit(EXIT_PARITY_FAILED)
@@ -295,13 +304,15 @@ def _ray_options(address: str | None, workers: int | None, cpus_per_worker: int,
 @click.argument("directory", type=click.Path(file_okay=False, path_type=str))
 @gate_options
 @click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled source model (runs its code).")
+@click.option("--factory", metavar="MODULE:FUNCTION",
+              help="Builds the checkpoint's model, as convert's --factory did (a manifest never names code that runs).")
 @click.option("--max-trials", type=click.IntRange(1), default=DEFAULT_MAX_TRIALS, show_default=True,
               help="Stop searching after this many trials.")
 @click.option("--allow-costly", is_flag=True,
               help="Commit a repair even when it moves most of the low-precision work to FP32.")
 @click.option("--json", "as_json", is_flag=True, help="Print repair.json instead of tables.")
-def repair(directory: str, val_data: str | None, options: VerifyOptions, trust_pickle: bool, max_trials: int,
-           allow_costly: bool, as_json: bool) -> None:
+def repair(directory: str, val_data: str | None, options: VerifyOptions, trust_pickle: bool, factory: str | None,
+           max_trials: int, allow_costly: bool, as_json: bool) -> None:
     """Find the smallest set of extra FP32 nodes with which every deployable form passes verify's gate
     (never by loosening it), and commit the repaired plan, model and report.
 
@@ -316,17 +327,17 @@ def repair(directory: str, val_data: str | None, options: VerifyOptions, trust_p
     Example:
       mpexport repair build/m && mpexport package build/m --out repo
     """
-    _run_repair(directory, val_data, trust_pickle, options, max_trials, as_json, allow_costly)
+    _run_repair(directory, val_data, trust_pickle, factory, options, max_trials, as_json, allow_costly)
 
 
-def _run_repair(directory: str, val_data: str | None, trust_pickle: bool, options: VerifyOptions, max_trials: int,
-                as_json: bool, allow_costly: bool = False) -> None:
+def _run_repair(directory: str, val_data: str | None, trust_pickle: bool, factory: str | None, options: VerifyOptions,
+                max_trials: int, as_json: bool, allow_costly: bool = False) -> None:
     from mpexport.commands.repair import repair as run_repair
 
     with StageProgress(as_json) as progress:
         progress.stage("repair")
         result = run_repair(directory, val_data=val_data, options=options, trust_pickle=trust_pickle,
-                            max_trials=max_trials, allow_costly=allow_costly,
+                            factory=factory, max_trials=max_trials, allow_costly=allow_costly,
                             on_trial=lambda number, _text: progress.advance(number, None))
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))

@@ -58,10 +58,13 @@ def build(directory: Path, *, shapes: dict[str, Profile] | None = None, allow_tf
 
 
 def _observed_shapes(bundle: Any, shapes: dict[str, Profile] | None) -> list[dict[str, tuple[int, ...]]]:
-    """Input shapes of the validation batches recorded at convert time (none when ``shapes`` are given)."""
+    """Input shapes of the validation batches recorded at convert time (none when ``shapes`` are given, or when the
+    data came from a ``module:function``: a manifest never decides what code runs)."""
     from mpexport.data.base import check_against
 
-    data = None if shapes else recorded_validation_data(bundle)
+    record = bundle.manifest.validation
+    from_code = record is not None and record.kind == "callable"
+    data = None if shapes or from_code else recorded_validation_data(bundle)
     if data is None:
         return []
     check_against(data, bundle.manifest.inputs)  # a table's other columns are left out

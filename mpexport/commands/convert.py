@@ -128,7 +128,9 @@ def convert(
     Raises :class:`MpexportError` (nothing written, an existing ``out`` untouched) for bad input or an
     impossible export. A failed export check or lint does not raise: the result records it.
     """
-    artifacts.check_output_dir(out, force=force)
+    own_inputs = [path for path in (model, val_data, policy_file) if path is not None and Path(path).exists()]
+    artifacts.check_output_dir(out, force=force, inputs=own_inputs)
+    swept = artifacts.sweep_leftovers(out)
     options = _requested_options(plan_options, policy_file)
     if io_types not in ("fp32", "native"):
         raise MpexportError(f"unknown io types '{io_types}'", stage="rewrite", hint="use fp32 or native")
@@ -139,7 +141,7 @@ def convert(
     request = FP32Request(model, val_data, list(inputs), factory, trust_pickle, dynamic_batch, opset, check_samples,
                            options, calibration_samples, custom_translation_table, task, columns or {})
     clock = StageClock(on_stage)
-    with artifacts.staged_output(out, force=force) as staging:
+    with artifacts.staged_output(out, force=force, inputs=own_inputs) as staging:
         bundle = Bundle.create(staging)
         fp32 = fp32_stage(bundle, request, clock, on_progress)
         gc.collect()  # the PyTorch model and the in-memory export are gone from here on
@@ -166,7 +168,10 @@ def convert(
                 _engine(bundle, plan, fp32.specs, fp32.data, engine_options or EngineOptions())
         manifest.stages["convert"] = clock.stages
         bundle.commit("convert")
-    return ConvertResult(Path(out), bundle.manifest, _notes(fp32, plan, bundle.manifest))
+    notes = _notes(fp32, plan, bundle.manifest)
+    if swept:
+        notes.append(f"removed what killed runs left beside --out: {', '.join(swept)}")
+    return ConvertResult(Path(out), bundle.manifest, notes)
 
 
 def _requested_options(plan_options: PlanOptions | None, policy_file: str | Path | None) -> PlanOptions | None:

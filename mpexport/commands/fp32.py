@@ -17,7 +17,7 @@ import torch
 from mpexport.backends.torch import TorchRunner, best_device, flatten_outputs, output_names
 from mpexport.base.callables import is_callable_spec
 from mpexport.base.errors import MpexportError, first_line
-from mpexport.base.files import write_json
+from mpexport.base.files import sha256_tree, write_json
 from mpexport.base.specs import Batch, TensorSpec, normalize_dtype
 from mpexport.base.status import StageClock
 from mpexport.bundle.names import FILE_NAMES, FP32_ONNX, PROVENANCE
@@ -323,7 +323,8 @@ def _validation_record(val_data: str | Path | None, data: ValidationData | None,
     if not Path(val_data).exists() and is_callable_spec(str(val_data)):
         return ValidationRecord(str(val_data), "callable", import_path=getattr(data, "import_path", None))
     absolute, relative = portable_paths(Path(val_data), bundle_directory)
-    return ValidationRecord(absolute, "files", relative, samples=data.num_samples or None, columns=dict(columns))
+    return ValidationRecord(absolute, "files", relative, samples=data.num_samples or None, columns=dict(columns),
+                            sha256=sha256_tree(Path(val_data)))
 
 
 def _data_description(data: ValidationData | None) -> str:

@@ -93,13 +93,15 @@ class RepairResult:
 
 
 def repair(directory: str | Path, *, val_data: str | Path | None = None, options: VerifyOptions | None = None,
-           trust_pickle: bool = False, max_trials: int = DEFAULT_MAX_TRIALS, allow_costly: bool = False,
-           on_trial: Callable[[int, str], None] | None = None) -> RepairResult:
+           trust_pickle: bool = False, factory: str | None = None, max_trials: int = DEFAULT_MAX_TRIALS,
+           allow_costly: bool = False, on_trial: Callable[[int, str], None] | None = None) -> RepairResult:
     """Repair a bundle that fails verify (see the module docstring). Commits the repaired plan, the rewritten mixed
     model, ``repair.json``, ``repair.policy.toml`` and a passing report in one transaction, and returns what it
     did; when no set passes within ``max_trials`` trials nothing is changed and ``status`` is ``not found``, with
     what was tried; a set that leaves less than half the low-precision share of the multiply-accumulates is not
-    committed (``too costly``) unless ``allow_costly``. ``on_trial`` hears each trial's number and what it tried."""
+    committed (``too costly``) unless ``allow_costly``. ``on_trial`` hears each trial's number and what it tried.
+    ``factory`` and ``trust_pickle``: the code the source model needs, as the caller names it (see
+    :func:`mpexport.check.forms.load_inputs`)."""
     started = time.perf_counter()
     options = options or VerifyOptions()
     clock = StageClock()
@@ -107,7 +109,7 @@ def repair(directory: str | Path, *, val_data: str | Path | None = None, options
         bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, PROVENANCE, RANGES))
     with clock.stage("load"):
         inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size,
-                             columns=options.columns or None)
+                             columns=options.columns or None, factory=factory)
     with clock.stage("baseline"):
         baseline = verify_forms(bundle, inputs, options)
     plan = read_plan(bundle)

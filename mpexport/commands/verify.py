@@ -17,7 +17,8 @@ from mpexport.commands.records import write_reports
 
 
 def verify(directory: str | Path, *, val_data: str | Path | None = None, options: VerifyOptions | None = None,
-           trust_pickle: bool = False, on_batch: Callable[[int, int | None], None] | None = None,
+           trust_pickle: bool = False, factory: str | None = None,
+           on_batch: Callable[[int, int | None], None] | None = None,
            write: bool = True, reference: str | Path | None = None, ray: Any = None,
            on_shard: Callable[[int, int], None] | None = None) -> ParityReport:
     """Verify a bundle (the output directory of ``convert``): check its artifacts' hashes, run every backend on
@@ -25,20 +26,21 @@ def verify(directory: str | Path, *, val_data: str | Path | None = None, options
     the bundle, recording which artifacts the verdict covers. ``reference``: a PyTorch model to compare with (for
     a bundle converted from ONNX, which otherwise uses its FP32 ONNX as the reference). ``ray``: a
     :class:`mpexport.check.ray.RayOptions` to run the batches on a Ray cluster (``on_shard`` hears shards done) for
-    the same report."""
+    the same report. ``factory`` and ``trust_pickle``: the code the source (or reference) model needs, as the caller
+    names it; what convert recorded is never run on its own (:func:`mpexport.check.forms.load_inputs`)."""
     options = options or VerifyOptions()
     if ray is not None:
         from mpexport.check.ray import verify_on_ray
 
         report, bundle = verify_on_ray(directory, ray, val_data=val_data, options=options, trust_pickle=trust_pickle,
-                                       reference=reference, on_shard=on_shard)
+                                       reference=reference, factory=factory, on_shard=on_shard)
     else:
         clock = StageClock()
         with clock.stage("open"):
             bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, ENGINE))
         with clock.stage("load"):
             inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size,
-                                 reference=reference, columns=options.columns or None)
+                                 reference=reference, columns=options.columns or None, factory=factory)
         report = verify_forms(bundle, inputs, options, on_batch, clock=clock)
         report.stages = clock.stages
     if write:

@@ -10,8 +10,8 @@ dynamic; the precision plan and the parity report are copied beside it for the r
 
 from __future__ import annotations
 
+import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,8 @@ from mpexport.bundle.names import ENGINE, MIXED_ONNX, PLAN, REPORT, REPORT_HTML,
 from mpexport.bundle.store import Bundle
 
 STAGE = "package"
+MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+"""A model's name in the repository: its directory there, so never '.', '..' or hidden."""
 TRITON_TYPES = {
     ir.DataType.FLOAT: "TYPE_FP32", ir.DataType.FLOAT16: "TYPE_FP16", ir.DataType.BFLOAT16: "TYPE_BF16",
     ir.DataType.DOUBLE: "TYPE_FP64", ir.DataType.INT64: "TYPE_INT64", ir.DataType.INT32: "TYPE_INT32",
@@ -56,28 +58,34 @@ def package_triton(directory: str | Path, out: str | Path, *, name: str | None =
                             hint="run mpexport verify first, or pass --allow-unverified")
     if problem:
         result.notes.append(f"packaged although the bundle {problem} (--allow-unverified)")
+    changed = source_changed(bundle)
+    if changed:
+        result.notes.append(f"{changed}: the verdict shipped covers the model convert read then")
     mixed = bundle.path(MIXED_ONNX)
     name = name or _model_name(bundle)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+    if not MODEL_NAME.fullmatch(name):
         raise MpexportError(f"model name '{name}' is not valid for Triton", stage=STAGE,
-                            hint="use letters, digits, '_', '.', '-'")
-    with artifacts.staged_output(out, force=force, marker=REPOSITORY_MARKER) as staging:
-        (staging / REPOSITORY_MARKER).write_text(f"Triton model repository written by mpexport from "
-                                                           f"{bundle.directory.absolute()}\n")
+                            hint="use letters, digits, '_', '.', '-', starting with a letter, digit or '_'")
+    if artifacts.inside(Path(out), bundle.directory):
+        raise MpexportError(f"--out '{out}' is inside the bundle '{bundle.directory}'", stage=STAGE,
+                            hint="write the repository elsewhere")
+    swept = artifacts.sweep_leftovers(out)
+    if swept:
+        result.notes.append(f"removed what killed runs left beside --out: {', '.join(swept)}")
+    entries = [name, f"{name}_trt"] if bundle.has(ENGINE) else [name]
+    with artifacts.staged_output(out, force=force, ownership=repository_ownership,
+                                 inputs=[bundle.directory]) as staging:
+        marker = {"written_by": "mpexport", "bundle": str(bundle.directory.absolute()), "entries": entries}
+        (staging / REPOSITORY_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         model = ir.load(str(mixed))
         target = staging / name
         version = target / "1"
         version.mkdir(parents=True)
         files = sorted(bundle.manifest.artifacts[MIXED_ONNX].sha256)
-        if len(files) > 1:
-            folder = version / "model.onnx"
-            folder.mkdir()
-            shutil.copy2(mixed, folder / "model.onnx")
-            for data in files:
-                if data != mixed.name:
-                    shutil.copy2(bundle.directory / data, folder / data)
-        else:
-            shutil.copy2(mixed, version / "model.onnx")
+        folder = version / "model.onnx" if len(files) > 1 else version
+        folder.mkdir(exist_ok=True)
+        for file in files:
+            bundle.copy_file(MIXED_ONNX, file, folder / ("model.onnx" if file == mixed.name else file))
         batch = _batch_size(model, max_batch_size, result)
         (target / "config.pbtxt").write_text(onnx_config(name, model, batch))
         _copy_records(bundle, target)
@@ -116,7 +124,7 @@ def _package_engine(bundle: Bundle, target: Path, name: str, model: ir.Model, ma
     filename = f"model_sm{capability.replace('.', '')}.plan"
     version = target / "1"
     version.mkdir(parents=True)
-    shutil.copy2(bundle.path(ENGINE), version / filename)
+    bundle.copy_file(ENGINE, bundle.path(ENGINE).name, version / filename)
     config = onnx_config(name, model, max_batch_size).replace('platform: "onnxruntime_onnx"',
                                                               'platform: "tensorrt_plan"')
     config += f'cc_model_filenames [\n  {{\n    key: "{capability}"\n    value: "{filename}"\n  }}\n]\n'
@@ -167,5 +175,33 @@ def _tensor_entry(value: ir.Value, batched: bool) -> str:
 def _copy_records(bundle: Bundle, target: Path) -> None:
     for key in (PLAN, REPORT, REPORT_HTML):
         if bundle.has(key):
-            path = bundle.path(key)
-            shutil.copy2(path, target / path.name)
+            name = bundle.path(key).name
+            bundle.copy_file(key, name, target / name)
+
+
+def repository_ownership(directory: Path) -> str | None:
+    """None when ``directory`` is provably a repository ``package`` wrote (its marker lists every other entry in
+    it); else why not."""
+    try:
+        marker = json.loads((directory / REPOSITORY_MARKER).read_text())
+        entries = [str(entry) for entry in marker["entries"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"it has no {REPOSITORY_MARKER} listing what mpexport wrote"
+    return artifacts.owned_entries(directory, [REPOSITORY_MARKER, *entries])
+
+
+def source_changed(bundle: Bundle) -> str | None:
+    """In words, how the source model differs from what convert read (gone, or another SHA-256); None when it is
+    the same or the bundle records none."""
+    from mpexport.base.files import sha256_file
+    from mpexport.sources.hf import directory_digest
+
+    source = bundle.manifest.source
+    if source is None:
+        return None
+    try:
+        path = bundle.source_path()
+    except MpexportError:
+        return f"the source model '{source.path}' is gone"
+    digest = directory_digest(path) if path.is_dir() else sha256_file(path)
+    return None if digest == source.sha256 else f"the source model '{path}' changed since convert"

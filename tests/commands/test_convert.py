@@ -232,17 +232,20 @@ def test_force_replaces_only_mpexport_directories(cli, tmp_path: Path, pixels_np
     out = tmp_path / "m"
     args = ("convert", MODELS / "digits_resnet.pt2", "--val-data", pixels_npz, "--out", out)
     assert cli(*args).exit_code == 0
-    (out / "old.txt").write_text("old")
     assert_bad_input(cli(*args), "already exists")
     result = cli(*args, "--force")
     assert result.exit_code == 0, result.stderr
-    assert not (out / "old.txt").exists() and (out / "manifest.json").exists()
+    assert (out / "manifest.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # a bundle the user added a file to is no longer provably mpexport's: kept, with the file
+    (out / "old.txt").write_text("old")
+    assert_bad_input(cli(*args, "--force"), "not an output directory mpexport wrote", "old.txt")
+    assert (out / "old.txt").read_text() == "old" and (out / "manifest.json").exists()
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     assert_bad_input(cli("convert", MODELS / "digits_resnet.pt2", "--out", mine, "--force", "--input",
-                         "pixels:batch,1,8,8"), "was not written by mpexport")
+                         "pixels:batch,1,8,8"), "not an output directory mpexport wrote")
     assert (mine / "notes.txt").read_text() == "keep me"
 
 
