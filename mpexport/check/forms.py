@@ -11,6 +11,7 @@ from mpexport.backends.base import Runner
 from mpexport.backends.onnxruntime import OrtRunner, return_large_blocks
 from mpexport.backends.torch import TorchRunner
 from mpexport.base.errors import MpexportError
+from mpexport.base.files import sha256_file
 from mpexport.base.policies import DEFAULT_POLICY
 from mpexport.base.specs import Batch, TensorSpec
 from mpexport.base.status import RAN
@@ -33,6 +34,7 @@ from mpexport.check.tally import Tally
 from mpexport.data.base import ValidationData, check_against
 from mpexport.data.open import load_validation_data
 from mpexport.precision.plan import read_plan
+from mpexport.sources.hf import directory_digest
 from mpexport.sources.inputs import recorded_validation_data
 from mpexport.sources.loading import load_model
 from mpexport.sources.model import FORMAT_ONNX, LoadedModel
@@ -196,8 +198,11 @@ def source_to_load(bundle: Bundle, trust_pickle: bool, factory: str | None = Non
     return source, bundle.source_path()
 
 
-def check_unchanged(source: SourceRecord, path: Path, digest: str) -> None:
-    """A one-line error when ``digest`` (of the model at ``path``) is not the SHA-256 convert recorded."""
+def check_unchanged(source: SourceRecord, path: Path, digest: str | None = None) -> None:
+    """A one-line error when ``digest`` (of the model at ``path``; computed from the file or directory when None)
+    is not the SHA-256 convert recorded."""
+    if digest is None:
+        digest = directory_digest(path) if path.is_dir() else sha256_file(path)
     if digest != source.sha256:
         raise MpexportError(f"the source model '{path}' changed since convert (SHA-256 differs)",
                             stage=STAGE, hint="convert again")
@@ -209,6 +214,8 @@ def _source_model(bundle: Bundle, trust_pickle: bool, factory: str | None,
     if found is None:
         return None
     source, path = found
+    # before it is read: a manifest pointing at another file must not get that file loaded (with --trust-pickle, run)
+    check_unchanged(source, path)
     loaded = load_model(path, factory=factory if source.factory else None, trust_pickle=trust_pickle,
                         import_path=import_path, task=source.task)
     check_unchanged(source, path, loaded.sha256)

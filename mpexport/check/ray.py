@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 
 from mpexport.base.errors import MpexportError, first_line
-from mpexport.base.files import sha256_file
 from mpexport.base.status import FAILED, RAN, StageClock
 from mpexport.bundle.names import ENGINE, FP32_ONNX, MIXED_ONNX, PLAN
 from mpexport.bundle.store import Bundle
@@ -399,8 +398,6 @@ def _data_path(data: ValidationData) -> str:
 def _check_source(bundle: Bundle, trust_pickle: bool, reference: str | Path | None, factory: str | None) -> bool:
     """The driver's checks of the PyTorch model the workers will load (without loading it): True when there is
     one. One-line errors for an untrusted pickle or a source model changed since convert."""
-    from mpexport.sources.hf import directory_digest
-
     if reference is not None:
         if not Path(reference).is_file():
             raise MpexportError(f"--reference '{reference}' is not a file", stage=STAGE)
@@ -409,5 +406,5 @@ def _check_source(bundle: Bundle, trust_pickle: bool, reference: str | Path | No
     if found is None:
         return False
     source, path = found
-    check_unchanged(source, path, directory_digest(path) if path.is_dir() else sha256_file(path))
+    check_unchanged(source, path)
     return True

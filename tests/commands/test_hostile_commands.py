@@ -158,3 +158,24 @@ def test_package_says_when_the_source_model_changed_since_convert(cli, copied: P
     result = cli("package", copied, "--out", tmp_path / "repo")
     assert result.exit_code == 0, result.stderr
     assert "changed since convert" in result.stdout + result.stderr
+
+
+class _Gadget:
+    """Unpickled, creates the marker file (what a hostile pickle does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_manifest_pointing_at_another_file_gets_it_hashed_not_loaded(cli, copied: Path, tmp_path: Path) -> None:
+    import pickle
+
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "other.pt"
+    hostile.write_bytes(pickle.dumps(_Gadget(marker)))
+    _edit_manifest(copied, lambda data: data["source"].update(path=str(hostile), relative_path=None))
+    assert_bad_input(cli("verify", copied, "--factory", FACTORY, "--trust-pickle"), "changed since convert")
+    assert not marker.exists()
