@@ -1,8 +1,8 @@
 """Extract the autocast policy table of every torch release into ``mpexport/precision/policies/``, each in a
 throwaway venv.
 
-For each version: a new venv, ``pip install torch==VERSION`` (the registry's build: CUDA for all but the release
-on this machine's disk; the CUDA libraries come along, no GPU is needed to read the tables), then
+For each version: a new venv, ``pip install torch==VERSION`` (the registry's build, CUDA, also for a release that
+lies on this machine's disk as a CPU build; the CUDA libraries come along, no GPU is needed to read the tables), then
 ``mpexport.precision.extract`` run from this checkout writes ``autocast-torch-<minor>.json``; the venv is
 removed. What each release cost (seconds, download, venv size) is printed as a table and written as JSON.
 
@@ -32,6 +32,8 @@ EXTRACT = ("import sys, types; package = types.ModuleType('mpexport'); package._
 """Runs the extractor from this checkout without the package's ``__init__`` (its imports need more than torch)."""
 EXTRACT_NEEDS = ("numpy", "ml_dtypes", "onnx-ir")
 """What the extractor imports besides torch (the CUDA probe's oracle uses mpexport.base.dtypes)."""
+LOCAL_WHEEL_SETTINGS = ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL", "PIP_NO_INDEX", "PIP_CONSTRAINT")
+"""Environment settings that point pip at local wheels or caps: dropped, so that each release comes from the registry."""
 
 
 def directory_mb(path: Path) -> float:
@@ -46,7 +48,10 @@ def extract(version: str, workdir: Path, keep: bool) -> dict[str, object]:
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    environment = {**os.environ, "PIP_CONFIG_FILE": os.devnull, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    # the registry's own build: no pip configuration, and none of this machine's local wheel folders (a CPU build
+    # of the release on disk there would be taken first, and its CPU-only table lacks CUDA's autocast kernels)
+    environment = {key: value for key, value in os.environ.items() if key not in LOCAL_WHEEL_SETTINGS}
+    environment.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1")
     command = [str(python), "-m", "pip", "install", "--no-cache-dir", "--quiet", f"torch=={version}", *EXTRACT_NEEDS]
     install = subprocess.run(command, env=environment, capture_output=True, text=True)
     row["install_s"] = round(time.perf_counter() - started, 1)

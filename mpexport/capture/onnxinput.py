@@ -56,6 +56,20 @@ def read_fp32_onnx(path: str | Path) -> ir.Model:
     return model
 
 
+def drop_initializer_inputs(model: ir.Model) -> list[str]:
+    """Remove from the graph's inputs every one that an initializer backs, and return their names: a model of IR
+    version 3 (the classic model zoo's) must list every weight as a graph input too, and ONNX Runtime runs such a
+    model fed with its real inputs alone. They stay initializers (weights); the model's IR version becomes at least
+    4, the first in which an initializer need not be an input."""
+    graph = model.graph
+    backed = [value for value in graph.inputs if value.name in graph.initializers]
+    for value in backed:
+        graph.inputs.remove(value)
+    if backed:
+        model.ir_version = max(model.ir_version or 0, 4)
+    return [value.name or "" for value in backed]
+
+
 def provenance_kind(model: ir.Model) -> str:
     """What the model records about where its nodes came from: ``exporter`` (the dynamo exporter's metadata),
     ``scope`` (module scopes in node names, as the TorchScript exporter writes them) or ``none``."""

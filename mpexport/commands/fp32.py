@@ -25,7 +25,7 @@ from mpexport.bundle.records import ExportCheckRecord, ExportRecord, ValidationR
 from mpexport.bundle.store import Bundle, portable_paths
 from mpexport.capture import provenance
 from mpexport.capture.export import ExportRequest, ExportResult, export_onnx
-from mpexport.capture.onnxinput import provenance_kind, read_fp32_onnx
+from mpexport.capture.onnxinput import drop_initializer_inputs, provenance_kind, read_fp32_onnx
 from mpexport.check.compare import Comparison, batch_samples
 from mpexport.data.base import ValidationData, check_against
 from mpexport.data.open import load_validation_data
@@ -150,6 +150,7 @@ def _onnx_stage(bundle: Bundle, request: FP32Request, clock: StageClock, loaded:
     PyTorch model (verify uses onnx-fp32 as the reference; ``verify --reference`` adds the PyTorch backends)."""
     with clock.stage("inputs"):
         model = read_fp32_onnx(loaded.path)
+        weights_as_inputs = drop_initializer_inputs(model)
         if request.inputs:
             raise MpexportError("--input describes a PyTorch model's inputs; an ONNX model declares its own",
                                 stage="inputs", hint="drop --input")
@@ -163,6 +164,9 @@ def _onnx_stage(bundle: Bundle, request: FP32Request, clock: StageClock, loaded:
                                 f"{opset}", stage="export", hint="deploy as --target fp16, or re-export the model")
         notes = [f"--opset {request.opset} ignored: the ONNX model keeps its opset {opset}"] \
             if request.opset not in (None, opset) else []
+        if weights_as_inputs:
+            notes.append(f"{len(weights_as_inputs)} graph inputs are initializers (weights listed as inputs, as IR "
+                         "version 3 requires): they are read as weights, not inputs to feed")
     with clock.stage("write"):
         kind = provenance_kind(model)
         records = provenance.collect_provenance(model, "exporter" if kind == "exporter" else "scope")

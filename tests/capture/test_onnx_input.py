@@ -284,3 +284,29 @@ def test_opset_older_than_the_writer_supports_is_refused(cli, tmp_path: Path) ->
     out = tmp_path / "out"
     assert_bad_input(cli("convert", model, "--out", out), "opset 11")
     assert_nothing_written(out)
+
+
+def test_an_ir3_model_listing_its_weights_as_inputs_takes_only_its_real_input(cli, tmp_path: Path,
+                                                                             pixels_npz: Path) -> None:
+    """IR version 3 (the classic model zoo) lists every initializer as a graph input as well: ONNX Runtime runs it
+    fed with the real input alone, and so does mpexport (the weights are weights)."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+               numpy_helper.from_array(rng.standard_normal((10, 256)).astype(np.float32), "fc")]
+    inputs = [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 1, 8, 8]),
+              *(helper.make_tensor_value_info(w.name, TensorProto.FLOAT, list(w.dims)) for w in weights)]
+    nodes = [helper.make_node("Conv", ["pixels", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]), helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "zoo", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], weights)
+    model = tmp_path / "zoo.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=3), model)
+    out = tmp_path / "out"
+    result = cli("convert", model, "--val-data", pixels_npz, "--out", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert [spec["name"] for spec in payload["manifest"]["inputs"]] == ["pixels"]
+    assert any("3 graph inputs are initializers" in note for note in payload["notes"])
+    assert cli("verify", out).exit_code == 0
