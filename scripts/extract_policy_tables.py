@@ -33,7 +33,7 @@ EXTRACT = ("import sys, types; package = types.ModuleType('mpexport'); package._
 EXTRACT_NEEDS = ("numpy", "ml_dtypes", "onnx-ir")
 """What the extractor imports besides torch (the CUDA probe's oracle uses mpexport.base.dtypes)."""
 LOCAL_WHEEL_SETTINGS = ("PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "PIP_INDEX_URL", "PIP_NO_INDEX", "PIP_CONSTRAINT")
-"""Environment settings that point pip at local wheels or caps: dropped, so that each release comes from the registry."""
+"""Settings that point pip at local wheels or caps: dropped, so that each release comes from the registry."""
 
 
 def directory_mb(path: Path) -> float:

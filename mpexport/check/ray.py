@@ -154,7 +154,7 @@ def verify_on_ray(directory: str | Path, ray_options: RayOptions, *, val_data: s
                             "the data", stage=STAGE)
     forms = judging_forms(bundle, has_model=has_model)
     forms.backends.states = states
-    report = finish(bundle, forms, tally, options, data.describe(), example, clock=clock)
+    report = finish(bundle, forms, tally, options, data.describe(), example, clock=clock, source=data)
     share = f" and {gpus:g} GPU" if gpus else ""
     report.notes.append(f"ran on Ray: {len(shards)} shards of up to {shards[0].batches} batches on {workers} "
                         f"workers of {ray_options.cpus_per_worker} CPU{share} each; backend seconds are summed over "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,9 @@ from mpexport.check.metrics import OutputMetrics
 from mpexport.check.samples import SampleStats, WorstSample
 
 STAGE = "verify"
+TRAINED_GAP = 0.02
+"""How far (a fraction: 2 percentage points) the FP32 reference may score below the accuracy its training record
+reports on the same data before verify notes that the model loaded is likely not the model trained."""
 
 
 @dataclass
@@ -51,6 +55,9 @@ class ParityReport:
     """What ``repair`` changed, when this report confirms a repair."""
     reference: str = ""
     """The backend every other was compared with: ``torch-fp32``, or ``onnx-fp32`` without a PyTorch model."""
+    trained: dict[str, Any] | None = None
+    """The accuracy the training record reports beside the reference's on these labels
+    (:func:`trained_accuracy`), None when the record reports none."""
 
     def failing_samples(self, backend: str) -> list[int]:
         """The samples on which ``backend`` breaks its thresholds by themselves (non-finite values, error beyond
@@ -83,7 +90,30 @@ class ParityReport:
             "localisation": self.localisation,
             "localised_on": self.worst.to_json() if self.worst is not None and self.localisation else None,
             "repair": self.repair,
+            "trained_accuracy": self.trained,
             "stages": [stage.to_json() for stage in self.stages],
         }
 
 
+def trained_accuracy(recorded: Mapping[str, Any], reference: str, measured: float | None,
+                     data_sha256: str | None) -> tuple[dict[str, Any], str | None]:
+    """The training record's validation accuracy (the form of :mod:`mpexport.sources.accuracy`) beside the
+    ``reference``'s accuracy ``measured`` on verify's labels (None without labels), and a note when the record says it
+    was measured on the same data (its ``data_sha256`` equals ``data_sha256``, the SHA-256 of verify's data) and the
+    reference scores more than :data:`TRAINED_GAP` below it: the model loaded is likely not the model trained. The
+    note never changes the verdict: parity with the FP32 model is what verify judges."""
+    accuracy = recorded.get("accuracy")
+    theirs = recorded.get("data_sha256")
+    same = None if theirs is None or data_sha256 is None else theirs == data_sha256
+    result: dict[str, Any] = {
+        "recorded_accuracy": accuracy, "recorded_loss": recorded.get("loss"), "evidence": recorded.get("evidence"),
+        "recorded_data": recorded.get("data"), "recorded_data_sha256": theirs, "reference": reference,
+        "reference_accuracy": measured, "same_data": same, "likely_not_trained_model": False,
+    }
+    if not (same and isinstance(accuracy, (int, float)) and measured is not None and accuracy - measured > TRAINED_GAP):
+        return result, None
+    result["likely_not_trained_model"] = True
+    return result, (f"the FP32 reference ({reference}) scores {measured:.1%} on the validation labels, "
+                    f"{100 * (accuracy - measured):.1f} points below the {accuracy:.1%} its training record reports on "
+                    f"the same data (SHA-256 {data_sha256[:12] if data_sha256 else ''}…, {recorded.get('evidence')}): "
+                    "the model loaded is likely not the model trained (damaged weights, or another checkpoint)")

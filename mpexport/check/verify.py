@@ -28,6 +28,7 @@ import onnx_ir as ir
 from mpexport.backends.onnxruntime import OrtRunner
 from mpexport.backends.torch import TorchRunner
 from mpexport.base.errors import MpexportError, first_line
+from mpexport.base.files import sha256_file
 from mpexport.base.specs import Batch, TensorSpec
 from mpexport.base.status import StageClock
 from mpexport.bundle.names import FP32_ONNX
@@ -36,7 +37,7 @@ from mpexport.check.amp import TorchAmpRunner
 from mpexport.check.backends import AMP, Backends
 from mpexport.check.forms import Forms, VerifyInputs, build_forms, weight_bytes
 from mpexport.check.localise import localise
-from mpexport.check.report import STAGE, ParityReport, VerifyOptions
+from mpexport.check.report import STAGE, ParityReport, VerifyOptions, trained_accuracy
 from mpexport.check.tally import Tally
 from mpexport.data.base import ValidationData, check_against
 from mpexport.data.open import load_validation_data
@@ -58,17 +59,20 @@ def verify_forms(bundle: Bundle, inputs: VerifyInputs, options: VerifyOptions,
         tally.fold(forms.backends, inputs.data.batches(options.batch_size, limit=options.max_samples,
                                                        inputs=inputs.specs),
                    on_batch=on_batch, total=expected_samples(inputs.data, options))
-    return finish(bundle, forms, tally, options, inputs.data.describe(), inputs.example, clock=clock)
+    return finish(bundle, forms, tally, options, inputs.data.describe(), inputs.example, clock=clock,
+                  source=inputs.data)
 
 
 def finish(bundle: Bundle, forms: Forms, tally: Tally, options: VerifyOptions, data: str, example: Batch, *,
-           clock: StageClock) -> ParityReport:
-    """The report of a finished tally over ``data`` (its description): gated, with notes, and localised on the
-    worst sample (or ``example``) when it fails."""
+           clock: StageClock, source: ValidationData | None = None) -> ParityReport:
+    """The report of a finished tally over ``data`` (its description): gated, with notes, the training record's
+    accuracy beside the reference's (``source``: the data, whose SHA-256 tells whether the record measured the same
+    data), and localised on the worst sample (or ``example``) when it fails."""
     if tally.samples == 0:
         raise MpexportError("the validation data gave no batches", stage=STAGE)
     report = tally.report(forms.backends.states, options, data, gated=forms.gated,
                           required=forms.required)
+    _compare_trained_accuracy(bundle, report, source)
     strict, low = forms.strict, forms.low
     if forms.low_memory and (report.ran("onnx-mixed") or report.ran(strict)):
         report.notes.append(f"{weight_bytes(bundle) / 2**30:.1f} GiB of FP32 weights: onnx-mixed and {strict} ran "
@@ -82,6 +86,22 @@ def finish(bundle: Bundle, forms: Forms, tally: Tally, options: VerifyOptions, d
             if note:
                 report.notes.append(note)
     return report
+
+
+def _compare_trained_accuracy(bundle: Bundle, report: ParityReport, source: ValidationData | None) -> None:
+    """Set the accuracy the source model's training record reports beside the reference's (a note when they differ
+    on the same data); nothing when the record reports none."""
+    record = bundle.manifest.source.training if bundle.manifest.source is not None else {}
+    recorded = record.get("validation") if isinstance(record, dict) else None
+    if not isinstance(recorded, dict):
+        return
+    digest = None
+    if recorded.get("data_sha256") and source is not None and source.path.is_file():
+        digest = sha256_file(source.path)
+    measured = report.backends.get(report.reference, {}).get("accuracy")
+    report.trained, note = trained_accuracy(recorded, report.reference, measured, digest)
+    if note:
+        report.notes.append(note)
 
 
 def expected_samples(data: ValidationData, options: VerifyOptions) -> int | None:
@@ -137,18 +157,3 @@ def _run(backends: Backends, data: ValidationData, specs: list[TensorSpec], name
     if tally.samples == 0:
         raise MpexportError("the validation data gave no batches", stage=STAGE)
     return tally.report(backends.states, options, data.describe(), gated=gated, required=required)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

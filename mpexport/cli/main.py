@@ -35,7 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from mpexport.base.errors import MpexportError, first_line
 from mpexport.base.policies import POLICY_NAMES
 from mpexport.check.report import VerifyOptions
-from mpexport.cli.options import gate_options
+from mpexport.cli.options import gate_options, ray_options
 from mpexport.commands.package import FORMATS
 from mpexport.minimize import DEFAULT_MAX_TRIALS
 from mpexport.sources.hf import TASKS as HF_TASKS
@@ -117,7 +117,8 @@ def main() -> None:
 @click.option("--factory", metavar="MODULE:FUNCTION",
               help="For a checkpoint (state dict): the function that builds the nn.Module, e.g. mypkg.models:build.")
 @click.option("--trust-pickle", is_flag=True,
-              help="Allow loading a fully pickled nn.Module (runs code from the file: only for files you trust).")
+              help="Allow what runs code from the model file: a fully pickled nn.Module, pickled weights or "
+              "constants in a .pt2 (only for files you trust).")
 @click.option("--task", type=click.Choice(sorted(HF_TASKS)),
               help="For a Hugging Face model directory: the head to build (default: the config's architecture).")
 @click.option("--static-batch", is_flag=True, help="Fix the batch dimension instead of keeping it dynamic.")
@@ -217,7 +218,8 @@ def convert(model: str, out: str, val_data: str | None, columns: tuple[str, ...]
 @click.option("--factory", metavar="MODULE:FUNCTION",
               help="Builds a checkpoint's model: the source model's (convert's --factory; a manifest never names code "
               "that runs), or the --reference's.")
-@click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled source model (runs its code).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow what runs code from the model file: a pickled module, pickled payloads in a .pt2.")
 @click.option("--amp-policy", type=click.Choice(POLICY_NAMES), default="cuda-fp16", show_default=True,
               help="With --reference: the training policy (the noise floor of the budget).")
 @click.option("--low", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True,
@@ -258,7 +260,7 @@ def verify(directory: str | None, val_data: str | None, options: VerifyOptions, 
 
     if then_repair and not directory:
         raise click.UsageError("--repair needs DIRECTORY")
-    ray = _ray_options(ray_address, workers, cpus_per_worker, gpus_per_worker, directory)
+    ray = ray_options(ray_address, workers, cpus_per_worker, gpus_per_worker, directory)
     with BatchProgress(as_json, "verifying on Ray (shards)" if ray else "verifying") as on_progress:
         if directory:
             if candidate:
@@ -283,27 +285,11 @@ def verify(directory: str | None, val_data: str | None, options: VerifyOptions, 
 
 
 
-def _ray_options(address: str | None, workers: int | None, cpus_per_worker: int, gpus_per_worker: float | None,
-                 directory: str | None) -> Any:
-    """``--ray`` and its companions as a :class:`mpexport.check.ray.RayOptions` (None without ``--ray``)."""
-    if address is None:
-        if workers is not None or cpus_per_worker != 1 or gpus_per_worker is not None:
-            raise click.UsageError("--workers, --cpus-per-worker and --gpus-per-worker go with --ray")
-        return None
-    if not directory:
-        if os.path.isdir(address):
-            raise click.UsageError(f"put DIRECTORY before --ray (--ray takes an optional ADDRESS, here '{address}')")
-        raise click.UsageError("--ray verifies a DIRECTORY (not --candidate)")
-    from mpexport.check.ray import RayOptions
-
-    return RayOptions(address=None if address == "local" else address, workers=workers,
-                      cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)
-
-
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=str))
 @gate_options
-@click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled source model (runs its code).")
+@click.option("--trust-pickle", is_flag=True,
+              help="Allow what runs code from the model file: a pickled module, pickled payloads in a .pt2.")
 @click.option("--factory", metavar="MODULE:FUNCTION",
               help="Builds the checkpoint's model, as convert's --factory did (a manifest never names code that runs).")
 @click.option("--max-trials", type=click.IntRange(1), default=DEFAULT_MAX_TRIALS, show_default=True,

@@ -1,8 +1,10 @@
-"""Option groups that several commands share, declared once: the validation data and the gate (verify, repair)."""
+"""Option groups that several commands share, declared once: the validation data and the gate (verify, repair);
+and ``--ray`` with its companions, checked together."""
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -49,3 +51,20 @@ def gate_options(command: Command) -> Command:
     for option in reversed((*DATA_OPTIONS, *GATE_OPTIONS)):
         decorated = option(decorated)
     return decorated
+
+
+def ray_options(address: str | None, workers: int | None, cpus_per_worker: int, gpus_per_worker: float | None,
+                directory: str | None) -> Any:
+    """``--ray`` and its companions as a :class:`mpexport.check.ray.RayOptions` (None without ``--ray``)."""
+    if address is None:
+        if workers is not None or cpus_per_worker != 1 or gpus_per_worker is not None:
+            raise click.UsageError("--workers, --cpus-per-worker and --gpus-per-worker go with --ray")
+        return None
+    if not directory:
+        if os.path.isdir(address):
+            raise click.UsageError(f"put DIRECTORY before --ray (--ray takes an optional ADDRESS, here '{address}')")
+        raise click.UsageError("--ray verifies a DIRECTORY (not --candidate)")
+    from mpexport.check.ray import RayOptions
+
+    return RayOptions(address=None if address == "local" else address, workers=workers,
+                      cpus_per_worker=cpus_per_worker, gpus_per_worker=gpus_per_worker)

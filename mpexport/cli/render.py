@@ -184,6 +184,21 @@ class BatchProgress:
             self.progress.__exit__(*exc_info)
 
 
+def print_trained_accuracy(trained: dict[str, Any]) -> None:
+    """The accuracy the training record reports beside the FP32 reference's on verify's labels, and whether the
+    record measured the same data."""
+    def percent(value: Any) -> str:
+        return f"{value:.1%}" if isinstance(value, (int, float)) else "not measured (no labels)"
+
+    recorded = trained.get("recorded_accuracy")
+    same = {True: "the same data", False: "other data (SHA-256 differs)", None: "data it does not identify by SHA-256"}
+    line = (f"trained accuracy: {percent(recorded) if recorded is not None else 'none'} recorded "
+            f"({trained.get('evidence')}), on {same[trained.get('same_data')]}; {trained.get('reference')} scores "
+            f"{percent(trained.get('reference_accuracy'))} here")
+    colour = "yellow" if trained.get("likely_not_trained_model") else "default"
+    stdout.print(f"[{colour}]{escape(line)}[/]", soft_wrap=True)
+
+
 def print_verify(report: Any, directory: str | None) -> None:
     """The verdict, a table of every backend's metrics against its budget, failures, localisation and notes."""
     colour = "green" if report.passed else "red"
@@ -201,6 +216,8 @@ def print_verify(report: Any, directory: str | None) -> None:
                           str(data.get("top1_agreement", "")), str(data.get("accuracy", "")),
                           f"{limits['atol']:.3g}" if limits else "noise floor")
     stdout.print(table)
+    if report.trained:
+        print_trained_accuracy(report.trained)
     for name, info in report.backends.items():
         if info.get("state") == "skipped":
             stdout.print(f"[yellow]skipped {name}:[/] {escape(info.get('why', ''))}", soft_wrap=True)

@@ -169,7 +169,17 @@ def build_from_factory(factory: str, import_path: str | Path | None = None) -> t
 
 
 def _load_state_dict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], factory: str) -> None:
-    state_dict = _strip_owner_prefix(_strip_wrapper_prefixes(state_dict), set(module.state_dict()))
+    """Load ``state_dict`` into ``module`` strictly: a weight of another shape, a missing weight or a weight the
+    module does not use is a one-line error, never a silently different model."""
+    wanted = module.state_dict()
+    state_dict = _strip_owner_prefix(_strip_wrapper_prefixes(state_dict), set(wanted))
+    mismatched = [key for key, value in state_dict.items() if key in wanted and value.shape != wanted[key].shape]
+    if mismatched:
+        key = mismatched[0]
+        raise MpexportError(
+            f"the checkpoint does not fit the model built by --factory '{factory}': {len(mismatched)} weights of "
+            f"other shapes (e.g. {key}: {tuple(state_dict[key].shape)} in the file, {tuple(wanted[key].shape)} in "
+            "the model)", stage=STAGE)
     result = module.load_state_dict(state_dict, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:

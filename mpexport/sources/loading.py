@@ -2,7 +2,9 @@
 
 Formats, in order of preference:
 
-* a ``torch.export`` archive (``torch.export.save``, usually ``.pt2``): code-free, records inputs;
+* a ``torch.export`` archive (``torch.export.save``, usually ``.pt2``): records inputs; code-free unless it asks
+  torch to unpickle a payload with full trust or to evaluate code, which is refused without ``trust_pickle``
+  (:mod:`mpexport.sources.archives`, :mod:`mpexport.sources.guard`);
 * a TorchScript archive (``torch.jit.save``);
 * a checkpoint (a state dict, or a dict holding one under ``state_dict``/``model``/...) plus a factory
   ``package.module:function`` that builds the ``nn.Module``;
@@ -12,13 +14,14 @@ Formats, in order of preference:
   objects (timm's ``argparse.Namespace`` args, Lightning's hyper-parameters) reads them as inert data
   (:mod:`mpexport.sources.records`), never by running the file's code.
 
-The training precision the file's framework recorded (:mod:`mpexport.sources.records`) is kept in ``training``.
+Every zip-based file has each entry's CRC checked before torch reads it (torch does not). The training precision
+the file's framework recorded (:mod:`mpexport.sources.records`) and the validation accuracy it reports
+(:mod:`mpexport.sources.accuracy`) are kept in ``training``, bounded (:mod:`mpexport.sources.bounds`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,10 +29,13 @@ from typing import Any
 import torch
 
 from mpexport.base.errors import MpexportError, first_line
-from mpexport.base.files import sha256_file
+from mpexport.base.files import regular_file, sha256_file
 from mpexport.base.specs import Dim, TensorSpec, normalize_dtype
+from mpexport.sources.archives import archive_refusals, check_zip_integrity, refuse_untrusted
+from mpexport.sources.bounds import bounded_training, read_training_json
 from mpexport.sources.checkpoints import load_pickled
 from mpexport.sources.detect import detect_format
+from mpexport.sources.guard import no_code_from_file
 from mpexport.sources.hf import FORMAT_HF, directory_digest, is_hf_directory, load_hf_directory
 from mpexport.sources.model import EXTRA_FILE, FORMAT_EXPORT, FORMAT_ONNX, FORMAT_TORCHSCRIPT, STAGE, LoadedModel
 from mpexport.sources.records import mpexport_record
@@ -48,34 +54,46 @@ def load_model(
     Hugging Face directory (:data:`mpexport.sources.hf.TASKS`; default: the config's architecture).
     """
     path = Path(path)
-    if not path.exists():
-        raise MpexportError(f"model file '{path}' does not exist", stage=STAGE)
     if path.is_dir():
         if is_hf_directory(path):
             return _load_hf(path, task)
         raise MpexportError(f"'{path}' is a directory without a config.json, not a model", stage=STAGE,
                             hint="pass a model file, or a Hugging Face model directory (save_pretrained)")
+    regular_file(path, "model file", stage=STAGE)
     try:
         with path.open("rb") as handle:
             head = handle.read(16)
     except OSError as exc:
         raise MpexportError(f"cannot read '{path}': {exc.strerror}", stage=STAGE) from None
-    digest = sha256_file(path)
     kind = detect_format(path, head)
+    if head.startswith(b"PK\x03\x04"):
+        check_zip_integrity(path)
+    digest = sha256_file(path)
     if kind == FORMAT_ONNX:
         return LoadedModel(format=FORMAT_ONNX, path=path, sha256=digest)
-    if kind == FORMAT_EXPORT:
-        loaded = _load_exported_program(path, digest)
-    elif kind == FORMAT_TORCHSCRIPT:
-        loaded = _load_torchscript(path, digest)
-    else:
-        loaded = load_pickled(path, digest, factory=factory, trust_pickle=trust_pickle, import_path=import_path)
+    try:
+        loaded = _load_file(path, digest, kind, factory=factory, trust_pickle=trust_pickle, import_path=import_path)
+    except (RecursionError, MemoryError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else "too large for this machine's memory"
+        raise MpexportError(f"'{path}' cannot be read: what it holds is {why} ({type(exc).__name__})",
+                            stage=STAGE, hint="a model file holds tensors and small records") from None
     loaded.import_path = str(import_path) if import_path is not None else None
     if task is not None:
         loaded.notes.append("--task ignored: it chooses the head of a Hugging Face model directory")
     if factory and loaded.format in (FORMAT_EXPORT, FORMAT_TORCHSCRIPT):
         loaded.notes.append(f"--factory ignored: a {loaded.format} archive carries its own code")
+    loaded.training, dropped = bounded_training(loaded.training)
+    loaded.notes += dropped
     return loaded
+
+
+def _load_file(path: Path, digest: str, kind: str, *, factory: str | None, trust_pickle: bool,
+               import_path: str | Path | None) -> LoadedModel:
+    if kind == FORMAT_EXPORT:
+        return _load_exported_program(path, digest, trust_pickle)
+    if kind == FORMAT_TORCHSCRIPT:
+        return _load_torchscript(path, digest)
+    return load_pickled(path, digest, factory=factory, trust_pickle=trust_pickle, import_path=import_path)
 
 
 def _load_hf(path: Path, task: str | None) -> LoadedModel:
@@ -85,22 +103,30 @@ def _load_hf(path: Path, task: str | None) -> LoadedModel:
                        suggested_specs=built.suggested_specs, training=built.training, task=task, notes=built.notes)
 
 
-def _load_exported_program(path: Path, digest: str) -> LoadedModel:
+def _load_exported_program(path: Path, digest: str, trust_pickle: bool) -> LoadedModel:
+    """A ``torch.export`` archive. Unless ``trust_pickle``: refused by name when it would unpickle with full trust
+    or run code (:func:`mpexport.sources.archives.archive_refusals`), and read by torch under
+    :func:`mpexport.sources.guard.no_code_from_file`, which refuses whatever that scan missed."""
+    if not trust_pickle:
+        refuse_untrusted(path, archive_refusals(path))
     extra = {EXTRA_FILE: ""}
     try:
-        with _logged_errors("torch.export") as logged:
+        with _logged_errors("torch.export") as logged, no_code_from_file(trust_pickle) as refused:
             program = torch.export.load(path, extra_files=extra)
     except Exception as exc:  # noqa: BLE001 - any failure to read the archive is bad input
+        refuse_untrusted(path, refused)
         cause = logged[-1] if logged else first_line(exc)
         raise MpexportError(f"'{path}' is a torch.export archive that cannot be loaded: {cause}", stage=STAGE,
                             hint=_archive_hint(cause)) from None
-    training = _read_training_record(extra.get(EXTRA_FILE, ""))
+    refuse_untrusted(path, refused)
+    training, notes = read_training_json(extra.get(EXTRA_FILE, ""), f"{EXTRA_FILE} in {path.name}")
     record = mpexport_record(training, f"{EXTRA_FILE} in {path.name}")
     if record is not None:
         training = {**training, "evidence": record.evidence}
     return LoadedModel(
         format=FORMAT_EXPORT, path=path, sha256=digest, program=program,
         input_specs=exported_program_inputs(program), training=training, positional=not _takes_kwargs(program),
+        notes=notes,
     )
 
 
@@ -146,16 +172,6 @@ def _takes_kwargs(program: torch.export.ExportedProgram) -> bool:
         return False
     children = list(in_spec.children()) if hasattr(in_spec, "children") else in_spec.children_specs
     return len(children) == 2 and bool(children[1].context)
-
-
-def _read_training_record(text: str | bytes) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        record = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return record.get("training", {}) if isinstance(record, dict) else {}
 
 
 def exported_program_inputs(program: torch.export.ExportedProgram) -> list[TensorSpec]:
@@ -213,33 +229,3 @@ def _torchscript_signature(module: torch.jit.ScriptModule) -> tuple[list[str], l
     names = [arg.name for arg in arguments]
     required = [arg.name for arg in arguments if not arg.has_default_value()]
     return names, required, False
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from mpexport.base.errors import MpexportError
+from mpexport.sources.accuracy import lightning_validation, timm_validation
 
 STAGE = "load"
 TORCH_MAGIC = 0x1950A86A20F9469CFC6C
@@ -61,6 +62,8 @@ class TrainingRecord:
     torch_version: str | None = None
     grad_scaler: bool = False
     assumptions: list[str] = field(default_factory=list)
+    validation: dict[str, Any] | None = None
+    """The validation accuracy and loss the record reports (:mod:`mpexport.sources.accuracy`), if any."""
 
     def to_training(self) -> dict[str, Any]:
         """The record as ``LoadedModel.training`` keeps it (the form ``mpexport.save`` writes)."""
@@ -72,6 +75,8 @@ class TrainingRecord:
             training["torch"] = self.torch_version
         if self.assumptions:
             training["assumptions"] = list(self.assumptions)
+        if self.validation:
+            training["validation"] = dict(self.validation)
         return training
 
 
@@ -316,9 +321,14 @@ def checkpoint_record(checkpoint: Any, path: Path) -> TrainingRecord | None:
     if not isinstance(checkpoint, Mapping):
         return None
     if "args" in checkpoint and ("arch" in checkpoint or _is_namespace(checkpoint["args"])):
-        return timm_record(plain(checkpoint["args"]), f"{path.name}: args", path)
+        args = plain(checkpoint["args"])
+        record = timm_record(args, f"{path.name}: args", path)
+        record.validation = timm_validation(checkpoint, args if isinstance(args, Mapping) else {}, path.name)
+        return record
     if any(key in checkpoint for key in ("pytorch-lightning_version", "lightning_version", "hyper_parameters")):
-        return lightning_record(checkpoint, path)
+        record = lightning_record(checkpoint, path)
+        record.validation = lightning_validation(checkpoint, path.name)
+        return record
     scaler = checkpoint.get("scaler") or checkpoint.get("amp_scaler") or checkpoint.get("grad_scaler")
     if isinstance(scaler, Mapping) and "scale" in scaler:
         return _scaler_record("checkpoint", f"{path.name}: a GradScaler state ('scaler')", scaler)

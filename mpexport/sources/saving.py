@@ -33,7 +33,11 @@ def save(model: torch.nn.Module, path: str | Path, example_inputs: tuple[Any, ..
     ``torch.autocast`` context), else "no autocast". The export itself always runs with autocast disabled, so the
     archive holds the FP32 model. ``example_inputs`` are positional (a tuple) or by name (a mapping);
     ``dynamic_shapes`` is passed to ``torch.export.export`` (e.g. ``{"pixels": {0: torch.export.Dim("batch")}}``).
-    ``grad_scaler`` records its state; ``extra`` adds JSON-serialisable fields (accuracy, data set...). The file is
+    ``grad_scaler`` records its state; ``extra`` adds JSON-serialisable fields (accuracy, data set...): a
+    ``"validation": {"accuracy": 0.95, "loss": 0.2, "data": "val.npz", "data_sha256": <SHA-256 of val.npz>}`` is
+    what ``verify`` sets beside the FP32 model's accuracy, noting a gap on the same data
+    (:mod:`mpexport.sources.accuracy`). The record stays small: ``mpexport.json`` is read up to 1 MiB and kept up to
+    64 KiB (:mod:`mpexport.sources.bounds`); bulky evidence belongs in an artifact of its own. The file is
     written atomically: a failed export leaves nothing at ``path``. Returns the path written.
     """
     path = Path(path)

@@ -44,7 +44,7 @@ def test_an_artifact_cannot_be_pointed_at_another_file_of_the_bundle(copy: Path)
         data["artifacts"][MIXED_ONNX].update(file=fp32["file"], sha256=dict(fp32["sha256"]))
 
     _edit_manifest(copy, swap)
-    with pytest.raises(MpexportError, match="damaged.*mixed_onnx.*names the file 'model.fp32.onnx'"):
+    with pytest.raises(MpexportError, match=r"damaged.*mixed_onnx.*names the file 'model.fp32.onnx'"):
         Bundle.open(copy, uses=(MIXED_ONNX,))
 
 
@@ -55,17 +55,17 @@ def test_an_artifact_cannot_name_a_file_outside_the_bundle(copy: Path, name: str
                                      "written_by": "verify", "revision": 1}
 
     _edit_manifest(copy, point)
-    with pytest.raises(MpexportError, match="lists files mpexport does not write"):
+    with pytest.raises(MpexportError, match=r"lists files mpexport does not write"):
         Bundle.open(copy)
 
 
 def test_unknown_manifest_fields_and_huge_manifests_are_refused(copy: Path) -> None:
     _edit_manifest(copy, lambda data: data.update(run_this="os:system"))
-    with pytest.raises(MpexportError, match="damaged: .*unknown field.*run_this"):
+    with pytest.raises(MpexportError, match=r"damaged: .*unknown field.*run_this"):
         Bundle.open(copy)
     with (copy / MANIFEST).open("w") as handle:
         handle.write(" " * (MAX_MANIFEST_BYTES + 1))
-    with pytest.raises(MpexportError, match="MiB: mpexport writes manifests of kilobytes"):
+    with pytest.raises(MpexportError, match=r"MiB: mpexport writes manifests of kilobytes"):
         Bundle.open(copy)
 
 
@@ -78,7 +78,7 @@ def test_a_writer_of_a_replaced_bundle_cannot_commit_into_its_replacement(copy: 
     shutil.rmtree(copy)
     replacement.rename(copy)
     before = _listing(copy)
-    with pytest.raises(MpexportError, match="replaced by another convert"):
+    with pytest.raises(MpexportError, match=r"replaced by another convert"):
         stale.commit("verify")
     assert _listing(copy) == before
 
@@ -89,7 +89,7 @@ def test_a_commit_that_fails_halfway_leaves_the_old_state(copy: Path) -> None:
     manifest_before = (copy / MANIFEST).read_bytes()
     (copy / "report.html").unlink(missing_ok=True)
     (copy / "report.html").mkdir()  # where the commit must write a file
-    with pytest.raises(MpexportError, match="report.html' is a directory where mpexport writes a file"):
+    with pytest.raises(MpexportError, match=r"report.html' is a directory where mpexport writes a file"):
         with bundle.transaction("verify") as transaction:
             transaction.write_text(REPORT, "report.json", "{}\n")
             transaction.write_text(REPORT_HTML, "report.html", "<html></html>\n")
@@ -103,7 +103,7 @@ def test_a_manifest_that_cannot_be_replaced_rolls_the_files_back(copy: Path) -> 
     blocker = copy / f"{TEMP_PREFIX}{os.getpid()}-{MANIFEST}"
     blocker.mkdir()  # the new manifest cannot be written: the files moved before it must go back
     files_before = _listing(copy)
-    with pytest.raises(MpexportError, match="cannot write .*manifest.json.*the bundle was left as it was"):
+    with pytest.raises(MpexportError, match=r"cannot write .*manifest.json.*the bundle was left as it was"):
         with bundle.transaction("verify") as transaction:
             transaction.write_text(REPORT, "report.json", "{}\n")
     assert _listing(copy) == files_before
@@ -115,19 +115,19 @@ def test_force_replaces_only_a_provable_bundle(copy: Path, tmp_path: Path) -> No
     assert bundle_ownership(copy) is None
     (copy / "index.html").write_text("a user's web app that happens to hold a manifest.json")
     assert "index.html" in (bundle_ownership(copy) or "")
-    with pytest.raises(MpexportError, match="not an output directory mpexport wrote"):
+    with pytest.raises(MpexportError, match=r"not an output directory mpexport wrote"):
         check_output_dir(copy, force=True)
     webapp = tmp_path / "webapp"
     webapp.mkdir()
     (webapp / MANIFEST).write_text('{"name": "my extension", "manifest_version": 3}')
     (webapp / "background.js").write_text("// mine")
-    with pytest.raises(MpexportError, match="manifest.json is not one mpexport wrote"):
+    with pytest.raises(MpexportError, match=r"manifest.json is not one mpexport wrote"):
         check_output_dir(webapp, force=True)
 
 
 def test_force_never_replaces_a_directory_holding_the_commands_inputs(copy: Path) -> None:
     model = copy / "model.fp32.onnx"
-    with pytest.raises(MpexportError, match="holds this command's own input"):
+    with pytest.raises(MpexportError, match=r"holds this command's own input"):
         check_output_dir(copy, force=True, inputs=[model])
 
 
@@ -158,6 +158,6 @@ def test_what_leaves_the_bundle_is_what_was_hashed(copy: Path, tmp_path: Path) -
     bundle = Bundle.open(copy, uses=(MIXED_ONNX,))
     (copy / "model.mixed.onnx").write_bytes(b"swapped after the check")
     target = tmp_path / "shipped.onnx"
-    with pytest.raises(MpexportError, match="changed while it was copied"):
+    with pytest.raises(MpexportError, match=r"changed while it was copied"):
         bundle.copy_file(MIXED_ONNX, "model.mixed.onnx", target)
     assert not target.exists()
