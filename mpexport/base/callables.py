@@ -44,6 +44,9 @@ def import_callable(spec: str, *, what: str = "--factory", stage: str = STAGE,
     try:
         with importable_from(import_path):
             target: Any = importlib.import_module(module_name)
+    except SystemExit as exc:  # a module that exits on import would end mpexport silently, with its code
+        raise MpexportError(f"{what} module '{module_name}' called sys.exit({exc.code!r}) on import", stage=stage,
+                            hint="guard the module's script part with if __name__ == '__main__'") from None
     except Exception as exc:  # noqa: BLE001 - user code may fail in any way on import
         raise MpexportError(f"{what} module '{module_name}' does not import: {first_line(exc)}",
                             stage=stage) from None

@@ -284,7 +284,7 @@ class Transaction:
 
     def write_text(self, key: str, file: str, text: str) -> Artifact:
         """Write a text artifact and record it (see :meth:`put`)."""
-        self.file(file).write_text(text)
+        self.file(file).write_text(text, encoding="utf-8", errors="backslashreplace")  # names that are not UTF-8
         return self.put(key, file)
 
 

@@ -67,7 +67,7 @@ class OutputMetrics:
         slices = [slice(start, start + rows) for start in range(0, len(reference), rows)]
         # the batch's scale first: the relative-error floor must not depend on the slicing
         floor = _floor(max(_scale_of(reference[part]) for part in slices))
-        matching = labels if labels is not None and labels.shape[:1] == reference.shape[:1] else None
+        matching = labels if labels is not None and labels.shape == reference.shape[:1] else None
         for number, part in enumerate(slices):
             self._update(reference[part], candidate[part], matching[part] if matching is not None else None,
                          floor=floor, key=(index, number))

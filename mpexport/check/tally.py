@@ -19,6 +19,7 @@ from mpexport.check.metrics import OutputMetrics
 from mpexport.check.report import ParityReport, VerifyOptions
 from mpexport.check.samples import SampleStats, WorstSample
 from mpexport.data.base import LABELS
+from mpexport.data.labels import check_label_classes
 
 
 @dataclass
@@ -74,6 +75,8 @@ class Tally:
         labels = batch.get(LABELS)
         count = batch_samples(batch)
         if labels is not None:
+            if np.ndim(expected[0]) == 2 and np.ndim(labels) == 1:
+                check_label_classes(labels, int(np.shape(expected[0])[1]))
             self.reference_accuracy.update(expected[0], expected[0], labels, batch=index)
         for runner in [runner for runner in others if backends.states[runner.name]["state"] == RAN]:
             try:

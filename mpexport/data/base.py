@@ -3,13 +3,13 @@ optional ``labels``), read from ``.npz`` files or a directory of ``.npz`` shards
 the model's input specs. Tables are :mod:`mpexport.data.tables`, ``module:function`` batches
 :mod:`mpexport.data.callable`; :func:`mpexport.data.open.load_validation_data` opens any of them.
 
-Every problem (missing file, wrong names, shapes or dtypes, NaN/Inf, no samples) is a one-line
-:class:`MpexportError` (exit 2).
+Every problem (missing file, wrong names, shapes or dtypes, NaN/Inf, no samples, labels that are not class indices,
+a damaged header, a file over the memory limit: :mod:`mpexport.data.npz`) is a one-line :class:`MpexportError`
+(exit 2).
 """
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +17,11 @@ from typing import ClassVar
 
 import numpy as np
 
-from mpexport.base.errors import MpexportError, first_line
+from mpexport.base.errors import MpexportError
 from mpexport.base.specs import Batch, TensorSpec, numpy_dtype, spec_from_array
+from mpexport.data.labels import check_labels, per_sample
+from mpexport.data.limits import shown
+from mpexport.data.npz import ArrayHeader, npz_headers, read_npz
 
 STAGE = "val-data"
 LABELS = "labels"
@@ -120,45 +123,29 @@ class ValidationData:
 
 
 def _read_shard(shard: Path, names: list[str] | None) -> dict[str, np.ndarray]:
-    try:
-        with shard.open("rb") as handle:
-            magic = handle.read(4)
-    except OSError as exc:
-        raise MpexportError(f"cannot read '{shard}': {exc.strerror}", stage=STAGE) from None
-    if magic != b"PK\x03\x04":
-        raise MpexportError(f"'{shard}' is not a readable .npz file (no zip archive inside)", stage=STAGE,
-                            hint="save arrays with numpy.savez(path, name=array, ..., labels=labels)")
-    try:
-        with np.load(shard, allow_pickle=False) as archive:
-            found = list(archive.files)
-            if names is not None and sorted(found) != sorted(names):
-                raise MpexportError(
-                    f"shard '{shard.name}' holds arrays {sorted(found)}, the first shard {sorted(names)}",
-                    stage=STAGE,
-                )
-            arrays = {name: archive[name] for name in (names or found)}
-    except MpexportError:
-        raise
-    except ValueError as exc:
-        raise MpexportError(f"'{shard}' holds Python objects, not plain arrays ({first_line(exc)})",
-                            stage=STAGE, hint="save numeric arrays with numpy.savez") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise MpexportError(f"'{shard}' is not a readable .npz file ({first_line(exc)})", stage=STAGE) from None
-    if not arrays:
-        raise MpexportError(f"'{shard}' holds no arrays", stage=STAGE)
-    return arrays
+    """A later shard's arrays, its headers checked (and its names compared with the first shard's) before reading."""
+    headers = npz_headers(shard, "validation shard")
+    if names is not None and sorted(headers) != sorted(names):
+        raise MpexportError(f"shard '{shown(shard.name)}' holds arrays {sorted(headers)}, the first shard "
+                            f"{sorted(names)}", stage=STAGE)
+    return read_npz(shard, names, "validation shard", headers=headers)
 
 
-def _shard_length(shard: Path, arrays: dict[str, np.ndarray] | None, names: list[str]) -> int:
-    arrays = arrays if arrays is not None else _read_shard(shard, names)
-    lengths = {name: (array.shape[0] if array.ndim else -1) for name, array in arrays.items()}
+def _shard_length(shard: Path, headers: dict[str, ArrayHeader], first: dict[str, ArrayHeader]) -> int:
+    """Samples in one shard, from its headers: the first shard's arrays, one number of samples, the same sample
+    shapes as the first shard."""
+    if sorted(headers) != sorted(first):
+        raise MpexportError(f"shard '{shown(shard.name)}' holds arrays {sorted(headers)}, the first shard "
+                            f"{sorted(first)}", stage=STAGE)
+    lengths = {name: (header.shape[0] if header.shape else -1) for name, header in headers.items()}
     if len(set(lengths.values())) != 1 or -1 in lengths.values():
         detail = ", ".join(f"{name}: {length}" for name, length in lengths.items())
-        raise MpexportError(f"arrays in '{shard.name}' disagree on the number of samples ({detail})", stage=STAGE)
-    for name, array in arrays.items():
-        if array.dtype.kind not in "biuf":
-            raise MpexportError(f"array '{name}' in '{shard.name}' has dtype {array.dtype}, not a number type",
-                                stage=STAGE)
+        raise MpexportError(f"arrays in '{shown(shard.name)}' disagree on the number of samples ({detail})",
+                            stage=STAGE)
+    for name, header in headers.items():
+        if header.shape[1:] != first[name].shape[1:]:
+            raise MpexportError(f"array '{name}' in shard '{shown(shard.name)}' has samples of shape "
+                                f"{header.shape[1:]}, the first shard {first[name].shape[1:]}", stage=STAGE)
     return next(iter(lengths.values()))
 
 
@@ -216,33 +203,45 @@ def _same_kind(dtype: np.dtype, wanted: str) -> bool:
 
 def prepare_batch(batch: Batch, inputs: list[TensorSpec] | None, shard: Path, start: int) -> Batch:
     """One batch as every source yields it: NaN/Inf refused (one line naming the array, the shard and the first
-    sample), arrays cast to the inputs' dtypes where ``inputs`` are given."""
+    sample), labels checked (:func:`mpexport.data.labels.check_labels`; ``(N, 1)`` labels become ``(N,)``), arrays
+    cast to the inputs' dtypes where ``inputs`` are given."""
+    if LABELS in batch:
+        check_labels(batch[LABELS], shard, start)
+        batch[LABELS] = per_sample(batch[LABELS])
     for name, array in batch.items():
         if name != LABELS and array.dtype.kind == "f" and not np.isfinite(array).all():
             bad = int((~np.isfinite(array)).sum())
             raise MpexportError(
-                f"validation array '{name}' holds {bad} NaN/Inf values (shard '{shard.name}', samples from {start})",
+                f"validation array '{name}' holds {bad} NaN/Inf values (shard '{shown(shard.name)}', samples from "
+                f"{start})",
                 stage=STAGE,
             )
-    if inputs:
-        for spec in inputs:
-            if batch[spec.name].dtype.name != spec.dtype:
+    for spec in inputs or []:
+        if batch[spec.name].dtype.name != spec.dtype:
+            try:
                 batch[spec.name] = batch[spec.name].astype(numpy_dtype(spec.dtype))
+            except MemoryError:
+                raise MpexportError(f"a batch of '{shown(shard)}' (samples from {start}) does not fit in memory "
+                                    f"as {spec.dtype}", stage=STAGE, hint="use a smaller --batch-size") from None
     return batch
 
 
 
 def open_npz(path: Path) -> ValidationData:
     """An ``.npz`` file or a directory of ``.npz`` shards (read shard by shard), checked readable, non-empty and
-    consistent; one-line errors otherwise."""
+    consistent from every shard's headers (see :func:`mpexport.data.npz.npz_headers`: nothing over the memory
+    limit is decompressed), the first shard read; one-line errors otherwise."""
     shards = sorted(path.glob("*.npz")) if path.is_dir() else [path]
     if not shards:
-        raise MpexportError(f"validation data directory '{path}' holds no .npz files", stage=STAGE)
-    first = _read_shard(shards[0], None)
-    names = [name for name in first if name != LABELS]
+        raise MpexportError(f"validation data directory '{shown(path)}' holds no .npz files", stage=STAGE)
+    headers = [npz_headers(shard, "validation shard" if path.is_dir() else "validation data") for shard in shards]
+    names = [name for name in headers[0] if name != LABELS]
     if not names:
-        raise MpexportError(f"validation data '{path}' holds no input arrays", stage=STAGE)
-    lengths = [_shard_length(shard, first if shard == shards[0] else None, list(first)) for shard in shards]
+        raise MpexportError(f"validation data '{shown(path)}' holds no input arrays", stage=STAGE)
+    lengths = [_shard_length(shard, header, headers[0]) for shard, header in zip(shards, headers, strict=True)]
     if sum(lengths) == 0:
-        raise MpexportError(f"validation data '{path}' holds no samples", stage=STAGE)
+        raise MpexportError(f"validation data '{shown(path)}' holds no samples", stage=STAGE)
+    first = read_npz(shards[0], list(headers[0]), headers=headers[0])
+    if LABELS in first:
+        check_labels(first[LABELS], shards[0])
     return ValidationData(path, shards, names, LABELS in first, sum(lengths), first, lengths)

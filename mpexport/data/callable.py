@@ -52,6 +52,15 @@ class CallableValidationData(ValidationData):
                     yield _to_numpy(item, spec)
         except MpexportError:
             raise
+        except SystemExit as exc:
+            raise MpexportError(f"validation data '{spec}' called sys.exit({exc.code!r})", stage=STAGE) from None
+        except RecursionError:
+            raise MpexportError(f"validation data '{spec}' failed: it recursed too deeply (a batch nested too "
+                                "deep, or a function that calls itself)", stage=STAGE,
+                                hint="yield dicts or tuples of arrays") from None
+        except MemoryError:
+            raise MpexportError(f"validation data '{spec}' ran out of memory", stage=STAGE,
+                                hint="yield smaller batches") from None
         except Exception as exc:  # noqa: BLE001 - user code may fail in any way
             raise MpexportError(f"validation data '{spec}' failed: {first_line(exc)}", stage=STAGE) from None
 

@@ -6,8 +6,10 @@ from pathlib import Path
 
 from mpexport.base.callables import is_callable_spec
 from mpexport.base.errors import MpexportError
+from mpexport.base.files import regular_file
 from mpexport.data.base import STAGE, ValidationData, open_npz
 from mpexport.data.callable import CallableValidationData
+from mpexport.data.limits import shown
 from mpexport.data.tables import is_table_source, open_table_data
 
 
@@ -16,7 +18,8 @@ def load_validation_data(path: str | Path, *, import_path: str | Path | None = N
     """Open an ``.npz`` file, a directory of ``.npz`` shards, Parquet/Arrow files or a ``datasets`` directory
     (``columns`` maps input names to other column names: :mod:`mpexport.data.tables`), or ``module:function`` (see
     :class:`CallableValidationData`; imported from ``import_path``, default the working directory), checking
-    that it is readable, non-empty and consistent."""
+    that it is readable, non-empty and consistent. A path that is neither a directory nor a regular file (a FIFO,
+    a device) is refused before anything opens it: one line, no hang."""
     text = str(path)
     if not Path(text).exists() and is_callable_spec(text):
         if columns:
@@ -25,7 +28,9 @@ def load_validation_data(path: str | Path, *, import_path: str | Path | None = N
         return CallableValidationData.open(text, import_path)
     path = Path(path)
     if not path.exists():
-        raise MpexportError(f"validation data '{path}' does not exist", stage=STAGE)
+        raise MpexportError(f"validation data '{shown(path)}' does not exist", stage=STAGE)
+    if not path.is_dir():
+        regular_file(path, "validation data", stage=STAGE)  # a FIFO or a device is refused before it is opened
     if is_table_source(path):
         return open_table_data(path, columns)
     if columns:

@@ -19,14 +19,20 @@ from typing import Any
 import numpy as np
 
 from mpexport.base.errors import MpexportError, first_line
+from mpexport.base.files import regular_file
 from mpexport.base.specs import Batch, TensorSpec
 from mpexport.data.base import LABELS, STAGE, ValidationData, prepare_batch
+from mpexport.data.limits import MAX_ARRAY_BYTES_ENV, memory_limit, shown, size_text
 
 ROWS_PER_PIECE = 1024
 PARQUET_MAGIC = b"PAR1"
 ARROW_FILE_MAGIC = b"ARROW1"
 ARROW_STREAM_MAGIC = b"\xff\xff\xff\xff"
 TABLE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
+MAX_JSON_BYTES = 64 * 1024**2
+TABLE_LIMIT_HINT = (f"write fewer values per row (or smaller row groups), or set {MAX_ARRAY_BYTES_ENV} (bytes, e.g. "
+                    "16G) if this machine has the memory")
+_PHYSICAL_WIDTHS = {"BOOLEAN": 1, "INT32": 4, "FLOAT": 4, "INT64": 8, "DOUBLE": 8, "INT96": 12}
 
 
 def is_table_source(path: Path) -> bool:
@@ -34,6 +40,8 @@ def is_table_source(path: Path) -> bool:
     if path.is_dir():
         return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file() or \
             any(any(path.glob(f"*{suffix}")) for suffix in TABLE_SUFFIXES)
+    if not path.is_file():
+        return False  # a FIFO or a device: never opened (reading it could block forever)
     try:
         with path.open("rb") as handle:
             head = handle.read(8)
@@ -106,13 +114,13 @@ class TableValidationData(ValidationData):
             held += _rows(piece)
             while held >= batch_size and (limit is None or produced < limit):
                 wanted = batch_size if limit is None else min(batch_size, limit - produced)
-                batch, pending, held = _take(pending, wanted)
+                batch, pending, held = _take(pending, wanted, self.path)
                 yield prepare_batch(batch, inputs, self.path, produced)
                 produced += _rows(batch)
             if limit is not None and produced >= limit:
                 return
         if pending and not exact and held:
-            batch, _, _ = _take(pending, held if limit is None else min(held, limit - produced))
+            batch, _, _ = _take(pending, held if limit is None else min(held, limit - produced), self.path)
             if _rows(batch):
                 yield prepare_batch(batch, inputs, self.path, produced)
 
@@ -144,6 +152,9 @@ class TableValidationData(ValidationData):
                             return
             except MpexportError:
                 raise
+            except MemoryError:
+                raise MpexportError(f"'{shown(file)}': {ROWS_PER_PIECE} rows do not fit in the memory left",
+                                    stage=STAGE, hint=TABLE_LIMIT_HINT) from None
             except Exception as exc:  # noqa: BLE001 - a later file that does not read as the first one did
                 raise MpexportError(f"'{file}' does not read like the first file of '{self.path}': "
                                     f"{first_line(exc)}", stage=STAGE) from None
@@ -179,12 +190,13 @@ def _table_files(path: Path) -> list[tuple[Path, str]]:
     """(file, kind) in reading order; kind is ``parquet``, ``arrow-file`` or ``arrow-stream``."""
     if path.is_dir():
         if (path / "dataset_dict.json").is_file():
-            splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+            splits = _json_object(path / "dataset_dict.json").get("splits", [])
+            shown_splits = ", ".join(map(str, splits)) if isinstance(splits, list) else "see dataset_dict.json"
             raise MpexportError(f"'{path}' is a datasets DatasetDict: choose a split", stage=STAGE,
-                                hint=f"pass {path}/SPLIT, one of {', '.join(splits)}")
+                                hint=f"pass {path}/SPLIT, one of {shown_splits}")
         if (path / "state.json").is_file():
-            state = json.loads((path / "state.json").read_text())
-            names = [entry["filename"] for entry in state.get("_data_files", [])]
+            state = _json_object(path / "state.json")
+            names = [str(entry["filename"]) for entry in state.get("_data_files", [])]
             candidates = [path / name for name in names] or sorted(path.glob("*.arrow"))
         else:
             candidates = sorted(file for suffix in TABLE_SUFFIXES for file in path.glob(f"*{suffix}"))
@@ -196,7 +208,26 @@ def _table_files(path: Path) -> list[tuple[Path, str]]:
     return files
 
 
+def _json_object(file: Path) -> dict[str, Any]:
+    """A ``datasets`` metadata file (at most :data:`MAX_JSON_BYTES`) as a dict; one line when it is too large, not
+    JSON, not an object, or nested deeper than Python recurses."""
+    regular_file(file, "datasets metadata", stage=STAGE)
+    try:
+        if file.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"larger than {MAX_JSON_BYTES // 1024**2} MiB")
+        data = json.loads(file.read_bytes())
+    except OSError as exc:
+        raise MpexportError(f"cannot read '{file}': {exc.strerror}", stage=STAGE) from None
+    except (ValueError, RecursionError, MemoryError) as exc:
+        raise MpexportError(f"'{file}' is not readable datasets metadata ({first_line(exc, 160)})",
+                            stage=STAGE) from None
+    if not isinstance(data, dict):
+        raise MpexportError(f"'{file}' is not readable datasets metadata (not a JSON object)", stage=STAGE)
+    return data
+
+
 def _kind(file: Path) -> str:
+    regular_file(file, "validation data", stage=STAGE)  # a FIFO in the directory would block the read below
     try:
         with file.open("rb") as handle:
             head = handle.read(8)
@@ -233,6 +264,8 @@ def _record_batches(file: Path, kind: str, columns: list[str], skip: int = 0) ->
         groups = list(range(parquet.metadata.num_row_groups))
         while groups and skip >= parquet.metadata.row_group(groups[0]).num_rows:
             skip -= parquet.metadata.row_group(groups.pop(0)).num_rows
+        for group in groups:
+            _check_piece_size(parquet.metadata.row_group(group), columns, file)
         yield from _from_row(parquet.iter_batches(batch_size=ROWS_PER_PIECE, columns=columns, row_groups=groups),
                              skip)
         return
@@ -243,6 +276,23 @@ def _record_batches(file: Path, kind: str, columns: list[str], skip: int = 0) ->
         else:
             batches = iter(pa.ipc.open_stream(source))
         yield from _from_row((batch.select(columns) for batch in batches), skip)
+
+
+def _check_piece_size(group: Any, columns: list[str], file: Path) -> None:
+    """Refuse a row group whose pieces of :data:`ROWS_PER_PIECE` rows would take more than the memory limit once
+    decoded, from its metadata alone (rows x values per row x value width): a few kilobytes of run-length-encoded
+    zeros can decode to gigabytes. Values per row are the row group's average."""
+    rows = max(1, int(group.num_rows))
+    total = 0
+    for index in range(group.num_columns):
+        chunk = group.column(index)
+        if chunk.path_in_schema.split(".")[0] in columns:
+            width = _PHYSICAL_WIDTHS.get(chunk.physical_type, 8)
+            total += -(-int(chunk.num_values) * min(rows, ROWS_PER_PIECE) // rows) * width
+    limit = memory_limit()
+    if total > limit.bytes:
+        raise MpexportError(f"'{shown(file)}' would take {size_text(total)} in memory per {ROWS_PER_PIECE} rows "
+                            f"once decoded, over the limit of {limit.text()}", stage=STAGE, hint=TABLE_LIMIT_HINT)
 
 
 def _from_row(batches: Iterator[Any], skip: int) -> Iterator[Any]:
@@ -273,10 +323,15 @@ def _rows(batch: Batch) -> int:
     return len(next(iter(batch.values())))
 
 
-def _take(pending: list[Batch], count: int) -> tuple[Batch, list[Batch], int]:
-    """The first ``count`` rows of the pending pieces as one batch, the rest, and how many rows remain."""
-    joined = {name: np.concatenate([piece[name] for piece in pending]) if len(pending) > 1 else pending[0][name]
-              for name in pending[0]}
+def _take(pending: list[Batch], count: int, path: Path) -> tuple[Batch, list[Batch], int]:
+    """The first ``count`` rows of the pending pieces as one batch, the rest, and how many rows remain (one line
+    naming ``path`` when they do not fit in memory)."""
+    try:
+        joined = {name: np.concatenate([piece[name] for piece in pending]) if len(pending) > 1 else pending[0][name]
+                  for name in pending[0]}
+    except MemoryError:
+        raise MpexportError(f"a batch of '{shown(path)}' ({count} rows) does not fit in the memory left",
+                            stage=STAGE, hint="use a smaller --batch-size") from None
     batch = {name: array[:count] for name, array in joined.items()}
     rest = {name: array[count:] for name, array in joined.items()}
     remaining = _rows(rest)

@@ -112,7 +112,8 @@ def _load_exported_program(path: Path, digest: str, trust_pickle: bool) -> Loade
     extra = {EXTRA_FILE: ""}
     try:
         with _logged_errors("torch.export") as logged, no_code_from_file(trust_pickle) as refused:
-            program = torch.export.load(path, extra_files=extra)
+            with path.open("rb") as handle:  # a file object: torch's reader takes no name that is not UTF-8
+                program = torch.export.load(handle, extra_files=extra)
     except Exception as exc:  # noqa: BLE001 - any failure to read the archive is bad input
         refuse_untrusted(path, refused)
         cause = logged[-1] if logged else first_line(exc)

@@ -136,7 +136,9 @@ def test_validation_data_from_a_function(cli, tmp_path: Path, source: str) -> No
     result = cli("convert", MODELS / "digits_resnet.pt2", "--val-data", source, "--out", out)
     assert result.exit_code == 0, result.stderr
     assert Bundle.open(out).manifest.export_check.comparison["samples"] == 256  # the default --check-samples
-    report = cli("verify", out, "--json")
+    # the manifest records the function, but never runs it on its own: the command line names it again
+    assert_bad_input(cli("verify", out), "came from code", f"--val-data {source}")
+    report = cli("verify", out, "--val-data", source, "--json")
     assert report.exit_code == 0, report.stdout
     data = json.loads(report.stdout)
     assert data["samples"] == 360 and data["data"] == source
