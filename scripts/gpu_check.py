@@ -16,12 +16,15 @@ Runs as it is on a machine with CUDA torch (nothing fetched; the project's code 
    export check must still pass against ONNX Runtime's CPU FP32;
 4. SDPA: the mean error of the plan's attention rule (scores rounded once, softmax FP32) next to the CUDA kernels'
    and the CUDA math path's under CUDA autocast (the CPU paths are measured by the test suite);
-5. TensorRT: where it imports and a GPU exists, builds each example's engine (`--engine on`) and verifies it
-   (the engine's layers checked against the plan, the engine as a verify backend); else says why it skipped.
+5. TensorRT: where it imports and a GPU exists, builds each example's engine (`--engine on`), verifies it (the
+   engine's layers checked against the plan, the engine as a verify backend) and packages the bundle (the Triton
+   repository's ``<name>_trt`` model must hold the very engine verify ran): convert -> verify -> package with the real
+   engine; else says why it skipped.
 
 Prints a one-screen summary and writes it as JSON. Exit 0 when every oracle comparison agreed, every export
-check passed and every built engine matched its plan, 1 otherwise (verify verdicts are reported, not gated:
-they measure).
+check passed, every built engine matched its plan and went through verify (run by TensorRT itself, not a stand-in)
+into its repository, 1 otherwise (verify verdicts are reported, not gated: they measure; a bundle that failed verify
+is packaged with ``allow_unverified``, and the summary says so).
 """
 
 from __future__ import annotations
@@ -154,7 +157,7 @@ def numerics_and_engines(cpu_only: bool,
             val = ROOT / "models" / f"{example}.val.npz"
             result = mpexport.convert(ROOT / "models" / f"{example}.pt2", out=out, val_data=val,
                                       plan_options=PlanOptions(policy="cuda-fp16"), engine="on" if build else "off")
-            report = verify(out, write=False)
+            report = verify(out, write=build)  # package reads the verdict written
             metrics = {name: outputs["output"].to_json() for name, outputs in report.metrics.items()}
             row = {"model": example, "verdict": report.verdict,
                    "torch_amp": {key: metrics["torch-amp"][key] for key in ("max_abs", "p99_abs", "min_cosine")},
@@ -166,11 +169,33 @@ def numerics_and_engines(cpu_only: bool,
                                                     if stage.stage == "data pass")}}
             if build:
                 row["engine"] = result.manifest.engine.check
-                row["tensorrt"] = {key: metrics["tensorrt"][key] for key in ("max_abs", "min_cosine")}
+                row["tensorrt"] = {key: metrics["tensorrt"][key] for key in ("max_abs", "min_cosine")} \
+                    if "tensorrt" in metrics else None  # None: the backend failed (engine_path says why)
+                row["engine_path"] = engine_path(out, Path(folder) / f"{example}-repo", example, report)
             rows.append(row)
     engines = {"status": status.to_json(),
-               "engines": "built and verified" if build else f"skipped: {status.why or 'CPU-only mode'}"}
+               "engines": "built, verified and packaged" if build else
+               f"skipped: {status.why or 'CPU-only mode'}"}
     return rows, engines
+
+
+def engine_path(out: Path, repository: Path, name: str, report: Any) -> dict[str, Any]:
+    """The last step of convert -> verify -> package with a real engine: the Triton repository's ``<name>_trt``
+    model holds the engine verify ran, named for this GPU's compute capability. ``ok`` when TensorRT itself (no
+    stand-in) ran in verify and the packaged plan is the bundle's engine, byte for byte."""
+    from mpexport.base.errors import MpexportError
+    from mpexport.commands.package import package
+
+    backend = report.backends.get("tensorrt", {})
+    row = {"tensorrt_backend": backend.get("state"), "why": backend.get("why"), "mode": backend.get("mode")}
+    try:
+        result = package(out, repository, allow_unverified=report.verdict != "pass")
+    except MpexportError as exc:
+        return {**row, "models": {}, "plan": None, "package_error": exc.message, "ok": False}
+    plans = sorted((repository / f"{name}_trt" / "1").glob("model_sm*.plan"))
+    same = len(plans) == 1 and plans[0].read_bytes() == (out / "model.plan").read_bytes()
+    return {**row, "models": result.models, "plan": plans[0].name if plans else None, "plan_is_the_engine": same,
+            "notes": result.notes, "ok": backend.get("state") == "ran" and not backend.get("mode") and same}
 
 
 class _Attention(torch.nn.Module):
@@ -263,8 +288,15 @@ def main() -> int:
               f"{'pass' if check['passed'] else 'FAIL'} ({check['seconds']} s data pass)")
     print(f"sdpa (mean error vs FP64): {json.dumps(summary['sdpa'])}")
     print(f"tensorrt: {summary['tensorrt']['engines']}")
+    for row in (row for row in summary["numerics"] if "engine_path" in row):
+        path = row["engine_path"]
+        print(f"  {row['model']:<20} engine check {'ok' if row['engine'].get('ok') else 'MISMATCH'}; verify: tensorrt "
+              f"{path['tensorrt_backend']}{' (' + path['why'] + ')' if path['why'] else ''}, {row['tensorrt']}; "
+              f"package: {', '.join(path['models']) or path.get('package_error')} ({path['plan']}); "
+              f"{path['mode'] or 'TensorRT'}  {'ok' if path['ok'] else 'FAIL'}")
     print(f"done in {summary['seconds']} s; summary in {args.out}")
-    engines_ok = all(row.get("engine", {}).get("ok", True) for row in summary["numerics"])
+    engines_ok = all(row.get("engine", {}).get("ok", True) and row.get("engine_path", {}).get("ok", True)
+                     for row in summary["numerics"])
     checks_ok = all(row["export_check"]["passed"] for row in summary["numerics"])
     return 0 if summary["oracle"]["all_agree"] and engines_ok and checks_ok else 1
 

@@ -416,7 +416,8 @@ def doctor() -> None:
     table.add_row("torch", f"{torch.__version__} (CUDA build: {torch.version.cuda or 'no'}; GPU visible: "
                   f"{'yes, ' + torch.cuda.get_device_name(0) if cuda else 'no'})")
     table.add_row("ONNX Runtime", f"{onnxruntime.__version__}: {', '.join(onnxruntime.get_available_providers())}")
-    table.add_row("TensorRT", status.version or "not installed")
+    stand_in = f" (a stand-in: {status.stand_in}, not TensorRT)" if status.stand_in else ""
+    table.add_row("TensorRT", escape(f"{status.version}{stand_in}" if status.version else "not installed"))
     stages = [("load, export, plan, rewrite, lint", "run"),
               ("verify: torch-fp32, onnx-fp32, onnx-mixed, strict", "run"),
               ("verify: torch-amp for cuda-* policies", "real CUDA autocast" if cuda else

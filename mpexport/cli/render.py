@@ -223,6 +223,8 @@ def print_verify(report: Any, directory: str | None) -> None:
             stdout.print(f"[yellow]skipped {name}:[/] {escape(info.get('why', ''))}", soft_wrap=True)
         elif info.get("state") == "failed":
             stdout.print(f"[red]failed {name}:[/] {escape(info.get('why', ''))}", soft_wrap=True)
+        elif str(info.get("mode", "")).startswith("stand-in"):
+            stdout.print(f"[yellow]{name} is a stand-in:[/] {escape(info['mode'])}", soft_wrap=True)
     for failure in report.failures:
         stdout.print(f"[red]fail:[/] {escape(failure)}", soft_wrap=True)
     for row in report.localisation:

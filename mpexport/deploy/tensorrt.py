@@ -7,7 +7,10 @@ verbosity) is read back and compared with the plan: the silent-FP32 failure and 
 
 Everything that needs no GPU (availability, version handling, flags, profiles, the plan-vs-engine comparison) is plain
 Python and tested here; the build and the runner (:mod:`mpexport.backends.tensorrt`) need TensorRT and an NVIDIA GPU and
-have not run on this project's machines yet.
+have not run on this project's machines yet. The tests run them end to end against a stand-in ``tensorrt`` module
+(``tests/stand_ins/tensorrt``: the API mpexport calls, as TensorRT's binding sources declare it, executing the mixed
+ONNX in ONNX Runtime on the CPU); such a module declares ``MPEXPORT_STAND_IN``, and the status, the engine record and
+verify's ``tensorrt`` backend then say what stood in.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mpexport.backends.tensorrt import logger as trt_logger
+from mpexport.backends.tensorrt import stand_in
 from mpexport.base.errors import MpexportError
 from mpexport.bundle.names import ENGINE, ENGINE_COMPANIONS, ENGINE_LAYERS, FILE_NAMES, TIMING_CACHE
 
@@ -44,6 +49,8 @@ class TensorRTStatus:
     gpu: str | None = None
     compute_capability: str | None = None
     why: str | None = None
+    stand_in: str | None = None
+    """What runs instead of TensorRT (a test stand-in module, see :func:`tensorrt_status`); None for TensorRT."""
 
     def to_json(self) -> dict[str, Any]:
         """As recorded in the manifest and printed by ``doctor``."""
@@ -66,6 +73,10 @@ def tensorrt_status() -> TensorRTStatus:
     if version_tuple(version)[:2] < MIN_VERSION:
         return TensorRTStatus(False, version, why=f"TensorRT {version} is older than "
                               f"{'.'.join(map(str, MIN_VERSION))}, the first with strongly typed builds mpexport uses")
+    substitute = stand_in(tensorrt)
+    if substitute:  # the test suite's stand-in: no GPU involved, and the status says so
+        return TensorRTStatus(True, version, f"no GPU (stand-in: {substitute})",
+                              str(tensorrt.MPEXPORT_STAND_IN_COMPUTE_CAPABILITY), stand_in=substitute)
     import torch
 
     if not torch.cuda.is_available():
@@ -149,7 +160,8 @@ def _check_rank(name: str, shape: list[Any], profile: Profile) -> None:
 # -- plan vs engine ------------------------------------------------------------------------------------------
 _ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
 _TYPE_WORDS = (("bf16", ("bf16", "bfloat16")), ("fp16", ("fp16", "half")), ("fp32", ("fp32", "float")),
-               ("int", ("int", "bool")))
+               ("int", (r"u?int\d*", "bool")))
+"""Type words of the inspector's output types (regular expressions): ``Int64``/``INT32``/``UInt8`` are integers."""
 
 
 @dataclass
@@ -231,7 +243,7 @@ def build_engine(onnx_path: Path, out_dir: Path, profiles: dict[str, Profile], p
         raise MpexportError(f"cannot build a TensorRT engine here: {status.why}", stage=STAGE)
     import tensorrt as trt
 
-    logger = trt.Logger(trt.Logger.WARNING)
+    logger = trt_logger(trt)
     builder = trt.Builder(logger)
     flags = 0
     for name in network_flags(trt.__version__):
@@ -253,18 +265,18 @@ def build_engine(onnx_path: Path, out_dir: Path, profiles: dict[str, Profile], p
         low, opt, high = profiles[tensor.name]
         profile.set_shape(tensor.name, low, opt, high)
     config.add_optimization_profile(profile)
-    previous = timing_cache or out_dir / TIMING_CACHE
-    cache = config.create_timing_cache(previous.read_bytes() if previous.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache = _attach_timing_cache(config, timing_cache or out_dir / TIMING_CACHE)
     cache_path = out_dir / TIMING_CACHE
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise MpexportError("TensorRT could not build the engine (see its log above)", stage=STAGE)
     engine_path = out_dir / ENGINE_FILE
     engine_path.write_bytes(bytes(serialized))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    cache_path.write_bytes(bytes(cache.serialize()))
     runtime = trt.Runtime(logger)
     engine = runtime.deserialize_cuda_engine(bytes(serialized))
+    if engine is None:
+        raise MpexportError("TensorRT could not load the engine it built (see its log above)", stage=STAGE)
     inspector = engine.create_engine_inspector()
     listing = inspector.get_engine_information(trt.LayerInformationFormat.JSON)
     (out_dir / ENGINE_LAYERS).write_text(listing)
@@ -272,8 +284,20 @@ def build_engine(onnx_path: Path, out_dir: Path, profiles: dict[str, Profile], p
     metadata = {"tensorrt": trt.__version__, "gpu": status.gpu, "compute_capability": status.compute_capability,
                 "profiles": {name: [list(shape) for shape in shapes] for name, shapes in profiles.items()},
                 "network_flags": network_flags(trt.__version__), "tf32": allow_tf32, "workspace": workspace,
-                "check": check.to_json()}
+                "check": check.to_json(), **({"stand_in": status.stand_in} if status.stand_in else {})}
     return EngineResult(engine_path, metadata, check)
+
+
+def _attach_timing_cache(config: Any, previous: Path) -> Any:
+    """Attach the timing cache at ``previous`` where TensorRT accepts it, else a fresh one: TensorRT returns no cache
+    for bytes it cannot read and refuses (``set_timing_cache`` is False) one from another GPU, and the build must not
+    then go on without one. Returns the cache (it must outlive the build)."""
+    data = previous.read_bytes() if previous.exists() else b""
+    cache = config.create_timing_cache(data) if data else None
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
 
 
 def _parser_errors(parser: Any, module_of: dict[str, str]) -> str:
