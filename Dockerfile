@@ -20,12 +20,14 @@ ARG VARIANT
 # serves CUDA builds on Linux). TORCH_SPEC pins a torch release.
 ARG TORCH_INDEX=""
 ARG TORCH_SPEC="torch>=2.6"
+# PIP_FIND_LINKS: a folder of wheels pip looks in first (mounted at build time, e.g. a local CPU torch wheel).
+ARG PIP_FIND_LINKS=""
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mpexport ./mpexport
 COPY docker/install.sh ./docker/install.sh
 RUN if [ "$VARIANT" = "gpu" ]; then extras=tensorrt; flags=--system-site-packages; else extras=""; flags=""; fi \
- && VENV_FLAGS="$flags" TORCH_INDEX="$TORCH_INDEX" TORCH_SPEC="$TORCH_SPEC" \
+ && VENV_FLAGS="$flags" TORCH_INDEX="$TORCH_INDEX" TORCH_SPEC="$TORCH_SPEC" PIP_FIND_LINKS="$PIP_FIND_LINKS" \
     sh docker/install.sh /opt/mpexport "$extras"
 
 # Final stage: the environment only, a non-root user, mpexport as the entry point.

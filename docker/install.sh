@@ -4,7 +4,9 @@
 #   TORCH_SPEC   torch requirement (default: torch>=2.6)
 #   TORCH_INDEX  optional package index for torch (e.g. one serving CPU-only wheels, for a small CPU image)
 #   VENV_FLAGS   extra flags for `python -m venv` (the GPU image uses --system-site-packages to see its TensorRT)
+#   PIP_FIND_LINKS  optional folder of wheels pip looks in first (e.g. a local CPU torch wheel)
 set -eu
+if [ -z "${PIP_FIND_LINKS:-}" ]; then unset PIP_FIND_LINKS; else export PIP_FIND_LINKS; fi
 venv="$1"
 extras="${2:-}"
 src="$(cd "$(dirname "$0")/.." && pwd)"

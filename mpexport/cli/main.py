@@ -385,8 +385,9 @@ def build(directory: str, shapes: tuple[str, ...], allow_tf32: bool, workspace_g
     result = build_engine(Path(directory), shapes=parse_shapes_option(shapes), allow_tf32=allow_tf32,
                      workspace=int(workspace_gb * (1 << 30)))
     check = result.check
-    stdout.print(f"{result.path}: TensorRT {result.metadata['tensorrt']} on {result.metadata['gpu']}; "
-                 f"{check.compared} layers compared with the plan, {len(check.mismatches)} disagree")
+    stdout.print(escape(f"{result.path}: TensorRT {result.metadata['tensorrt']} on {result.metadata['gpu']}; "
+                        f"{check.compared} layers compared with the plan, {len(check.mismatches)} disagree"),
+                 soft_wrap=True)
     for mismatch in check.mismatches[:10]:
         stdout.print(f"[red]{mismatch['kind']}:[/] {escape(str(mismatch['layer']))} planned {mismatch['planned']}, "
                      f"runs {mismatch['realised']}", soft_wrap=True)
