@@ -1,21 +1,17 @@
 # syntax=docker/dockerfile:1
-# mpexport in a container. CPU image by default; VARIANT=gpu builds on an image with CUDA + TensorRT and
-# installs mpexport[tensorrt].
+# mpexport in a container. CPU image by default; VARIANT=gpu on an image with CUDA + TensorRT installs
+# mpexport[tensorrt] beside the image's own TensorRT and CUDA torch.
 #   docker build -t mpexport .
-#   docker build -t mpexport:gpu --build-arg VARIANT=gpu .
+#   docker build -t mpexport:gpu --build-arg VARIANT=gpu --build-arg BASE_IMAGE=nvcr.io/nvidia/tensorrt:25.10-py3 .
 #   docker run --rm -v "$PWD:/work" mpexport convert /work/model.pt2 --val-data /work/val.npz --out /work/build/m
-ARG VARIANT=cpu
-ARG PYTHON_IMAGE=python:3.11-slim
-ARG GPU_IMAGE=nvcr.io/nvidia/tensorrt:25.10-py3
-
-FROM ${PYTHON_IMAGE} AS base-cpu
-FROM ${GPU_IMAGE} AS base-gpu
+# The base is one argument, not a stage picked by VARIANT: buildah (podman 4.x) does not resolve a stage name built
+# from an argument, and the same file builds with docker and podman alike (scripts/container_check.sh).
+ARG BASE_IMAGE=python:3.11-slim
 
 # Build stage: a virtual environment with mpexport and its dependencies (no compilers needed: all wheels).
-# On the GPU base the environment sees the image's own TensorRT and CUDA torch (system site packages).
 # hadolint ignore=DL3006
-FROM base-${VARIANT} AS build
-ARG VARIANT
+FROM ${BASE_IMAGE} AS build
+ARG VARIANT=cpu
 # TORCH_INDEX: a package index serving CPU-only torch wheels keeps the CPU image small (the default index
 # serves CUDA builds on Linux). TORCH_SPEC pins a torch release.
 ARG TORCH_INDEX=""
@@ -32,7 +28,7 @@ RUN if [ "$VARIANT" = "gpu" ]; then extras=tensorrt; flags=--system-site-package
 
 # Final stage: the environment only, a non-root user, mpexport as the entry point.
 # hadolint ignore=DL3006
-FROM base-${VARIANT}
+FROM ${BASE_IMAGE}
 COPY --from=build /opt/mpexport /opt/mpexport
 RUN useradd --create-home --uid 1000 mpexport
 USER 1000

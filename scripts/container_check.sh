@@ -71,7 +71,7 @@ else
 fi
 
 # -- build ----------------------------------------------------------------------------------------------------
-BUILD_ARGS=(--build-arg "PYTHON_IMAGE=$BASE" --build-arg "TORCH_SPEC=$TORCH_SPEC")
+BUILD_ARGS=(--build-arg "BASE_IMAGE=$BASE" --build-arg "TORCH_SPEC=$TORCH_SPEC")
 if [ -n "$TORCH_INDEX" ]; then
   BUILD_ARGS+=(--build-arg "TORCH_INDEX=$TORCH_INDEX")
   say "torch: $TORCH_SPEC from $TORCH_INDEX"
