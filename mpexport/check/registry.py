@@ -105,20 +105,29 @@ def _onnx_amp(build: Build) -> Runner:
     """``onnx-amp``, the noise floor without PyTorch: the plan of the training policy alone (no deployment overrides,
     no range rule) in the training's low type, applied to the FP32 ONNX and emulated strictly. It stands for what
     training computed, as closely as the plan reproduces autocast (node by node, tested against real autocast)."""
+    bundle, plan = build.bundle, build.plan
+    model = ir.load(str(bundle.path(FP32_ONNX)))
+    return training_emulation(model, bundle.path(FP32_ONNX).parent, read_provenance(bundle), plan.policy.name,
+                              plan.policy.torch_version)
+
+
+def training_emulation(model: ir.Model, base_dir: Path, records: list[Any], policy: str,
+                       torch_version: str | None = None) -> Runner:
+    """``onnx-amp`` for an FP32 ONNX ``model`` (changed in place) whose node provenance is ``records``: the plan of
+    the training ``policy`` alone, in its own low type, applied and emulated strictly (external weights under
+    ``base_dir``)."""
     from mpexport.graph.rewrite import apply_plan
     from mpexport.precision.options import Overrides, PlanOptions
     from mpexport.precision.planner import make_plan
 
-    bundle, plan = build.bundle, build.plan
-    model = ir.load(str(bundle.path(FP32_ONNX)))
-    options = PlanOptions(policy=plan.policy.name, target=plan.policy.low, torch_version=plan.policy.torch_version,
+    options = PlanOptions(policy=policy, target=None, torch_version=torch_version,
                           overrides=Overrides(), range_check=False)
-    training = make_plan(model, read_provenance(bundle), options)
+    training = make_plan(model, records, options)
     try:
         apply_plan(model, training.precisions())
     except MpexportError as exc:  # a plan of this very model: a failure is this backend's, recorded as failed
         raise RuntimeError(exc.message) from None
-    return OrtRunner.from_model(strict_emulation(model), bundle.path(FP32_ONNX).parent, name=ONNX_AMP)
+    return OrtRunner.from_model(strict_emulation(model), base_dir, name=ONNX_AMP)
 
 
 def _onnx_amp_mode(build: Build) -> str:

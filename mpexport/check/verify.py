@@ -34,15 +34,17 @@ from mpexport.base.status import StageClock
 from mpexport.bundle.names import FP32_ONNX
 from mpexport.bundle.store import Bundle
 from mpexport.check.amp import TorchAmpRunner
-from mpexport.check.backends import AMP, Backends
+from mpexport.check.backends import AMP, ONNX_AMP, ONNX_FP32, Backends
 from mpexport.check.forms import Forms, VerifyInputs, build_forms, weight_bytes
 from mpexport.check.localise import localise
+from mpexport.check.registry import training_emulation
 from mpexport.check.report import STAGE, ParityReport, VerifyOptions, trained_accuracy
 from mpexport.check.tally import Tally
 from mpexport.data.base import ValidationData, check_against
 from mpexport.data.open import load_validation_data
 from mpexport.graph.emulate import load_strict_emulation
 from mpexport.sources.loading import load_model
+from mpexport.sources.model import FORMAT_ONNX
 
 
 def verify_forms(bundle: Bundle, inputs: VerifyInputs, options: VerifyOptions,
@@ -115,8 +117,11 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
                      factory: str | None = None, trust_pickle: bool = False, policy: str = "cuda-fp16",
                      low: str = "fp16", options: VerifyOptions | None = None,
                      on_batch: Callable[[int, int | None], None] | None = None) -> ParityReport:
-    """Check any ONNX file against the PyTorch FP32 baseline of ``reference`` with the same backends and gate
-    (``onnx-candidate`` in ONNX Runtime and its strict emulation)."""
+    """Judge any converter's ONNX ``candidate`` against the FP32 baseline of ``reference`` with the same gate and
+    report as a bundle's verify: ``onnx-candidate`` (the candidate in ONNX Runtime) and ``strict-<low>`` (its strict
+    emulation) are gated. ``reference`` is a PyTorch model (its FP32 run the baseline, ``torch-amp`` under
+    ``policy`` the noise floor) or the FP32 ONNX the candidate was converted from (``onnx-fp32`` the baseline,
+    ``onnx-amp``, the ``policy`` plan emulated strictly on it, the noise floor)."""
     options = options or VerifyOptions()
     loaded = load_model(reference, factory=factory, trust_pickle=trust_pickle)
     data = load_validation_data(val_data, columns=options.columns or None)
@@ -131,8 +136,11 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
     names = [spec.name for spec in specs]
     example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=specs))
     backends = Backends()
-    backends.reference(TorchRunner(loaded.callable(), names, positional=loaded.positional))
-    backends.add(AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
+    if loaded.format == FORMAT_ONNX:
+        _onnx_reference(backends, loaded.path, policy)
+    else:
+        backends.reference(TorchRunner(loaded.callable(), names, positional=loaded.positional))
+        backends.add(AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
     backends.add("onnx-candidate", lambda: OrtRunner(candidate, name="onnx-candidate"))
     strict = f"strict-{low}"
     backends.add(strict, lambda: OrtRunner.from_model(load_strict_emulation(candidate), candidate.parent, name=strict))
@@ -144,6 +152,20 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
         if note:
             report.notes.append(note)
     return report
+
+
+def _onnx_reference(backends: Backends, path: Path, policy: str) -> None:
+    """An FP32 ONNX as the reference (``onnx-fp32``) and its training emulation (``onnx-amp``) as the noise floor;
+    a one-line error when it is not an FP32 model ONNX Runtime can run."""
+    from mpexport.capture.onnxinput import drop_initializer_inputs, provenance_kind, read_fp32_onnx
+    from mpexport.capture.provenance import collect_provenance
+
+    model = read_fp32_onnx(path)
+    drop_initializer_inputs(model)
+    kind = provenance_kind(model)
+    records = collect_provenance(model, "exporter" if kind == "exporter" else "scope")
+    backends.reference(OrtRunner(path, name=ONNX_FP32))
+    backends.add(ONNX_AMP, lambda: training_emulation(model, path.parent, records, policy))
 
 
 def _run(backends: Backends, data: ValidationData, specs: list[TensorSpec], names: list[str],

@@ -211,8 +211,8 @@ def convert(model: str, out: str, val_data: str | None, columns: tuple[str, ...]
 @click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=str))
 @gate_options
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=str),
-              help="The PyTorch model to compare with: --candidate's reference, or with DIRECTORY (a model converted "
-              "from ONNX) adds the PyTorch backends.")
+              help="The FP32 model to compare with: --candidate's reference (a PyTorch model, or the FP32 ONNX the "
+              "candidate was converted from), or with DIRECTORY (a model converted from ONNX) the PyTorch model.")
 @click.option("--candidate", type=click.Path(dir_okay=False, path_type=str),
               help="Without DIRECTORY: any ONNX file (e.g. made by another tool) to check.")
 @click.option("--factory", metavar="MODULE:FUNCTION",

@@ -91,6 +91,23 @@ def test_candidate_cli_exit_code_and_localisation(cli, hazard: dict[str, Path]) 
     assert "fail: strict-fp16" in result.stdout and "first out of budget" in result.stdout
 
 
+def test_an_fp32_onnx_judges_another_converters_model(cli, hazard: dict[str, Path]) -> None:
+    """No PyTorch model: the FP32 ONNX the candidate came from is the reference, its training emulation the noise
+    floor, and the same gate passes mpexport's model and fails the naive one."""
+    fp32 = hazard["out"] / "model.fp32.onnx"
+    passed = cli("verify", "--reference", fp32, "--candidate", hazard["out"] / "model.mixed.onnx", "--val-data",
+                 hazard["val"], "--json")
+    assert passed.exit_code == 0, passed.stdout + passed.stderr
+    report = json.loads(passed.stdout)
+    assert report["reference"] == "onnx-fp32" and report["backends"]["onnx-amp"]["state"] == "ran"
+    assert {"onnx-candidate", "strict-fp16"} <= {name for name, info in report["backends"].items() if info["ran"]}
+    assert all("onnx-amp noise floor" in limits["source"] for limits in report["thresholds"]["strict-fp16"].values())
+    failed = cli("verify", "--reference", fp32, "--candidate", hazard["naive"], "--val-data", hazard["val"])
+    assert failed.exit_code == 1 and "fail: strict-fp16" in failed.stdout
+    assert_bad_input(cli("verify", "--reference", hazard["naive"], "--candidate", hazard["naive"], "--val-data",
+                         hazard["val"]), "not an FP32 model")
+
+
 def test_explicit_thresholds_override_the_budget(hazard: dict[str, Path]) -> None:
     from mpexport.check.report import VerifyOptions
 
