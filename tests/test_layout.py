@@ -20,6 +20,7 @@ LAYERS = (
     ("graph", "backends"),
     ("bundle", "data"),
     ("sources",),
+    ("integrations",),
     ("capture",),
     ("precision",),
     ("deploy",),

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from mpexport.base.dtypes import BF16, NUMPY_TYPES
-from mpexport.base.specs import Batch
+from mpexport.base.specs import Batch, TensorSpec
 
 ORT_FLOAT_TYPES: dict[str, np.dtype] = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
                    "tensor(double)": np.dtype(np.float64), "tensor(bfloat16)": NUMPY_TYPES[BF16]}
@@ -54,15 +54,55 @@ class OrtRunner:
 
     def run(self, batch: Batch) -> list[np.ndarray]:
         """Outputs for ``batch``; float inputs are cast to the type the model takes (FP16 for a model with
-        native low-precision inputs), so callers always feed the FP32 data they validate with."""
+        native low-precision inputs), so callers always feed the FP32 data they validate with. ONNX Runtime's
+        errors are raised as :class:`OrtRunError`, their whole text on one line (see :func:`one_line`)."""
         feeds = {}
         for name in self.input_names:
             array = batch[name]
             wanted = self.float_inputs.get(name)
             if wanted is not None and array.dtype.kind == "f" and array.dtype != wanted:
                 array = array.astype(wanted)
-            feeds[name] = np.ascontiguousarray(array)
-        return list(self.session.run(None, feeds))
+            feeds[name] = np.require(array, requirements="C")  # a rank-0 input stays rank 0
+        try:
+            return list(self.session.run(None, feeds))
+        except Exception as exc:
+            raise OrtRunError(f"{self.name}: {one_line(str(exc))}") from exc
+
+
+class OrtRunError(RuntimeError):
+    """ONNX Runtime refused or failed a run; the message is its error on one line."""
+
+
+ORT_BOILERPLATE = ("Please fix either the inputs/outputs or the model.",)
+"""Sentences of ONNX Runtime's errors that say nothing about the case at hand."""
+
+
+def one_line(text: str) -> str:
+    """ONNX Runtime's error text on one line: its lines joined (the first says what, the next ones where: ``index: 0
+    Got: 64 Expected: 1``), the ``[ONNXRuntimeError] : N :`` prefix and the generic advice left out."""
+    import re
+
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : ", "", text.strip())
+    lines = [line.strip() for line in text.splitlines()]
+    return " ".join(line for line in lines if line and line not in ORT_BOILERPLATE)
+
+
+ORT_TYPE_NAMES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+                  "tensor(bfloat16)": "bfloat16", "tensor(int64)": "int64", "tensor(int32)": "int32",
+                  "tensor(int16)": "int16", "tensor(int8)": "int8", "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+"""ONNX Runtime's names of the tensor types mpexport records, as its dtype names."""
+
+
+def runtime_output_specs(path: str | Path) -> dict[str, TensorSpec]:
+    """The outputs of the model at ``path`` as ONNX Runtime types them (its own inference, contrib ops included), by
+    name; an output of a type mpexport does not record is left out. Unknown dims are ``?``."""
+    import onnxruntime as ort
+
+    options, _ = session_options()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return {value.name: TensorSpec(value.name, ORT_TYPE_NAMES[value.type],
+                                   tuple(dim if isinstance(dim, (int, str)) else "?" for dim in value.shape or ()))
+            for value in session.get_outputs() if value.type in ORT_TYPE_NAMES}
 
 
 SESSION_THREADS: int | None = None

@@ -46,7 +46,8 @@ class TorchRunner:
         if not self._moved:
             self._to(self.device)
             self._moved = True
-        tensors = [torch.from_numpy(np.ascontiguousarray(batch[name])).to(self.device) for name in self.input_names]
+        tensors = [torch.from_numpy(np.require(batch[name], requirements="C")).to(self.device)  # rank 0 stays rank 0
+                   for name in self.input_names]
         with torch.no_grad(), _true_fp32():
             if self.positional:
                 result = self.model(*tensors)

@@ -28,6 +28,9 @@ SUPPORTED_DTYPES = (
 _DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_EXAMPLE_SIZE = {"batch": 2}
 FALLBACK_EXAMPLE_SIZE = 8
+UNKNOWN_DTYPE = "unknown"
+"""The dtype of a model output its file leaves untyped and nothing could infer (see
+:func:`mpexport.commands.fp32.typed_by_runtime`): recorded as such, and compared by verify all the same."""
 Batch = dict[str, np.ndarray]
 """One batch of named arrays: the model's inputs (and optionally ``labels``) as every source yields them."""
 
@@ -131,3 +134,58 @@ def numpy_dtype(dtype: str) -> np.dtype:
 
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(dtype)
+
+
+def fixed_batch(specs: list[TensorSpec]) -> int | None:
+    """The batch size the model fixes: axis 0 of its inputs when every input that has an axis 0 fixes it (the first
+    one's size); None when any input's axis 0 is dynamic (then a fixed-size input is not batched) or none has one
+    (rank-0 inputs have no batch axis)."""
+    batched = [spec.shape[0] for spec in specs if spec.shape]
+    if not batched or any(isinstance(dim, str) for dim in batched):
+        return None
+    first = batched[0]
+    return first if isinstance(first, int) else None
+
+
+class PaddedBatch(dict[str, np.ndarray]):
+    """A batch filled up to a model's fixed batch size by repeating its samples: every per-sample array holds
+    :attr:`size` rows, of which only the first :attr:`samples` are real (count and measure only those: see
+    :func:`batch_samples` and :func:`real_rows`)."""
+
+    def __init__(self, arrays: Batch, samples: int, size: int) -> None:
+        super().__init__(arrays)
+        self.samples = samples
+        self.size = size
+
+
+def batch_samples(batch: Batch) -> int:
+    """The number of real samples in a batch: a :class:`PaddedBatch`'s own count, else the first axis of its first
+    array that has one (rank-0 arrays, one value for the whole batch, have none); 1 when every array is a scalar."""
+    if isinstance(batch, PaddedBatch):
+        return batch.samples
+    return next((len(array) for array in batch.values() if np.ndim(array)), 1)
+
+
+def sample_rows(batch: Batch, start: int, stop: int) -> Batch:
+    """Samples ``start`` to ``stop`` of ``batch``: its per-sample arrays sliced on axis 0, its rank-0 arrays (one
+    value for every sample) kept whole."""
+    return {name: array[start:stop] if np.ndim(array) else array for name, array in batch.items()}
+
+
+def pad_batch(batch: Batch, size: int) -> Batch:
+    """``batch`` filled up to ``size`` samples by repeating its samples in order (a model with a fixed batch size
+    takes no shorter batch): a :class:`PaddedBatch` saying how many are real; ``batch`` itself when it is full."""
+    samples = batch_samples(batch)
+    if samples >= size:
+        return batch
+    rows = np.arange(size) % samples
+    return PaddedBatch({name: array[rows] if np.ndim(array) and len(array) == samples else array
+                        for name, array in batch.items()}, samples, size)
+
+
+def real_rows(arrays: list[np.ndarray], batch: Batch) -> list[np.ndarray]:
+    """A model's outputs on ``batch`` without the rows of its padding (outputs whose axis 0 is the padded size are
+    cut to the real samples; other outputs, and every output of an unpadded batch, are returned as they are)."""
+    if not isinstance(batch, PaddedBatch):
+        return arrays
+    return [array[:batch.samples] if np.ndim(array) and len(array) == batch.size else array for array in arrays]

@@ -16,14 +16,15 @@ REPOSITORY_MARKER = ".mpexport-repository"
 FP32_ONNX, PROVENANCE, RANGES, PLAN = "fp32_onnx", "provenance", "ranges", "plan"
 MIXED_ONNX, ENGINE, REPORT, REPORT_HTML, REPAIR = "mixed_onnx", "engine", "report", "report_html", "repair"
 REPAIR_POLICY = "repair_policy"
+TRAINING_RANGES = "training_ranges"
 FILE_NAMES = {FP32_ONNX: "model.fp32.onnx", PROVENANCE: "provenance.json", RANGES: "ranges.json", PLAN: "plan.json",
               MIXED_ONNX: "model.mixed.onnx", ENGINE: "model.plan", REPORT: "report.json", REPORT_HTML: "report.html",
-              REPAIR: "repair.json", REPAIR_POLICY: "repair.policy.toml"}
+              REPAIR: "repair.json", REPAIR_POLICY: "repair.policy.toml", TRAINING_RANGES: "training_ranges.json"}
 """Artifact key -> the file name mpexport writes it under."""
 DESCRIPTIONS = {FP32_ONNX: "FP32 ONNX model", PROVENANCE: "provenance record", RANGES: "calibration statistics",
                 PLAN: "precision plan", MIXED_ONNX: "mixed-precision model", ENGINE: "TensorRT engine",
                 REPORT: "parity report", REPORT_HTML: "HTML parity report", REPAIR: "repair record",
-                REPAIR_POLICY: "repair policy file"}
+                REPAIR_POLICY: "repair policy file", TRAINING_RANGES: "range evidence from training"}
 ENGINE_LAYERS = "engine_layers.json"
 TIMING_CACHE = "timing.cache"
 ENGINE_COMPANIONS = (ENGINE_LAYERS, TIMING_CACHE)

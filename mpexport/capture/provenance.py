@@ -2,7 +2,9 @@
 
 The dynamo exporter records, per node, ``pkg.torch.onnx.name_scopes`` (module path, last entry the FX node)
 and ``pkg.torch.onnx.class_hierarchy`` (module classes, last entry the aten op). The TorchScript-based
-exporter only leaves module scopes in node names (``/layer1/0/conv1/Conv``).
+exporter only leaves module scopes in node names (``/layer1/0/conv1/Conv``). A node the exporter's graph optimizer
+fused (BatchNorm folded into a Conv) may record an op that cannot have produced it: it gets the op its type computes,
+and the recorded one is kept as ``fused`` (:mod:`mpexport.capture.fused`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import onnx_ir as ir
 
 from mpexport.bundle.names import PROVENANCE
 from mpexport.bundle.store import Bundle
+from mpexport.capture.fused import computed_op, rewrite_rules
 from mpexport.capture.fxfacts import FxFacts
 from mpexport.graph.walk import walk
 
@@ -49,6 +52,11 @@ class NodeProvenance:
     """The ``torch.autocast`` state the model's code sets around ``origin``, per device, if any."""
     fp32_inputs_from: tuple[str, ...] = ()
     """Origins of inputs that the model explicitly cast to FP32 (``x.float()``) before ``origin``."""
+    fused: tuple[str, ...] = ()
+    """The aten ops the node recorded although its op type cannot come from them: the exporter's optimizer fused
+    them into it (a BatchNorm folded into a Conv). ``aten`` is then the op the node's type computes."""
+    fused_by: str | None = None
+    """The optimizer rules that fused the node, as it recorded them (``FuseBatchNormIntoConv``)."""
 
     @property
     def attributed(self) -> bool:
@@ -85,8 +93,10 @@ def _with_facts(record: NodeProvenance, node: ir.Node, facts: FxFacts) -> NodePr
     origin = facts.origin_of(fx_node)
     if origin is None:
         return record
+    # the origin of a fused node is the op it recorded, not the one it computes
+    autocast_op = record.aten if record.fused else facts.target.get(origin, record.aten)
     return replace(
-        record, fx_node=fx_node, origin=origin, autocast_op=facts.target.get(origin, record.aten),
+        record, fx_node=fx_node, origin=origin, autocast_op=autocast_op,
         autocast_region=facts.region.get(origin), fp32_inputs_from=tuple(facts.fp32_inputs.get(origin, ())),
     )
 
@@ -114,6 +124,10 @@ def _from_metadata(name: str, node: ir.Node) -> NodeProvenance:
     op = classes[-1]
     if op.startswith("<built-in") or "." not in op:
         return NodeProvenance(name, node.op_type, module, module_class, None, "symbolic shape arithmetic")
+    computed = computed_op(node, op)
+    if computed is not None:
+        return NodeProvenance(name, node.op_type, module, module_class, computed, fused=(op,),
+                              fused_by=rewrite_rules(node))
     return NodeProvenance(name, node.op_type, module, module_class, op)
 
 
@@ -137,8 +151,9 @@ def scope_module(name: str) -> str:
 
 
 def summarize(records: list[NodeProvenance]) -> dict[str, Any]:
-    """Counts for the manifest: nodes, with module, with aten op, attributed share, and the unattributed
-    nodes grouped by reason (count and a few examples each)."""
+    """Counts for the manifest: nodes, with module, with aten op, attributed share, the unattributed nodes
+    grouped by reason (count and a few examples each), and the nodes the exporter's optimizer fused (count and a
+    few examples: ``name (op type): aten <- fused``)."""
     total = len(records)
     attributed = sum(record.attributed for record in records)
     reasons = Counter(record.why for record in records if not record.attributed)
@@ -153,6 +168,9 @@ def summarize(records: list[NodeProvenance]) -> dict[str, Any]:
         "attributed": attributed,
         "coverage": round(attributed / total, 4) if total else 1.0,
         "unattributed": unattributed,
+        "fused": {"count": sum(bool(record.fused) for record in records),
+                  "examples": [f"{r.name} ({r.op_type}): {r.aten} <- {', '.join(r.fused)}" for r in records
+                               if r.fused][:5]},
     }
 
 
@@ -165,7 +183,8 @@ def to_json(records: list[NodeProvenance]) -> list[dict[str, Any]]:
 def from_json(data: list[dict[str, Any]]) -> list[NodeProvenance]:
     """Records read back from ``provenance.json``."""
     return [NodeProvenance(**{"module_class": None, **item,
-                              "fp32_inputs_from": tuple(item.get("fp32_inputs_from", ()))}) for item in data]
+                              "fp32_inputs_from": tuple(item.get("fp32_inputs_from", ())),
+                              "fused": tuple(item.get("fused", ()))}) for item in data]
 
 
 def read_provenance(bundle: Bundle) -> list[NodeProvenance]:

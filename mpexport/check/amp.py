@@ -62,7 +62,7 @@ class TorchAmpRunner:
 
 
 def _tensors(batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
-    return {name: torch.from_numpy(np.ascontiguousarray(batch[name])) for name in names}
+    return {name: torch.from_numpy(np.require(batch[name], requirements="C")) for name in names}
 
 
 def _split(program: torch.export.ExportedProgram, names: list[str],

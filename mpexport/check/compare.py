@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mpexport.backends.base import Runner
+from mpexport.base import specs
 from mpexport.base.specs import Batch
 from mpexport.check.metrics import OutputMetrics
 
@@ -101,17 +102,18 @@ class Comparison:
 
 def compare_runners(reference: Runner, candidate: Runner, batches: Iterable[Batch], output_names: Sequence[str],
                     *, rtol: float = FP32_RTOL, on_batch: Callable[[int], None] | None = None) -> Comparison:
-    """Run both runners on every batch and fold ``candidate``'s outputs against ``reference``'s
-    (``on_batch`` hears the number of samples compared so far)."""
+    """Run both runners on every batch and fold ``candidate``'s outputs against ``reference``'s, a padded batch's
+    real samples only (``on_batch`` hears the number of samples compared so far)."""
     comparison = Comparison.of(reference.name, candidate.name, output_names, rtol)
     for batch in batches:
-        comparison.fold(reference.run(batch), candidate.run(batch), samples=batch_samples(batch))
+        comparison.fold(specs.real_rows(reference.run(batch), batch), specs.real_rows(candidate.run(batch), batch),
+                        samples=batch_samples(batch))
         if on_batch:
             on_batch(comparison.samples)
     return comparison
 
 
 def batch_samples(batch: Batch) -> int:
-    """The number of samples in a batch (the first axis of its first array; 1 for scalars)."""
-    first = next(iter(batch.values()), None)
-    return len(first) if first is not None and np.ndim(first) else 1
+    """The number of real samples in a batch (see :func:`mpexport.base.specs.batch_samples`: a padded batch counts
+    only its real samples, rank-0 arrays none; 1 when every array is a scalar)."""
+    return specs.batch_samples(batch)

@@ -3,7 +3,7 @@ them needs (gated and required backends, the strict one, the plan)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from mpexport.backends.torch import TorchRunner
 from mpexport.base.errors import MpexportError
 from mpexport.base.files import sha256_file
 from mpexport.base.policies import DEFAULT_POLICY
-from mpexport.base.specs import Batch, TensorSpec
+from mpexport.base.specs import Batch, TensorSpec, fixed_batch
 from mpexport.base.status import RAN
 from mpexport.bundle.names import FP32_ONNX, MIXED_ONNX, PLAN
 from mpexport.bundle.records import SourceRecord
@@ -29,7 +29,7 @@ from mpexport.check.registry import (
     mapped_if_readable,
     required,
 )
-from mpexport.check.report import STAGE
+from mpexport.check.report import STAGE, VerifyOptions
 from mpexport.check.tally import Tally
 from mpexport.data.base import ValidationData, check_against
 from mpexport.data.open import load_validation_data
@@ -87,6 +87,21 @@ def load_inputs(bundle: Bundle, *, val_data: str | Path | None = None, trust_pic
         loaded = _source_model(bundle, trust_pickle, factory, import_path)
     example = next(data.batches(batch_size, limit=batch_size, inputs=specs))
     return VerifyInputs(data, loaded, specs, example)
+
+
+def model_batch_size(options: VerifyOptions, specs: list[TensorSpec]) -> tuple[VerifyOptions, str | None]:
+    """``options`` with the batch size the model takes: where its inputs fix the batch size
+    (:func:`mpexport.base.specs.fixed_batch`, e.g. a model exported with batch 1) that size, whatever
+    ``options.batch_size`` says, and a note saying so when they differ; otherwise ``options`` as they are. The batch
+    size only groups samples (every metric is per sample, a short last batch is padded and counts its real samples
+    only), so running the size the model takes changes no verdict, where refusing would fail every fixed-batch
+    model verified with one command line for many."""
+    fixed = fixed_batch(specs)
+    if fixed is None or fixed == options.batch_size:
+        return options, None
+    note = (f"the model fixes its batch size at {fixed}: verified in batches of {fixed} (not --batch-size "
+            f"{options.batch_size}); a short last batch is padded with repeats of its samples, counted once")
+    return replace(options, batch_size=fixed), note
 
 
 @dataclass

@@ -46,6 +46,7 @@ from mpexport.check.forms import (
     check_unchanged,
     judging_forms,
     load_inputs,
+    model_batch_size,
     source_to_load,
     validation_data_for,
 )
@@ -122,6 +123,7 @@ def verify_on_ray(directory: str | Path, ray_options: RayOptions, *, val_data: s
     with clock.stage("open"):
         bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, ENGINE))
     with clock.stage("load"):
+        options, batch_note = model_batch_size(options, bundle.manifest.inputs)
         data = _validation_data(bundle, val_data, options)
         check_against(data, bundle.manifest.inputs)
         has_model = _check_source(bundle, trust_pickle, reference, factory)
@@ -159,6 +161,7 @@ def verify_on_ray(directory: str | Path, ray_options: RayOptions, *, val_data: s
     report.notes.append(f"ran on Ray: {len(shards)} shards of up to {shards[0].batches} batches on {workers} "
                         f"workers of {ray_options.cpus_per_worker} CPU{share} each; backend seconds are summed over "
                         "the workers")
+    report.notes += [batch_note] if batch_note else []
     report.stages = clock.stages
     return report, bundle
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from mpexport.base.specs import Batch
+from mpexport.base.specs import Batch, sample_rows
 from mpexport.check.compare import batch_samples
 from mpexport.check.metrics import CHUNK_ELEMENTS
 
@@ -25,7 +25,9 @@ class WorstSample:
     score: tuple[int, float] = (-1, -1.0)
 
     def consider(self, batch: Batch, expected: list[np.ndarray], actual: list[np.ndarray], first: int) -> None:
-        """Fold one batch's outputs in; ``first`` is the global index of its first sample."""
+        """Fold one batch's outputs in (the real samples' rows: see :func:`mpexport.base.specs.real_rows`); ``first``
+        is the global index of its first sample. A fixed-batch model's worst sample keeps its whole batch, padding
+        included (the model runs on no other), the others their one sample (rank-0 inputs whole)."""
         count = batch_samples(batch)
         broken = np.zeros(count, np.int64)
         error = np.zeros(count)
@@ -48,8 +50,8 @@ class WorstSample:
         score = (int(broken[position]), float(error[position]))
         if score > self.score:
             self.score, self.index = score, first + position
-            self.batch = {name: np.array(array) if self.fixed_batch else np.array(array[position:position + 1])
-                          for name, array in batch.items()}
+            kept = batch if self.fixed_batch else sample_rows(batch, position, position + 1)
+            self.batch = {name: np.array(array) for name, array in kept.items()}
 
     def merge(self, other: WorstSample) -> None:
         """Take ``other``'s sample if it is worse (``other`` covers later samples: a tie keeps the earlier one)."""

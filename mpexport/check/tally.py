@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from mpexport.base.errors import first_line
-from mpexport.base.specs import Batch, TensorSpec
+from mpexport.base.specs import Batch, TensorSpec, fixed_batch, real_rows
 from mpexport.base.status import FAILED, RAN
 from mpexport.check.backends import Backends, Timed
 from mpexport.check.compare import Comparison, batch_samples
@@ -49,13 +49,15 @@ class Tally:
         reference, others = runners[0], runners[1:]
         return Tally(reference, {name: Comparison.of(reference, name, outputs) for name in others},
                      OutputMetrics("reference"),
-                     WorstSample(fixed_batch=any(spec.shape and isinstance(spec.shape[0], int) for spec in specs)),
+                     WorstSample(fixed_batch=fixed_batch(specs) is not None),
                      watch, seconds=dict.fromkeys(runners, 0.0))
 
     def fold(self, backends: Backends, batches: Iterable[Batch], *, first: int = 0,
              on_batch: Callable[[int, int | None], None] | None = None, total: int | None = None) -> None:
         """Run every backend that is still running on each batch (``first``: the global index of the first one)
-        and fold the outputs in; a backend that raises is marked failed and runs no more."""
+        and fold the outputs in; a backend that raises is marked failed and runs no more. A padded batch (a model
+        with a fixed batch size, :class:`mpexport.base.specs.PaddedBatch`) counts and measures its real samples
+        only: every metric, label and sample count is the one of the data itself."""
         timed = [Timed(runner) for runner in backends.runners]
         reference, others = timed[0], timed[1:]
         outputs = [metrics.name for metrics in next(iter(self.comparisons.values())).outputs] \
@@ -71,8 +73,9 @@ class Tally:
 
     def _fold_batch(self, index: int, batch: Batch, reference: Timed, others: list[Timed], backends: Backends,
                     outputs: list[str]) -> None:
-        expected = reference.run(batch)
+        expected = real_rows(reference.run(batch), batch)
         labels = batch.get(LABELS)
+        labels = real_rows([labels], batch)[0] if labels is not None else None
         count = batch_samples(batch)
         if labels is not None:
             if np.ndim(expected[0]) == 2 and np.ndim(labels) == 1:
@@ -80,7 +83,7 @@ class Tally:
             self.reference_accuracy.update(expected[0], expected[0], labels, batch=index)
         for runner in [runner for runner in others if backends.states[runner.name]["state"] == RAN]:
             try:
-                actual = runner.run(batch)
+                actual = real_rows(runner.run(batch), batch)
             except Exception as exc:  # noqa: BLE001 - a backend that breaks mid-run fails, it is not skipped
                 why = f"failed while running: {first_line(exc, 300)}"
                 backends.states[runner.name] = {"state": FAILED, "ran": False, "why": why}

@@ -20,6 +20,7 @@ tensors of the FP32 model and the strict emulation are compared to name the firs
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from mpexport.bundle.names import FP32_ONNX
 from mpexport.bundle.store import Bundle
 from mpexport.check.amp import TorchAmpRunner
 from mpexport.check.backends import AMP, ONNX_AMP, ONNX_FP32, Backends
-from mpexport.check.forms import Forms, VerifyInputs, build_forms, weight_bytes
+from mpexport.check.forms import Forms, VerifyInputs, build_forms, model_batch_size, weight_bytes
 from mpexport.check.localise import localise
 from mpexport.check.registry import training_emulation
 from mpexport.check.report import STAGE, ParityReport, VerifyOptions, trained_accuracy
@@ -43,6 +44,7 @@ from mpexport.check.tally import Tally
 from mpexport.data.base import ValidationData, check_against
 from mpexport.data.open import load_validation_data
 from mpexport.graph.emulate import load_strict_emulation
+from mpexport.graph.specs import graph_specs
 from mpexport.sources.loading import load_model
 from mpexport.sources.model import FORMAT_ONNX
 
@@ -130,9 +132,12 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
         graph = ir.load(str(candidate)).graph
     except Exception as exc:  # noqa: BLE001 - an unreadable candidate is bad input
         raise MpexportError(f"'{candidate}' is not a readable ONNX model: {first_line(exc)}", stage=STAGE) from None
-    graph_inputs = [value.name for value in graph.inputs]
-    specs = [spec for spec in data.input_specs() if spec.name in graph_inputs]
+    # the candidate's inputs (an IR-3 model lists its weights as inputs too) with its shapes, fed in the data's types
+    weights = set(graph.initializers)
+    shapes = {spec.name: spec.shape for spec in graph_specs(graph.inputs) if spec.name not in weights}
+    specs = [replace(spec, shape=shapes[spec.name]) for spec in data.input_specs() if spec.name in shapes]
     check_against(data, specs)
+    options, batch_note = model_batch_size(options, specs)
     names = [spec.name for spec in specs]
     example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=specs))
     backends = Backends()
@@ -146,6 +151,8 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
     backends.add(strict, lambda: OrtRunner.from_model(load_strict_emulation(candidate), candidate.parent, name=strict))
     report = _run(backends, data, specs, [value.name or "" for value in graph.outputs], options, on_batch,
                   gated=("onnx-candidate", strict), required=("onnx-candidate", strict), watch=strict)
+    if batch_note:
+        report.notes.append(batch_note)
     if not report.passed and report.ran(strict):
         batch = report.worst.batch if report.worst is not None and report.worst.batch is not None else example
         report.localisation, note = localise(None, candidate, batch, {}, low=low)

@@ -137,6 +137,8 @@ def main() -> None:
 @click.option("--force-low-module", multiple=True, metavar="REGEX", help="Run modules matching REGEX in low precision.")
 @click.option("--force-low-op", multiple=True, metavar="OP", help="Run an op type or aten op in low precision.")
 @click.option("--no-range-check", is_flag=True, help="Do not keep nodes FP32 for values beyond the target's range.")
+@click.option("--no-training-ranges", is_flag=True,
+              help="Do not use the range evidence recorded in training (mpexport.RangeMonitor).")
 @click.option("--calibration-samples", type=click.IntRange(0), default=256, show_default=True,
               help="Validation samples the range rule looks at.")
 @click.option("--check-samples", type=click.IntRange(1), default=256, show_default=True,
@@ -158,8 +160,8 @@ def convert(model: str, out: str, val_data: str | None, columns: tuple[str, ...]
             amp_policy: str | None, target: str | None, policy_file: str | None, keep_fp32_module: tuple[str, ...],
             keep_fp32_op: tuple[str, ...],
             force_low_module: tuple[str, ...], force_low_op: tuple[str, ...], no_range_check: bool,
-            calibration_samples: int, check_samples: int, io_types: str, engine: str, shapes: tuple[str, ...],
-            allow_tf32: bool, force: bool, as_json: bool) -> None:
+            no_training_ranges: bool, calibration_samples: int, check_samples: int, io_types: str, engine: str,
+            shapes: tuple[str, ...], allow_tf32: bool, force: bool, as_json: bool) -> None:
     """Export MODEL to an FP32 ONNX that records where every node came from, and check it against PyTorch.
 
     MODEL is a torch.export archive (.pt2, recommended: write it with mpexport.save), a Hugging Face
@@ -188,7 +190,8 @@ def convert(model: str, out: str, val_data: str | None, columns: tuple[str, ...]
     specs = [parse_input_option(text) for text in input_options]
     overrides = Overrides(keep_fp32_modules=list(keep_fp32_module), keep_fp32_ops=list(keep_fp32_op),
                           force_low_modules=list(force_low_module), force_low_ops=list(force_low_op))
-    options = PlanOptions(policy=amp_policy or "", target=target, range_check=not no_range_check, overrides=overrides)
+    options = PlanOptions(policy=amp_policy or "", target=target, range_check=not no_range_check, overrides=overrides,
+                          training_ranges=not no_training_ranges)
     with StageProgress(as_json) as progress:
         result = run_convert(
             model, out=out, val_data=val_data, inputs=specs, factory=factory, trust_pickle=trust_pickle, task=task,

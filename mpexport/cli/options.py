@@ -20,7 +20,8 @@ DATA_OPTIONS = (
                  "pixels=image,labels=label."),
 )
 GATE_OPTIONS = (
-    click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True),
+    click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+                 help="Samples per batch; a model with a fixed batch size runs in batches of that size (noted)."),
     click.option("--max-samples", type=click.IntRange(1), help="Stop after this many samples."),
     click.option("--budget-factor", type=click.FloatRange(min=1.0), default=2.0, show_default=True,
                  help="Budget = this x the torch-amp (training) error, with absolute floors."),

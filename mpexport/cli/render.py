@@ -66,8 +66,9 @@ def print_convert(result: Any) -> None:
     table.add_row("export", f"{export.strategy} in {export.seconds} s, opset {export.opset}"
                   + (", external data" if export.external_data else ""))
     prov = manifest.provenance
+    fused = prov.get("fused", {}).get("count") if isinstance(prov.get("fused"), dict) else None
     table.add_row("provenance", f"{prov['attributed']}/{prov['nodes']} nodes with module + aten op "
-                  f"({prov['coverage']:.1%})")
+                  f"({prov['coverage']:.1%})" + (f", {fused} fused by the exporter's optimizer" if fused else ""))
     plan = manifest.plan
     if plan:
         counts = ", ".join(f"{count} {precision}" for precision, count in plan.summary["precision"].items())

@@ -24,7 +24,7 @@ from mpexport.base.files import write_json
 from mpexport.base.specs import TensorSpec
 from mpexport.base.status import StageClock
 from mpexport.bundle import staging as artifacts
-from mpexport.bundle.names import ENGINE, FILE_NAMES, FP32_ONNX, MIXED_ONNX, PLAN, RANGES
+from mpexport.bundle.names import ENGINE, FILE_NAMES, FP32_ONNX, MIXED_ONNX, PLAN, RANGES, TRAINING_RANGES
 from mpexport.bundle.records import EngineRecord, Manifest
 from mpexport.bundle.store import Bundle
 from mpexport.commands import fp32 as fp32_module
@@ -55,6 +55,8 @@ from mpexport.graph.rewrite import apply_plan
 from mpexport.precision.options import PlanOptions
 from mpexport.precision.plan import PrecisionPlan
 from mpexport.precision.planner import make_plan
+from mpexport.precision.training_ranges import TrainingEvidence, join_ranges
+from mpexport.sources.training_ranges import find_training_ranges
 
 StageCallback = Callable[[str], None]
 
@@ -150,8 +152,10 @@ def convert(
             write_json(staging / FILE_NAMES[RANGES], fp32.ranges.to_json())
             bundle.record_artifact(RANGES, FILE_NAMES[RANGES], command="convert")
         with clock.stage("plan"):
+            training, training_notes = _training_evidence(bundle, model, fp32)
             model_ir = ir.load(str(staging / FILE_NAMES[FP32_ONNX]))  # external weights memory-mapped
-            plan = make_plan(model_ir, fp32.records, fp32.options, fp32.ranges)
+            plan = make_plan(model_ir, fp32.records, fp32.options, fp32.ranges, training)
+            plan.notes += training_notes
             write_json(staging / FILE_NAMES[PLAN], plan.to_json())
             bundle.record_artifact(PLAN, FILE_NAMES[PLAN], command="convert")
             manifest.plan = plan_record(plan, fp32.policy_source)
@@ -172,6 +176,25 @@ def convert(
     if swept:
         notes.append(f"removed what killed runs left beside --out: {', '.join(swept)}")
     return ConvertResult(Path(out), bundle.manifest, notes)
+
+
+def _training_evidence(bundle: Bundle, model: str | Path, fp32: FP32Stage) -> tuple[TrainingEvidence | None,
+                                                                                    list[str]]:
+    """The range evidence training left for ``model`` (:func:`mpexport.sources.training_ranges.find_training_ranges`),
+    kept as the bundle's ``training_ranges`` artifact and joined to the graph's nodes, and the notes saying what was
+    used, what did not join, or why none of it is used. Nothing is read when the options turn it off."""
+    options = fp32.options
+    if not (options.range_check and options.training_ranges):
+        return None, []
+    ranges, notes = find_training_ranges(model)
+    if ranges is None:
+        return None, notes
+    write_json(bundle.directory / FILE_NAMES[TRAINING_RANGES], ranges.to_json())
+    bundle.record_artifact(TRAINING_RANGES, FILE_NAMES[TRAINING_RANGES], command="convert")
+    evidence, refused = join_ranges(fp32.records, ranges)
+    if evidence is None:
+        return None, notes + refused
+    return evidence, [*notes, evidence.summary(), *evidence.notes]
 
 
 def _requested_options(plan_options: PlanOptions | None, policy_file: str | Path | None) -> PlanOptions | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,11 +14,12 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from mpexport.backends.onnxruntime import runtime_output_specs
 from mpexport.backends.torch import TorchRunner, best_device, flatten_outputs, output_names
 from mpexport.base.callables import is_callable_spec
 from mpexport.base.errors import MpexportError, first_line
 from mpexport.base.files import sha256_tree, write_json
-from mpexport.base.specs import Batch, TensorSpec, normalize_dtype
+from mpexport.base.specs import UNKNOWN_DTYPE, Batch, TensorSpec, fixed_batch, real_rows, sample_rows
 from mpexport.base.status import StageClock
 from mpexport.bundle.names import FILE_NAMES, FP32_ONNX, PROVENANCE
 from mpexport.bundle.records import ExportCheckRecord, ExportRecord, ValidationRecord
@@ -30,6 +31,7 @@ from mpexport.check.compare import Comparison, batch_samples
 from mpexport.data.base import ValidationData, check_against
 from mpexport.data.open import load_validation_data
 from mpexport.graph.onnxfile import save_model
+from mpexport.graph.specs import graph_specs
 from mpexport.precision.evidence import options_source, plan_options_for, record_notes
 from mpexport.precision.options import PlanOptions
 from mpexport.precision.plan import RangeStats
@@ -149,7 +151,8 @@ def _onnx_stage(bundle: Bundle, request: FP32Request, clock: StageClock, loaded:
     working copy with what provenance it carries, and calibrated on the validation data. No export check: there is no
     PyTorch model (verify uses onnx-fp32 as the reference; ``verify --reference`` adds the PyTorch backends)."""
     with clock.stage("inputs"):
-        model = read_fp32_onnx(loaded.path)
+        read_notes: list[str] = []
+        model = read_fp32_onnx(loaded.path, read_notes)
         weights_as_inputs = drop_initializer_inputs(model)
         if request.inputs:
             raise MpexportError("--input describes a PyTorch model's inputs; an ONNX model declares its own",
@@ -162,8 +165,8 @@ def _onnx_stage(bundle: Bundle, request: FP32Request, clock: StageClock, loaded:
         if options.low == "bf16" and opset < BF16_MIN_OPSET:
             raise MpexportError(f"a BF16 target needs ONNX opset {BF16_MIN_OPSET} or newer; this model is opset "
                                 f"{opset}", stage="export", hint="deploy as --target fp16, or re-export the model")
-        notes = [f"--opset {request.opset} ignored: the ONNX model keeps its opset {opset}"] \
-            if request.opset not in (None, opset) else []
+        notes = read_notes + ([f"--opset {request.opset} ignored: the ONNX model keeps its opset {opset}"]
+                              if request.opset not in (None, opset) else [])
         if weights_as_inputs:
             notes.append(f"{len(weights_as_inputs)} graph inputs are initializers (weights listed as inputs, as IR "
                          "version 3 requires): they are read as weights, not inputs to feed")
@@ -179,7 +182,8 @@ def _onnx_stage(bundle: Bundle, request: FP32Request, clock: StageClock, loaded:
         manifest = bundle.manifest
         manifest.source = loaded.source_record(bundle.directory)
         manifest.validation = _validation_record(request.val_data, data, bundle.directory, request.columns)
-        manifest.inputs, manifest.outputs = specs, graph_specs(model.graph.outputs)
+        manifest.inputs, manifest.outputs = specs, typed_by_runtime(graph_specs(model.graph.outputs),
+                                                                    bundle.path(FP32_ONNX))
         manifest.export = ExportRecord("onnx-input", [], 0.0, opset, external, f"onnx ({kind})")
         manifest.provenance = provenance.summarize(records)
         clock.skip("export check", "the model came as ONNX: there is no PyTorch model to check it against (verify "
@@ -204,14 +208,18 @@ def _named_dims(specs: list[TensorSpec]) -> list[TensorSpec]:
 
 def _calibrate_onnx(bundle: Bundle, specs: list[TensorSpec], data: ValidationData, samples: int,
                     on_progress: ProgressCallback | None) -> RangeStats:
-    """The range rule's statistics of an ONNX input: its FP32 model in ONNX Runtime with the probes attached."""
+    """The range rule's statistics of an ONNX input: its FP32 model in ONNX Runtime with the probes attached, on
+    the first ``samples`` samples, every one of them (a model with a fixed batch size gets a short last batch padded
+    with repeats of its samples: the peaks are the real samples', and the statistics count the real samples once)."""
     runner = ProbedRunner(bundle.path(FP32_ONNX))
-    fixed = _fixed_batch(specs)
     total = min(samples, data.num_samples) if data.num_samples else None
-    for batch in data.batches(fixed or CHECK_BATCH, limit=samples, inputs=specs, exact=fixed is not None):
+    seen = 0
+    for batch in data.batches(fixed_batch(specs) or CHECK_BATCH, limit=samples, inputs=specs):
         runner.run(batch)
+        seen += batch_samples(batch)
         if on_progress:
-            on_progress(runner.stats.samples, total)
+            on_progress(seen, total)
+    runner.stats.samples = seen
     return runner.stats
 
 
@@ -221,7 +229,8 @@ def _data_pass(bundle: Bundle, loaded: LoadedModel, specs: list[TensorSpec], dat
                on_progress: ProgressCallback | None) -> tuple[Comparison, RangeStats | None, str | None]:
     """One pass over the validation samples: PyTorch FP32 against the FP32 ONNX in ONNX Runtime on the first
     ``check_samples``, the range probes folded on the first ``calibration_samples`` (a batch that straddles either
-    limit is split there; a model with a fixed batch size counts whole batches)."""
+    limit is split there; a model with a fixed batch size counts whole batches, a short last one padded with repeats
+    of its samples: compared and counted as its real samples only)."""
     reference = TorchRunner(loaded.callable(), [spec.name for spec in specs], positional=loaded.positional,
                             device=best_device())
     candidate = ProbedRunner(bundle.path(FP32_ONNX), shared_weights=weights, probe=calibrate)
@@ -229,46 +238,45 @@ def _data_pass(bundle: Bundle, loaded: LoadedModel, specs: list[TensorSpec], dat
     check_limit = request.check_samples if data is not None else None
     calibration_limit = request.calibration_samples if calibrate else 0
     batches, total = _data_batches(specs, data, examples, max(check_limit or 0, calibration_limit), output_bytes)
-    limits = [limit for limit in (check_limit, calibration_limit) if limit] if _fixed_batch(specs) is None else []
-    done = 0
+    limits = [limit for limit in (check_limit, calibration_limit) if limit] if fixed_batch(specs) is None else []
+    done = calibrated = 0
     for whole in batches:
         for batch in _split_at(whole, [limit - done for limit in limits]):
             samples = batch_samples(batch)
             candidate.calibrating = calibrate and done < calibration_limit
             compare = check_limit is None or done < check_limit
             if compare or candidate.calibrating:
-                actual = candidate.run(batch)
+                actual = real_rows(candidate.run(batch), batch)
                 if compare:
-                    comparison.fold(reference.run(batch), actual, samples=samples)
+                    comparison.fold(real_rows(reference.run(batch), batch), actual, samples=samples)
+            calibrated += samples if candidate.calibrating else 0
             done += samples
         if on_progress:
             on_progress(done, total)
     comparison.reference = f"torch-fp32 ({reference.device})"
+    candidate.stats.samples = calibrated  # the real samples (a padded batch's repeats are not samples)
     return comparison, candidate.stats if calibrate else None, reference.note
 
 
 def _split_at(batch: Batch, cuts: list[int]) -> list[Batch]:
-    """``batch`` cut into pieces at the sample positions in ``cuts`` that fall inside it."""
+    """``batch`` cut into pieces at the sample positions in ``cuts`` that fall inside it (itself when none does)."""
     size = batch_samples(batch)
     points = sorted({cut for cut in cuts if 0 < cut < size})
+    if not points:
+        return [batch]
     bounds = [0, *points, size]
-    return [{name: array[start:stop] for name, array in batch.items()} for start, stop in itertools.pairwise(bounds)]
+    return [sample_rows(batch, start, stop) for start, stop in itertools.pairwise(bounds)]
 
 
 def _data_batches(specs: list[TensorSpec], data: ValidationData | None, examples: dict[str, torch.Tensor],
                   limit: int, output_bytes: int) -> tuple[Any, int | None]:
-    """The data pass's batches (the model's fixed batch size, else :func:`_batch_size`) and how many samples
-    they hold in all (None when the data does not say)."""
+    """The data pass's batches (the model's fixed batch size, a short last batch padded, else :func:`_batch_size`)
+    and how many samples they hold in all (None when the data does not say)."""
     if data is None:
         batch = {name: tensor.numpy() for name, tensor in examples.items()}
         return [batch], batch_samples(batch)
-    fixed = _fixed_batch(specs)
     total = min(limit, data.num_samples) if data.num_samples else None
-    return data.batches(fixed or _batch_size(output_bytes), limit=limit, inputs=specs, exact=fixed is not None), total
-
-
-def _fixed_batch(specs: list[TensorSpec]) -> int | None:
-    return next((spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], int)), None)
+    return data.batches(fixed_batch(specs) or _batch_size(output_bytes), limit=limit, inputs=specs), total
 
 
 def _output_names(loaded: LoadedModel, specs: list[TensorSpec],
@@ -356,15 +364,14 @@ def initializer_bytes(model: ir.Model) -> int:
                if value.const_value is not None)
 
 
-def graph_specs(values: Sequence[ir.Value]) -> list[TensorSpec]:
-    """Specs of ONNX graph inputs or outputs: names, dtypes and dims (symbolic dims by name, unknown ``?``)."""
-    specs = []
-    for value in values:
-        dtype = normalize_dtype(value.dtype.numpy().name) if value.dtype is not None else "float32"
-        shape = tuple(dim if isinstance(dim, int) else (str(dim) if dim is not None else "?")
-                      for dim in (value.shape or ()))
-        specs.append(TensorSpec(value.name or "", dtype, shape))
-    return specs
+def typed_by_runtime(specs: list[TensorSpec], path: Path) -> list[TensorSpec]:
+    """``specs`` of the model at ``path`` with every untyped one (:data:`UNKNOWN_DTYPE`: a graph output the file
+    declares without a type, which ONNX Runtime still runs) given the type and shape ONNX Runtime infers for it; one it
+    cannot type either stays unknown (verify compares outputs by name, whatever their type)."""
+    if all(spec.dtype != UNKNOWN_DTYPE for spec in specs):
+        return specs
+    runtime = runtime_output_specs(path)
+    return [runtime.get(spec.name, spec) if spec.dtype == UNKNOWN_DTYPE else spec for spec in specs]
 
 
 def _batch_size(output_bytes: int) -> int:

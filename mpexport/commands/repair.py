@@ -47,7 +47,7 @@ from mpexport.bundle.names import (
     REPAIR_POLICY,
 )
 from mpexport.bundle.store import Bundle
-from mpexport.check.forms import load_inputs
+from mpexport.check.forms import load_inputs, model_batch_size
 from mpexport.check.report import ParityReport, VerifyOptions
 from mpexport.check.verify import verify_forms
 from mpexport.commands.records import lint_record, plan_record, write_reports
@@ -108,10 +108,12 @@ def repair(directory: str | Path, *, val_data: str | Path | None = None, options
     with clock.stage("open"):
         bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, PROVENANCE, RANGES))
     with clock.stage("load"):
+        options, note = model_batch_size(options, bundle.manifest.inputs)
         inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size,
                              columns=options.columns or None, factory=factory)
     with clock.stage("baseline"):
         baseline = verify_forms(bundle, inputs, options)
+        baseline.notes += [note] if note else []
     plan = read_plan(bundle)
     if baseline.passed:
         return RepairResult("already passing", report=baseline, seconds=time.perf_counter() - started)
@@ -122,6 +124,7 @@ def repair(directory: str | Path, *, val_data: str | Path | None = None, options
         found = search.run()
     result = RepairResult("not found", trials=search.count, tried=search.log,
                           before=_summary(baseline, strict), seconds=time.perf_counter() - started)
+    result.notes += [note] if note else []
     if found is None:
         result.notes.append(search.why)
         return result

@@ -18,7 +18,7 @@ from typing import ClassVar
 import numpy as np
 
 from mpexport.base.errors import MpexportError
-from mpexport.base.specs import Batch, TensorSpec, numpy_dtype, spec_from_array
+from mpexport.base.specs import Batch, TensorSpec, fixed_batch, numpy_dtype, pad_batch, spec_from_array
 from mpexport.data.labels import check_labels, per_sample
 from mpexport.data.limits import shown
 from mpexport.data.npz import ArrayHeader, npz_headers, read_npz
@@ -63,7 +63,12 @@ class ValidationData:
         """Yield batches of at most ``batch_size`` samples (``exact``: only full batches), at most ``limit``
         samples in all, arrays cast to ``inputs``' dtypes when given. Raises on NaN/Inf in an input. ``skip``:
         leave out the first ``skip`` batches (unread where the shard sizes say which files hold them), so that
-        a shard of the data is its batches ``skip`` onwards, the same batches a whole pass yields."""
+        a shard of the data is its batches ``skip`` onwards, the same batches a whole pass yields. When ``inputs``
+        fix the batch size at ``batch_size`` (:func:`mpexport.base.specs.fixed_batch`), a short batch (the last of
+        the set, of a shard or of ``limit``) is padded to it by repeating its samples
+        (:func:`mpexport.base.specs.pad_batch`: it says how many samples are real), so no sample is left out.
+        Arrays of one value (a rank-0 input's) go whole into every batch (see :func:`prepare_batch`)."""
+        pad = inputs is not None and fixed_batch(inputs) == batch_size
         produced = index = 0
         for source, length, load in self._sources():
             if length is not None and index + -(-length // batch_size) <= skip:
@@ -71,7 +76,7 @@ class ValidationData:
                 produced += length
                 continue
             arrays = load()
-            count = len(next(iter(arrays.values())))
+            count = length if length is not None else per_sample_count(arrays)
             for start in range(0, count, batch_size):
                 stop = min(start + batch_size, count)
                 if limit is not None:
@@ -79,8 +84,8 @@ class ValidationData:
                 if stop <= start or (exact and stop - start < batch_size):
                     return
                 if index >= skip:
-                    yield prepare_batch({name: array[start:stop] for name, array in arrays.items()}, inputs, source,
-                                   start)
+                    batch = prepare_batch(_rows(arrays, start, stop, count), inputs, source, start)
+                    yield pad_batch(batch, batch_size) if pad else batch
                 index += 1
                 produced += stop - start
 
@@ -133,12 +138,15 @@ def _read_shard(shard: Path, names: list[str] | None) -> dict[str, np.ndarray]:
 
 def _shard_length(shard: Path, headers: dict[str, ArrayHeader], first: dict[str, ArrayHeader]) -> int:
     """Samples in one shard, from its headers: the first shard's arrays, one number of samples, the same sample
-    shapes as the first shard."""
+    shapes as the first shard. An input array of one value (shape ``()`` or ``(1,)``) may stand beside arrays of more
+    samples: it is one value for every sample, which only a rank-0 model input takes (:func:`check_against`)."""
     if sorted(headers) != sorted(first):
         raise MpexportError(f"shard '{shown(shard.name)}' holds arrays {sorted(headers)}, the first shard "
                             f"{sorted(first)}", stage=STAGE)
-    lengths = {name: (header.shape[0] if header.shape else -1) for name, header in headers.items()}
-    if len(set(lengths.values())) != 1 or -1 in lengths.values():
+    lengths = {name: (header.shape[0] if header.shape else 1) for name, header in headers.items()}
+    per_sample = {name: length for name, length in lengths.items()
+                  if name == LABELS or headers[name].shape not in ((), (1,))}
+    if len(set(per_sample.values())) > 1 or (LABELS in headers and not headers[LABELS].shape):
         detail = ", ".join(f"{name}: {length}" for name, length in lengths.items())
         raise MpexportError(f"arrays in '{shown(shard.name)}' disagree on the number of samples ({detail})",
                             stage=STAGE)
@@ -146,12 +154,26 @@ def _shard_length(shard: Path, headers: dict[str, ArrayHeader], first: dict[str,
         if header.shape[1:] != first[name].shape[1:]:
             raise MpexportError(f"array '{name}' in shard '{shown(shard.name)}' has samples of shape "
                                 f"{header.shape[1:]}, the first shard {first[name].shape[1:]}", stage=STAGE)
-    return next(iter(lengths.values()))
+    return next(iter(per_sample.values()), 1)
+
+
+def per_sample_count(arrays: Batch) -> int:
+    """The number of samples in a group of arrays: the longest first axis (arrays of one value, rank 0 or one row,
+    stand for every sample); 1 when every array is rank 0."""
+    return max((len(array) for array in arrays.values() if np.ndim(array)), default=1)
+
+
+def _rows(arrays: Batch, start: int, stop: int, count: int) -> Batch:
+    """Samples ``start`` to ``stop`` of arrays holding ``count`` samples; an array of one value for every sample
+    (rank 0, or one row of ``count`` > 1) goes whole."""
+    return {name: array[start:stop] if np.ndim(array) and len(array) == count else array
+            for name, array in arrays.items()}
 
 
 def check_against(data: ValidationData, inputs: list[TensorSpec]) -> None:
     """Check that the data's arrays are exactly the model's inputs (plus optional ``labels``), with shapes
-    the inputs accept and dtypes of the same kind (float for float inputs, integer for integer inputs)."""
+    the inputs accept and dtypes of the same kind (float for float inputs, integer for integer inputs). A rank-0
+    input takes one value for every batch (:func:`check_scalar`); every other input one row per sample."""
     data.bind(inputs)
     wanted = [spec.name for spec in inputs]
     if data.ignores_extra_columns:
@@ -168,9 +190,18 @@ def check_against(data: ValidationData, inputs: list[TensorSpec]) -> None:
             f"validation data arrays do not match the model inputs ({'; '.join(parts)}); model inputs: "
             f"{', '.join(wanted)}", stage=STAGE, hint=f"name the arrays after the inputs, plus optional '{LABELS}'",
         )
+    count = per_sample_count({name: data.first_arrays[name] for name in wanted})
     for spec in inputs:
         array = data.first_arrays[spec.name]
-        if not spec.accepts_shape(tuple(array.shape)) and not _accepts_batch_of_any_size(spec, array.shape):
+        if not spec.shape:
+            check_scalar(spec, array)
+        elif not np.ndim(array) or len(array) != count:
+            raise MpexportError(
+                f"validation array '{spec.name}' has shape {tuple(array.shape)}, one value beside {count} samples; "
+                f"the model expects {_shape_text(spec)}, one row per sample", stage=STAGE,
+                hint="only a scalar model input (shape ()) takes one value for every sample",
+            )
+        elif not spec.accepts_shape(tuple(array.shape)) and not _accepts_batch_of_any_size(spec, array.shape):
             raise MpexportError(
                 f"validation array '{spec.name}' has shape {tuple(array.shape)}, the model expects "
                 f"{_shape_text(spec)}", stage=STAGE,
@@ -180,6 +211,34 @@ def check_against(data: ValidationData, inputs: list[TensorSpec]) -> None:
                 f"validation array '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}",
                 stage=STAGE,
             )
+
+
+def check_scalar(spec: TensorSpec, array: np.ndarray) -> None:
+    """A rank-0 input has no batch axis: every batch feeds it one value. It takes a 0-d array or an array of shape
+    ``(1,)`` (that value for every batch), or one value per sample (shape ``(N,)``) when they are all equal; anything
+    else is a one-line error saying why."""
+    if np.ndim(array) > 1:
+        raise MpexportError(f"validation array '{spec.name}' has shape {tuple(array.shape)}; the model input is a "
+                            "scalar (shape ())", stage=STAGE, hint=SCALAR_HINT)
+    _one_value(spec.name, array, "")
+
+
+SCALAR_HINT = "a rank-0 input has no batch axis: store one value (a 0-d array or shape (1,)), or equal values"
+
+
+def _one_value(name: str, array: np.ndarray, where: str) -> np.ndarray:
+    """The one value a rank-0 input is fed from ``array`` (0-d, or all its values equal), as a 0-d array; a one-line
+    error naming two different values otherwise."""
+    flat = np.asarray(array).reshape(-1)
+    if flat.size == 0:
+        raise MpexportError(f"validation array '{name}' is empty; the model input is a scalar (shape ())",
+                            stage=STAGE, hint=SCALAR_HINT)
+    different = flat[flat != flat[0]]
+    if different.size:
+        raise MpexportError(f"validation array '{name}' holds different values ({flat[0]} and {different[0]}"
+                            f"{where}); the model input is a scalar (shape ()): each batch feeds it one value",
+                            stage=STAGE, hint=SCALAR_HINT)
+    return np.asarray(flat[0])
 
 
 def _accepts_batch_of_any_size(spec: TensorSpec, shape: tuple[int, ...]) -> bool:
@@ -204,7 +263,8 @@ def _same_kind(dtype: np.dtype, wanted: str) -> bool:
 def prepare_batch(batch: Batch, inputs: list[TensorSpec] | None, shard: Path, start: int) -> Batch:
     """One batch as every source yields it: NaN/Inf refused (one line naming the array, the shard and the first
     sample), labels checked (:func:`mpexport.data.labels.check_labels`; ``(N, 1)`` labels become ``(N,)``), arrays
-    cast to the inputs' dtypes where ``inputs`` are given."""
+    cast to the inputs' dtypes where ``inputs`` are given. A rank-0 input gets the one value its array holds for
+    these samples, as a 0-d array placed after the per-sample arrays (:func:`check_scalar`)."""
     if LABELS in batch:
         check_labels(batch[LABELS], shard, start)
         batch[LABELS] = per_sample(batch[LABELS])
@@ -216,6 +276,9 @@ def prepare_batch(batch: Batch, inputs: list[TensorSpec] | None, shard: Path, st
                 f"{start})",
                 stage=STAGE,
             )
+    for spec in [spec for spec in inputs or [] if not spec.shape]:  # one value; after the per-sample arrays
+        batch[spec.name] = _one_value(spec.name, batch.pop(spec.name),
+                                      f" in one batch: shard '{shown(shard.name)}', samples from {start}")
     for spec in inputs or []:
         if batch[spec.name].dtype.name != spec.dtype:
             try:

@@ -20,7 +20,7 @@ import numpy as np
 
 from mpexport.base.errors import MpexportError, first_line
 from mpexport.base.files import regular_file
-from mpexport.base.specs import Batch, TensorSpec
+from mpexport.base.specs import Batch, TensorSpec, fixed_batch, pad_batch
 from mpexport.data.base import LABELS, STAGE, ValidationData, prepare_batch
 from mpexport.data.limits import MAX_ARRAY_BYTES_ENV, memory_limit, shown, size_text
 
@@ -105,8 +105,9 @@ class TableValidationData(ValidationData):
     def batches(self, batch_size: int, *, limit: int | None = None, inputs: list[TensorSpec] | None = None,
                 exact: bool = False, skip: int = 0) -> Iterator[Batch]:
         """As :meth:`ValidationData.batches`, with batches spanning pieces and files: only the set's last batch
-        may be short (``exact`` drops it). Skipped batches are not read: whole files and Parquet row groups before
-        them are passed over by their metadata."""
+        may be short (``exact`` drops it; a model that fixes the batch size gets it padded). Skipped batches are not
+        read: whole files and Parquet row groups before them are passed over by their metadata."""
+        pad = inputs is not None and fixed_batch(inputs) == batch_size
         pending: list[Batch] = []
         held, produced = 0, skip * batch_size
         for piece in self._pieces(skip=produced):
@@ -115,14 +116,16 @@ class TableValidationData(ValidationData):
             while held >= batch_size and (limit is None or produced < limit):
                 wanted = batch_size if limit is None else min(batch_size, limit - produced)
                 batch, pending, held = _take(pending, wanted, self.path)
-                yield prepare_batch(batch, inputs, self.path, produced)
+                prepared = prepare_batch(batch, inputs, self.path, produced)
                 produced += _rows(batch)
+                yield pad_batch(prepared, batch_size) if pad else prepared
             if limit is not None and produced >= limit:
                 return
         if pending and not exact and held:
             batch, _, _ = _take(pending, held if limit is None else min(held, limit - produced), self.path)
             if _rows(batch):
-                yield prepare_batch(batch, inputs, self.path, produced)
+                prepared = prepare_batch(batch, inputs, self.path, produced)
+                yield pad_batch(prepared, batch_size) if pad else prepared
 
     def batch_count(self, batch_size: int, limit: int | None = None) -> int | None:
         """How many batches :meth:`batches` yields."""

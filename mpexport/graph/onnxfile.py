@@ -31,7 +31,7 @@ def save_model(model: ir.Model, path: str | Path, *, external_data: str | None =
         ir.save(model, path, external_data=external_data)
         return
     values = [value for value in model.graph.initializers.values() if value.const_value is not None]
-    head = _model_without_initializers(model, values)
+    head = model_without_initializers(model, values)
     graph = head.graph.SerializeToString()
     head.ClearField("graph")
     pieces = []
@@ -53,8 +53,10 @@ def save_model(model: ir.Model, path: str | Path, *, external_data: str | None =
             file.write(piece)
 
 
-def _model_without_initializers(model: ir.Model, values: list[ir.Value]) -> onnx.ModelProto:
-    """The model's proto with its main graph's initializer data left out (their value infos stay)."""
+def model_without_initializers(model: ir.Model, values: list[ir.Value]) -> onnx.ModelProto:
+    """The model's proto without the main graph's initializers in ``values`` (their value infos stay): the graph
+    and the other weights, for a tool that needs no weight data (the checker, shape inference). ``model`` is left as
+    it was."""
     tensors = [value.const_value for value in values]
     logger = logging.getLogger(ir.serde.__name__)
     level = logger.level

@@ -7,7 +7,8 @@ Rules, in order:
   wanted type is used directly (no FP16->FP32->FP16 chains);
 * initializers are converted once: all consumers low -> converted in place; shared by low and FP32 consumers
   -> both forms when the extra copy is small (<= ``share_limit`` bytes), else one Cast at run time (the report
-  says which); float inputs whose type an op fixes (Resize ``roi``/``scales``) keep it;
+  says which); float inputs and outputs whose type an op fixes (Resize ``roi``/``scales``; a contrib op's per
+  ONNX Runtime's schema, such as SkipLayerNormalization's FP32 ``mean``) keep it;
 * values a low type cannot hold are handled by meaning, never clamped silently: mask sentinels (the
   ``finfo(float32).min/max`` or infinities a model fills attention masks with) saturate to the low type's
   max, keeping ``x - max`` finite; any other out-of-range weight in a low-precision node is an error;
@@ -38,6 +39,7 @@ from mpexport.base.dtypes import (
 )
 from mpexport.base.errors import MpexportError
 from mpexport.graph.contract import FAIL, cast_types, plan_match, rounding_chains
+from mpexport.graph.contrib import fixed_type_slots
 from mpexport.graph.walk import mark_added, node_names, subgraphs, walk
 from mpexport.graph.weights import converted, max_abs, reduce_tensor
 
@@ -171,7 +173,7 @@ class _Rewriter:
         return onnx_type(precision or "")
 
     def _float_slots(self, node: ir.Node) -> list[tuple[int, ir.Value]]:
-        fixed = FIXED_TYPE_INPUTS.get(node.op_type, ())
+        fixed = {*FIXED_TYPE_INPUTS.get(node.op_type, ()), *fixed_type_slots(node, outputs=False)}
         return [(index, value) for index, value in enumerate(node.inputs)
                 if value is not None and value.dtype in FLOAT_ONNX_TYPES and index not in fixed]
 
@@ -278,8 +280,9 @@ class _Rewriter:
         if node.op_type == "ConstantOfShape" and "value" in node.attributes:
             tensor = node.attributes["value"].value
             node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(target.numpy())))
-        for output in node.outputs:
-            if output.dtype in FLOAT_ONNX_TYPES:
+        fixed = fixed_type_slots(node, outputs=True)  # a contrib op's FP32-only outputs (SkipLayerNorm's mean)
+        for index, output in enumerate(node.outputs):
+            if output.dtype in FLOAT_ONNX_TYPES and index not in fixed:
                 output.dtype = target
 
     def _keep_captured_types(self, holder: ir.Node) -> None:

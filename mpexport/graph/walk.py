@@ -89,10 +89,14 @@ def added_role(node: ir.Node) -> str | None:
 
 def infer_types(model: ir.Model) -> None:
     """Give untyped values of the main graph their types and shapes with ONNX shape inference (in place; weights are
-    not serialized for it). Models from mpexport's exporter are typed throughout; the TorchScript exporter's and other
-    tools' often are not."""
-    if all(value.dtype is not None for node in model.graph for value in node.outputs):
+    not serialized for it), then what that leaves untyped (ONNX Runtime's contrib ops and what follows them) with
+    :func:`mpexport.graph.contrib.type_contrib_values`. Models from mpexport's exporter are typed throughout; the
+    TorchScript exporter's and other tools' often are not. Values nothing can type stay untyped."""
+    if all(value.dtype is not None for node in model.graph for value in node.outputs if value.name):
         return
     from onnx_ir.passes.common import ShapeInferencePass
 
+    from mpexport.graph.contrib import type_contrib_values
+
     ShapeInferencePass(strict_mode=False)(model)
+    type_contrib_values(model)

@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from mpexport.backends.onnxruntime import OrtRunner
 from mpexport.base.dtypes import TYPE_MAX
-from mpexport.base.specs import Batch
+from mpexport.base.specs import Batch, PaddedBatch, batch_samples, fixed_batch, real_rows, sample_rows
 from mpexport.bundle.names import FP32_ONNX
 from mpexport.bundle.store import Bundle
 from mpexport.capture.provenance import read_provenance
@@ -117,8 +117,8 @@ class Trials:
         names = [spec.name for spec in self.bundle.manifest.outputs]
         failing: set[int] = set()
         mismatches = 0
-        for (_, indices), expected, actual in zip(self.batches, self.reference, outputs, strict=True):
-            for name, want, have in zip(names, expected, actual, strict=False):
+        for (batch, indices), expected, actual in zip(self.batches, self.reference, outputs, strict=True):
+            for name, want, have in zip(names, real_rows(expected, batch), real_rows(actual, batch), strict=False):
                 limits = self.thresholds.get(name)
                 if limits is None or np.shape(want) != np.shape(have):
                     continue
@@ -193,21 +193,21 @@ def _trial_samples(baseline: ParityReport, strict: str, failing: list[int]) -> l
 
 def _gather(inputs: VerifyInputs, samples: list[int], batch_size: int) -> list[tuple[Batch, list[int]]]:
     """The inputs of ``samples`` (global indices) in batches of up to ``batch_size`` (a model with a fixed batch size:
-    the whole batches that hold them), with the indices each batch holds."""
+    the whole batches that hold them, a short last one padded), with the indices of the real samples each holds."""
     wanted = set(samples)
-    fixed = next((spec.shape[0] for spec in inputs.specs if spec.shape and isinstance(spec.shape[0], int)), None)
+    fixed = fixed_batch(inputs.specs)
     size = fixed or batch_size
     found: list[tuple[Batch, list[int]]] = []
     pending: list[tuple[dict[str, np.ndarray], int]] = []
     start = 0
-    for batch in inputs.data.batches(size, inputs=inputs.specs, exact=fixed is not None):
-        count = len(next(iter(batch.values())))
+    for batch in inputs.data.batches(size, inputs=inputs.specs):
+        count = batch_samples(batch)
         hits = [position for position in range(count) if start + position in wanted]
         if fixed is not None and hits:
             found.append((_without_labels(batch), list(range(start, start + count))))
         elif not fixed:
-            pending += [({name: array[position:position + 1] for name, array in _without_labels(batch).items()},
-                         start + position) for position in hits]
+            pending += [(sample_rows(_without_labels(batch), position, position + 1), start + position)
+                        for position in hits]
         start += count
         if start > max(samples, default=-1):
             break
@@ -215,12 +215,13 @@ def _gather(inputs: VerifyInputs, samples: list[int], batch_size: int) -> list[t
         group = pending[offset:offset + batch_size]
         shapes = {tuple(array.shape for array in item.values()) for item, _ in group}
         if len(shapes) == 1:
-            found.append(({name: np.concatenate([item[name] for item, _ in group]) for name in group[0][0]},
-                          [index for _, index in group]))
+            found.append(({name: np.concatenate([item[name] for item, _ in group]) if np.ndim(array) else array
+                           for name, array in group[0][0].items()}, [index for _, index in group]))
         else:
             found += [(item, [index]) for item, index in group]
     return found
 
 
 def _without_labels(batch: Batch) -> Batch:
-    return {name: array for name, array in batch.items() if name != LABELS}
+    arrays = {name: array for name, array in batch.items() if name != LABELS}
+    return PaddedBatch(arrays, batch.samples, batch.size) if isinstance(batch, PaddedBatch) else arrays

@@ -74,6 +74,8 @@ class PlanOptions:
     overrides: Overrides = field(default_factory=Overrides)
     range_check: bool = True
     headroom: float = DEFAULT_HEADROOM
+    training_ranges: bool = True
+    """Use range evidence recorded in training (``RangeMonitor``) where the model has it."""
 
     @property
     def low(self) -> str:
@@ -110,7 +112,8 @@ class PlanOptions:
                            torch_version=other.torch_version or self.torch_version,
                            overrides=self.overrides.merged(other.overrides),
                            range_check=self.range_check and other.range_check,
-                           headroom=other.headroom if other.headroom != DEFAULT_HEADROOM else self.headroom)
+                           headroom=other.headroom if other.headroom != DEFAULT_HEADROOM else self.headroom,
+                           training_ranges=self.training_ranges and other.training_ranges)
 
 
 def top_module(module: str | None) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from mpexport.base.dtypes import precision_of_torch
 from mpexport.capture.fxfacts import WRAP_WITH_AUTOCAST, op_name
+from mpexport.precision.standins import CUDNN_RNN, dispatched
 
 
 def observe_autocast(program: torch.export.ExportedProgram, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -119,7 +120,9 @@ class _Observer(torch.fx.Interpreter):
                 return torch.ops.aten.to.dtype(args[0], *args[2:], **kwargs)
             # Device arguments written for CPU at export: drop them, and move what factories make to CUDA.
             kwargs = {key: value for key, value in kwargs.items() if key != "device"}
-            result = super().call_function(target, args, kwargs)
+            kernel = dispatched(op_name(target), "cuda")
+            fake = kernel is not None and kernel.op == CUDNN_RNN and not torch.cuda.is_available()
+            result = _cudnn_rnn_on_meta(target, args, kwargs) if fake else super().call_function(target, args, kwargs)
             return torch.utils._pytree.tree_map(self.convert, result)
         return super().call_function(target, args, kwargs)
 
@@ -136,6 +139,25 @@ class _Observer(torch.fx.Interpreter):
         with torch.autocast(device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled) \
                 if device == "cpu" or torch.cuda.is_available() else _region_flags(device, dtype, enabled):
             return tuple(_as_list(_Observer(inner, self.observed, self.convert, self._on_cuda).run(*operands)))
+
+
+def _cudnn_rnn_on_meta(target: Any, args: Any, kwargs: Any) -> Any:
+    """A recurrent layer as CUDA runs it, ``aten._cudnn_rnn``, computed on meta tensors (shapes and dtypes): every
+    floating-point input in the autocast type where autocast is on (the class the policy table gives it), as they
+    are where it is off. cuDNN's kernel itself cannot run on fake CUDA tensors in a torch built without CUDA."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    low = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+
+    def to_meta(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor):
+            return value
+        dtype = low if low is not None and value.dtype.is_floating_point else value.dtype
+        return torch.empty_strided(value.shape, value.stride(), dtype=dtype, device="meta")
+
+    with unset_fake_temporarily():
+        meta_args, meta_kwargs = torch.utils._pytree.tree_map(to_meta, (args, kwargs))
+        return target(*meta_args, **meta_kwargs)
 
 
 def _as_list(value: Any) -> list[Any]:

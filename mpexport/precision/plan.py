@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mpexport.base.dtypes import NONE
+from mpexport.base.dtypes import FP32, NONE
 from mpexport.base.errors import MpexportError
 from mpexport.bundle.names import PLAN, RANGES
 from mpexport.bundle.store import Bundle
+from mpexport.precision.macs import MAC_OPS
 from mpexport.precision.options import STAGE, Overrides, PlanOptions, top_module
 from mpexport.precision.policy import AutocastPolicy, resolve_policy
 
@@ -40,7 +41,7 @@ class NodePlan:
                                 "rule": self.rule}
         if self.origin:
             data["origin"] = self.origin
-        if self.macs:
+        if self.macs is not None:
             data["macs"] = self.macs
         return data
 
@@ -86,12 +87,9 @@ class PrecisionPlan:
         for node in float_nodes:
             per_op[node.op_type][node.precision] += 1
             per_module[top_module(node.module)][node.precision] += 1
-        macs: Counter[str] = Counter()
-        for node in self.nodes:
-            if node.macs:
-                macs[node.precision] += node.macs
-        total_macs = sum(macs.values())
         low = self.options.low
+        macs, fp32_by_rule, uncounted = self._mac_counts()
+        total_macs = sum(macs.values())
         return {
             "nodes": len(self.nodes),
             "precision": dict(sorted(Counter(node.precision for node in self.nodes).items())),
@@ -99,15 +97,36 @@ class PrecisionPlan:
             "op_types": {op: dict(sorted(c.items())) for op, c in sorted(per_op.items())},
             "modules": {module: dict(sorted(c.items())) for module, c in sorted(per_module.items())},
             "macs": {"total": total_macs, "low_precision": macs.get(low, 0),
-                     "low_precision_share": round(macs.get(low, 0) / total_macs, 4) if total_macs else None},
+                     "low_precision_share": round(macs.get(low, 0) / total_macs, 4) if total_macs else None,
+                     "fp32_by_rule": dict(sorted(fp32_by_rule.items())), "uncounted_nodes": uncounted},
         }
+
+    def _mac_counts(self) -> tuple[Counter[str], Counter[str], int]:
+        """Multiply-accumulates of the floating-point nodes per precision, those planned FP32 per rule, and how many
+        floating-point nodes of a multiply-accumulating op type have no count (a shape was unknown). Nodes planned
+        ``none`` compute no floats (the planner plans a node whose output types it cannot tell FP32, rule
+        ``untyped``)."""
+        macs: Counter[str] = Counter()
+        fp32_by_rule: Counter[str] = Counter()
+        uncounted = 0
+        for node in self.nodes:
+            if node.precision == NONE:
+                continue
+            if node.macs is None:
+                uncounted += node.op_type in MAC_OPS
+                continue
+            macs[node.precision] += node.macs
+            if node.precision == FP32:
+                fp32_by_rule[node.rule] += node.macs
+        return macs, fp32_by_rule, uncounted
 
     def to_json(self) -> dict[str, Any]:
         """``plan.json``: policy, options, summary and per-node plan (deterministic for identical inputs)."""
         return {
             "policy": self.policy.name, "target": self.options.low, "torch_policy_table": self.policy.torch_version,
             "options": {"overrides": asdict(self.options.overrides), "range_check": self.options.range_check,
-                        "headroom": self.options.headroom, "calibration_samples": self.calibration_samples},
+                        "headroom": self.options.headroom, "calibration_samples": self.calibration_samples,
+                        "training_ranges": self.options.training_ranges},
             "notes": self.notes, "summary": self.summary(), "nodes": [node.to_json() for node in self.nodes],
         }
 
@@ -118,7 +137,8 @@ class PrecisionPlan:
         plan_options = PlanOptions(policy=data["policy"], target=data["target"],
                                    torch_version=data.get("torch_policy_table"),
                                    overrides=Overrides(**options["overrides"]), range_check=options["range_check"],
-                                   headroom=options["headroom"])
+                                   headroom=options["headroom"],
+                                   training_ranges=options.get("training_ranges", True))
         policy, _ = resolve_policy(data["policy"], data.get("torch_policy_table"))
         nodes = [NodePlan(**node) for node in data["nodes"]]
         return PrecisionPlan(policy, plan_options, nodes, list(data.get("notes", [])),

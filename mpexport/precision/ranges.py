@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from mpexport.backends.onnxruntime import ir_session
-from mpexport.base.specs import Batch
+from mpexport.backends.onnxruntime import OrtRunError, ir_session, one_line
+from mpexport.base.specs import Batch, batch_samples
 from mpexport.graph.probes import AddRangeProbes, ExposeIntermediates
 from mpexport.precision.plan import RangeStats
 
@@ -50,10 +50,13 @@ class ProbedRunner:
 
     def run(self, batch: Batch) -> list[np.ndarray]:
         """The model's outputs for ``batch``; its range statistics folded in while calibrating."""
-        results = self.session.run(None, {name: batch[name] for name in self.input_names})
+        try:
+            results = self.session.run(None, {name: batch[name] for name in self.input_names})
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's error, kept whole on one line
+            raise OrtRunError(f"calibration: {one_line(str(exc))}") from exc
         count = len(self.output_names)
         if self.calibrating:
-            self._fold(dict(zip(self.session_outputs, results, strict=True)), len(next(iter(batch.values()))))
+            self._fold(dict(zip(self.session_outputs, results, strict=True)), batch_samples(batch))
         return list(results[:count])
 
     def _fold(self, results: dict[str, np.ndarray], samples: int) -> None:

@@ -151,7 +151,10 @@ def _example_batch(specs: list[TensorSpec]) -> int:
 
 
 def _tile(array: np.ndarray, size: int) -> np.ndarray:
-    """Repeat samples until there are ``size`` of them (a 1-sample set still gives a batch of 2)."""
+    """Repeat samples until there are ``size`` of them (a 1-sample set still gives a batch of 2); a rank-0 array
+    (a scalar input's one value) is returned as it is."""
+    if not array.ndim:
+        return array
     if len(array) >= size:
         return np.ascontiguousarray(array[:size])
     repeats = -(-size // len(array))

@@ -17,6 +17,8 @@ import torch
 from mpexport.base.errors import MpexportError
 from mpexport.base.policies import POLICY_NAMES
 from mpexport.sources.model import EXTRA_FILE
+from mpexport.sources.range_format import ARCHIVE_FILE
+from mpexport.sources.range_monitor import RangeMonitor
 
 AUTOCAST_DEVICES = ("cuda", "cpu")
 DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -25,7 +27,8 @@ POLICY_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 
 def save(model: torch.nn.Module, path: str | Path, example_inputs: tuple[Any, ...] | Mapping[str, Any], *,
          dynamic_shapes: Any = None, autocast: torch.autocast | str | None = None,
-         grad_scaler: torch.amp.GradScaler | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+         grad_scaler: torch.amp.GradScaler | None = None, extra: Mapping[str, Any] | None = None,
+         ranges: RangeMonitor | None = None) -> Path:
     """Export ``model`` with ``torch.export`` in FP32 and save it to ``path`` with its training record.
 
     The autocast recorded is, in order: ``autocast`` (a ``torch.autocast`` object, or a policy name such as
@@ -37,7 +40,9 @@ def save(model: torch.nn.Module, path: str | Path, example_inputs: tuple[Any, ..
     ``"validation": {"accuracy": 0.95, "loss": 0.2, "data": "val.npz", "data_sha256": <SHA-256 of val.npz>}`` is
     what ``verify`` sets beside the FP32 model's accuracy, noting a gap on the same data
     (:mod:`mpexport.sources.accuracy`). The record stays small: ``mpexport.json`` is read up to 1 MiB and kept up to
-    64 KiB (:mod:`mpexport.sources.bounds`); bulky evidence belongs in an artifact of its own. The file is
+    64 KiB (:mod:`mpexport.sources.bounds`); bulky evidence belongs in an artifact of its own: ``ranges`` (a
+    :class:`mpexport.sources.range_monitor.RangeMonitor`) is stored as the archive's own ``training_ranges.json``,
+    which ``convert`` keeps as the bundle's ``training_ranges`` artifact for the range rule. The file is
     written atomically: a failed export leaves nothing at ``path``. Returns the path written.
     """
     path = Path(path)
@@ -58,9 +63,11 @@ def save(model: torch.nn.Module, path: str | Path, example_inputs: tuple[Any, ..
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".partial.pt2", dir=path.parent)
     os.close(handle)
+    extra_files = {EXTRA_FILE: json.dumps({"training": record}, sort_keys=True, default=str)}
+    if ranges is not None:
+        extra_files[ARCHIVE_FILE] = json.dumps(ranges.to_json(), sort_keys=True)
     try:
-        torch.export.save(program, temporary,
-                          extra_files={EXTRA_FILE: json.dumps({"training": record}, sort_keys=True, default=str)})
+        torch.export.save(program, temporary, extra_files=extra_files)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 import torch
@@ -387,3 +388,19 @@ def test_strict_emulation_widens_each_weight_right_before_its_first_user(tmp_pat
     for index in widens:
         first_user = min(nodes.index(user) for user, _ in nodes[index].outputs[0].uses())
         assert all(node.name.endswith("__widen") for node in nodes[index + 1:first_user])
+
+
+def test_a_fixed_batch_candidate_is_judged_on_every_sample(tmp_path: Path) -> None:
+    """A candidate exported with batch 1 is fed batches of 1 (whatever --batch-size says), every sample counted once."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], "fixed",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [weight])
+    model = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    np.savez(tmp_path / "val.npz", x=np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32))
+    report = verify_candidate(model, model, tmp_path / "val.npz")
+    assert report.passed and report.samples == 5
+    assert any("fixes its batch size at 1" in note for note in report.notes)
