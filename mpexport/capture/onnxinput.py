@@ -43,6 +43,7 @@ def read_fp32_onnx(path: str | Path, notes: list[str] | None = None) -> ir.Model
     except Exception as exc:  # noqa: BLE001 - anything unreadable is bad input
         raise MpexportError(f"'{path}' is not a readable ONNX model: {first_line(exc)}", stage=STAGE) from None
     _check_external_data(model, path)
+    _default_domain_by_one_name(model)
     if invalid is not None:
         note = _what_onnx_runtime_accepts(model, path, invalid, runtime)
         if notes is not None:
@@ -60,6 +61,18 @@ def read_fp32_onnx(path: str | Path, notes: list[str] | None = None) -> ir.Model
                             stage=STAGE, hint="give the FP32 ONNX the model was converted from")
     name_nodes_uniquely(model)
     return model
+
+
+def _default_domain_by_one_name(model: ir.Model) -> None:
+    """Name ONNX's default operator set ``""`` throughout: ``ai.onnx`` is its other name (ONNX Runtime's generators
+    import it so), and the rest of mpexport reads the opset under ``""``."""
+    if "ai.onnx" not in model.opset_imports:
+        return
+    version = model.opset_imports.pop("ai.onnx")
+    model.opset_imports[""] = max(version, model.opset_imports.get("", 0))
+    for visited in walk(model.graph):
+        if visited.node.domain == "ai.onnx":
+            visited.node.domain = ""
 
 
 def _checker_finding(path: Path) -> str | None:

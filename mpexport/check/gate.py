@@ -75,6 +75,9 @@ def _limits(backend: str, m: OutputMetrics, amp: OutputMetrics | None, options: 
         return {"atol": FP32_RTOL * scale, "source": f"FP32 export: {FP32_RTOL:g} of the output scale {scale:.3g}"}
     factor = options.budget_factor
     floor = ABS_FLOOR * scale
+    overflowed = amp is not None and amp.nonfinite > 0
+    if overflowed:  # the training precision itself overflows on this data: no finite noise floor to scale
+        amp = None
     if amp is not None:
         limits: dict[str, Any] = {
             "atol": max(factor * amp.max_abs, floor),
@@ -84,7 +87,9 @@ def _limits(backend: str, m: OutputMetrics, amp: OutputMetrics | None, options: 
         if amp.top1_agreement is not None:
             limits["min_top1_agreement"] = 1 - max(factor * (1 - amp.top1_agreement), TOP1_FLOOR)
     else:
-        limits = {"atol": 1e-2 * scale, "min_cosine": 0.999, "source": "fixed budget (no torch-amp noise floor)"}
+        why = f"the {noise} noise floor has non-finite values: training's own precision overflows on this data" \
+            if overflowed else f"no {noise} noise floor"
+        limits = {"atol": 1e-2 * scale, "min_cosine": 0.999, "source": f"fixed budget ({why})"}
         if m.classifier:
             limits["min_top1_agreement"] = 1 - TOP1_FLOOR
     if options.atol is not None:

@@ -52,7 +52,7 @@ class ProbedRunner:
         """The model's outputs for ``batch``; its range statistics folded in while calibrating."""
         try:
             results = self.session.run(None, {name: batch[name] for name in self.input_names})
-        except Exception as exc:  # noqa: BLE001 - ONNX Runtime's error, kept whole on one line
+        except Exception as exc:  # ONNX Runtime's error, kept whole on one line
             raise OrtRunError(f"calibration: {one_line(str(exc))}") from exc
         count = len(self.output_names)
         if self.calibrating:
