@@ -121,10 +121,10 @@ def _low_type_attribute(node: ir.Node) -> str | None:
 def _type_values(model: ir.Model) -> None:
     """Give untyped values their types (ONNX shape inference; mpexport's own models are typed throughout), and
     raise :class:`EmulationError` for a node that reads low-precision values but whose output type stays unknown:
-    the emulation could not tell whether to round it."""
+    the emulation could not tell whether to round it. An omitted optional output (no name) is never read."""
     infer_types(model)
     for node in model.graph:
-        if any(value.dtype is None for value in node.outputs) and \
+        if any(value.dtype is None and value.name for value in node.outputs) and \
                 any(value is not None and value.dtype in LOW_TYPES for value in node.inputs):
             raise EmulationError(f"the output type of node '{node.name}' ({node.op_type}), which reads "
                                  "low-precision values, is unknown even after shape inference")

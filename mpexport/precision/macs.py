@@ -42,6 +42,10 @@ def node_macs(node: ir.Node, shapes: Mapping[str, Shape] | None) -> int | None:
     if node.op_type == "Einsum":
         return _einsum(node, [shape(index) for index in range(len(node.inputs))])
     out, first, weight = shape(0, outputs=True), shape(0), shape(1)
+    # X (steps, batch, in) or (batch, steps, in); W (dirs, gates*H, in), R (.., H); Y may be omitted (Y_h only)
+    if node.op_type in RECURRENT and first and weight is not None:
+        recurrence = shape(2)
+        return _product(first[:2]) * (_product(weight) + _product(recurrence)) if recurrence is not None else None
     if out is None or first is None or weight is None or not first:
         return None
     if node.op_type in MATMULS:
@@ -52,9 +56,6 @@ def node_macs(node: ir.Node, shapes: Mapping[str, Shape] | None) -> int | None:
         return _product(out) * _product(weight[1:])
     if node.op_type == "ConvTranspose":
         return _product(first) * _product(weight[1:])
-    if node.op_type in RECURRENT:  # X (steps, batch, in) or (batch, steps, in); W (dirs, gates*H, in), R (.., H)
-        recurrence = shape(2)
-        return _product(first[:2]) * (_product(weight) + _product(recurrence)) if recurrence is not None else None
     return None
 
 

@@ -240,19 +240,3 @@ def test_a_table_pads_its_last_batch_for_a_fixed_batch_model(cli, tmp_path: Path
                "--out", out).exit_code == 0
     assert cli("verify", out).exit_code == 0
     assert report_of(out)["samples"] == 10
-
-
-def test_verify_on_ray_uses_the_fixed_batch_and_keeps_the_last_samples(tmp_path: Path) -> None:
-    """Ray's shards are runs of the model's batches: 10 samples in batches of 4 on 2 workers, the report a single
-    process gives."""
-    pytest.importorskip("ray")
-    from mpexport.check.ray import RayOptions
-
-    out = tmp_path / "out"
-    mpexport.convert(linear_softmax(tmp_path / "m.onnx", 4), out=out, val_data=samples(tmp_path / "v.npz", 10))
-    alone = mpexport.verify(out, write=False)
-    spread = mpexport.verify(out, write=False, ray=RayOptions(workers=2, batches_per_shard=2))
-    assert (spread.verdict, spread.samples, spread.batches) == (alone.verdict, alone.samples, alone.batches) == \
-        ("pass", 10, 3)
-    assert spread.options["batch_size"] == 4
-    assert any("fixes its batch size at 4" in note for note in spread.notes)

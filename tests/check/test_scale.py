@@ -266,3 +266,19 @@ def test_ray_options_without_ray_or_with_data_workers_cannot_read(cli, bundle: P
     assert usage.exit_code == 2 and "put DIRECTORY before --ray" in usage.stderr
     result = cli("verify", bundle, "--ray", "--val-data", "tests.valdata_sources:digits_dicts")
     assert_bad_input(result, "verify --ray needs validation data on disk")
+
+
+def test_verify_on_ray_uses_the_fixed_batch_and_keeps_the_last_samples(tmp_path: Path, local_ray: None) -> None:
+    """Ray's shards are runs of the model's batches: 10 samples in batches of 4 on 2 workers, the report a single
+    process gives."""
+    import mpexport
+    from tests.check.test_fixed_batch import linear_softmax, samples
+
+    out = tmp_path / "out"
+    mpexport.convert(linear_softmax(tmp_path / "m.onnx", 4), out=out, val_data=samples(tmp_path / "v.npz", 10))
+    alone = mpexport.verify(out, write=False)
+    spread = mpexport.verify(out, write=False, ray=RayOptions(workers=2, batches_per_shard=2))
+    assert (spread.verdict, spread.samples, spread.batches) == (alone.verdict, alone.samples, alone.batches) == \
+        ("pass", 10, 3)
+    assert spread.options["batch_size"] == 4
+    assert any("fixes its batch size at 4" in note for note in spread.notes)

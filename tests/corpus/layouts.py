@@ -122,10 +122,7 @@ ENTRIES = [
                  min_low_mac_share=1.0)),
     Entry("gru_keras_layout", origin("tf2onnx/keras2onnx's GRU layout"),
           "GRU planned as cuDNN's RNN runs under CUDA autocast (item 5)", gru,
-          Expect(planned=(Planned("GRU", "fp16"), Planned("MatMul", "fp16")), min_low_mac_share=0.9,
-                 xfail="issue #24 item 5: a GRU whose first output is omitted (['', 'Y_h'], as the TensorFlow "
-                       "converters write it) has its MACs left uncounted and strict-fp16 cannot be built (the "
-                       "omitted output has no type)")),
+          Expect(planned=(Planned("GRU", "fp16"), Planned("MatMul", "fp16")), min_low_mac_share=0.9)),
     Entry("scalar_temperature", origin("a rank-0 input beside a batched one"),
           "a scalar (rank-0) input beside a batched one, the set holding its value for every sample (item 6)",
           scalar_temperature,
