@@ -16,7 +16,7 @@ import onnx_ir as ir
 from mpexport.base.dtypes import LOW_ONNX_TYPES, PRECISION_OF_ONNX
 from mpexport.base.errors import MpexportError, first_line
 from mpexport.capture.provenance import CLASS_HIERARCHY
-from mpexport.graph.checker import Unregistered, check_setting_aside, describe, unregistered_ops
+from mpexport.graph.checker import Unregistered, check_setting_aside, describe, runtime_finding, unregistered_ops
 from mpexport.graph.walk import infer_types, name_nodes_uniquely, walk
 
 STAGE = "load"
@@ -37,7 +37,7 @@ def read_fp32_onnx(path: str | Path, notes: list[str] | None = None) -> ir.Model
     path = Path(path)
     # each check on its own, before the model is read: its parsed copy is freed first (the peak is one copy)
     invalid = _checker_finding(path)
-    runtime = _runtime_finding(path) if invalid is not None else None
+    runtime = runtime_finding(path) if invalid is not None else None
     try:
         model = ir.load(str(path))
     except Exception as exc:  # noqa: BLE001 - anything unreadable is bad input
@@ -81,21 +81,6 @@ def _checker_finding(path: Path) -> str | None:
         onnx.checker.check_model(str(path))
     except Exception as exc:  # noqa: BLE001 - the checker's verdict is the finding
         return first_line(exc)
-    return None
-
-
-def _runtime_finding(path: Path) -> str | None:
-    """Why ONNX Runtime does not load the file on the CPU (its first line), or None when it does. Graph optimizations
-    are off: loading resolves every node against the kernels ONNX Runtime registers, and nothing more is needed."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - the runtime's verdict is the finding
-        return first_line(exc, 400)
     return None
 
 

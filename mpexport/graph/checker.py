@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 import onnx_ir as ir
@@ -133,3 +134,20 @@ def _first_opset(op_type: str, domain: str) -> int | None:
     versions = [schema.since_version for schema in onnx.defs.get_all_schemas_with_history()
                 if schema.name == op_type and schema.domain == domain]
     return min(versions) if versions else None
+
+
+def runtime_finding(path: str | Path) -> str | None:
+    """Why ONNX Runtime does not load the model at ``path`` on the CPU (its first line), or None when it does.
+    Loading checks the types and that kernels exist; graph optimizations are off: they add nothing to that but
+    materialise weights (loading a GPT-2-large-sized mixed model, 1.6 GB, peaked at 3.5 GB with them, 0.1 GB
+    without)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - the runtime's verdict is the finding
+        return first_line(exc, 400)
+    return None

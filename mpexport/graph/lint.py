@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from mpexport.base.errors import MpexportError, first_line
-from mpexport.graph.checker import check_setting_aside, describe, unregistered_ops
+from mpexport.graph.checker import check_setting_aside, describe, runtime_finding, unregistered_ops
 from mpexport.graph.contract import (
     FAIL,
     PASS,
@@ -87,15 +87,8 @@ def _checker(path: Path, model: ir.Model) -> Check:
 def _runtime(path: Path) -> Check:
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # Loading checks the types and that kernels exist. Graph optimizations add nothing to that but materialise
-    # weights: loading a GPT-2-large-sized mixed model (1.6 GB) peaked at 3.5 GB with them, 0.1 GB without.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - the runtime's verdict is the finding
-        text = first_line(exc, 400)
+    text = runtime_finding(path)
+    if text is not None:
         if "NOT_IMPLEMENTED" in text:
             return Check("onnxruntime", SKIPPED, f"this ONNX Runtime build has no kernel for a type the model "
                          f"uses: {text}")
