@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -136,11 +137,11 @@ def numpy_dtype(dtype: str) -> np.dtype:
     return np.dtype(dtype)
 
 
-def fixed_batch(specs: list[TensorSpec]) -> int | None:
+def fixed_batch(specs: list[TensorSpec], unbatched: Collection[str] = ()) -> int | None:
     """The batch size the model fixes: axis 0 of its inputs when every input that has an axis 0 fixes it (the first
     one's size); None when any input's axis 0 is dynamic (then a fixed-size input is not batched) or none has one
-    (rank-0 inputs have no batch axis)."""
-    batched = [spec.shape[0] for spec in specs if spec.shape]
+    (rank-0 inputs, and the ``unbatched`` ones the data gives no batch axis, have none)."""
+    batched = [spec.shape[0] for spec in specs if spec.shape and spec.name not in unbatched]
     if not batched or any(isinstance(dim, str) for dim in batched):
         return None
     first = batched[0]
@@ -158,6 +159,15 @@ class PaddedBatch(dict[str, np.ndarray]):
         self.size = size
 
 
+class OneSample(PaddedBatch):
+    """One sample run alone: an input without a batch axis holds a value per sample, so no two samples share a run.
+    Its arrays are whole (inputs without a batch axis hold the sample's value in the input's own shape), and every
+    output is this one sample's, whatever its shape (:func:`real_rows` gives each a sample axis)."""
+
+    def __init__(self, arrays: Batch, samples: int = 1, size: int = 1) -> None:
+        super().__init__(arrays, samples, size)
+
+
 def batch_samples(batch: Batch) -> int:
     """The number of real samples in a batch: a :class:`PaddedBatch`'s own count, else the first axis of its first
     array that has one (rank-0 arrays, one value for the whole batch, have none); 1 when every array is a scalar."""
@@ -168,7 +178,9 @@ def batch_samples(batch: Batch) -> int:
 
 def sample_rows(batch: Batch, start: int, stop: int) -> Batch:
     """Samples ``start`` to ``stop`` of ``batch``: its per-sample arrays sliced on axis 0, its rank-0 arrays (one
-    value for every sample) kept whole."""
+    value for every sample) kept whole; a :class:`OneSample` is its own only sample."""
+    if isinstance(batch, OneSample):
+        return batch
     return {name: array[start:stop] if np.ndim(array) else array for name, array in batch.items()}
 
 
@@ -185,7 +197,10 @@ def pad_batch(batch: Batch, size: int) -> Batch:
 
 def real_rows(arrays: list[np.ndarray], batch: Batch) -> list[np.ndarray]:
     """A model's outputs on ``batch`` without the rows of its padding (outputs whose axis 0 is the padded size are
-    cut to the real samples; other outputs, and every output of an unpadded batch, are returned as they are)."""
+    cut to the real samples; other outputs, and every output of an unpadded batch, are returned as they are). A
+    :class:`OneSample`'s outputs are its sample's: one that does not start with an axis of 1 gets one."""
+    if isinstance(batch, OneSample):
+        return [array if np.ndim(array) and len(array) == 1 else np.asarray(array)[None] for array in arrays]
     if not isinstance(batch, PaddedBatch):
         return arrays
     return [array[:batch.samples] if np.ndim(array) and len(array) == batch.size else array for array in arrays]

@@ -13,7 +13,7 @@ from mpexport.backends.torch import TorchRunner
 from mpexport.base.errors import MpexportError
 from mpexport.base.files import sha256_file
 from mpexport.base.policies import DEFAULT_POLICY
-from mpexport.base.specs import Batch, TensorSpec, fixed_batch
+from mpexport.base.specs import Batch, TensorSpec
 from mpexport.base.status import RAN
 from mpexport.bundle.names import FP32_ONNX, MIXED_ONNX, PLAN
 from mpexport.bundle.records import SourceRecord
@@ -85,20 +85,25 @@ def load_inputs(bundle: Bundle, *, val_data: str | Path | None = None, trust_pic
                                 stage=STAGE)
     else:
         loaded = _source_model(bundle, trust_pickle, factory, import_path)
-    example = next(data.batches(batch_size, limit=batch_size, inputs=specs))
+    size = data.run_batch(specs) or batch_size
+    example = next(data.batches(size, limit=size, inputs=specs))
     return VerifyInputs(data, loaded, specs, example)
 
 
-def model_batch_size(options: VerifyOptions, specs: list[TensorSpec]) -> tuple[VerifyOptions, str | None]:
+def model_batch_size(options: VerifyOptions, specs: list[TensorSpec],
+                     data: ValidationData) -> tuple[VerifyOptions, str | None]:
     """``options`` with the batch size the model takes: where its inputs fix the batch size
     (:func:`mpexport.base.specs.fixed_batch`, e.g. a model exported with batch 1) that size, whatever
     ``options.batch_size`` says, and a note saying so when they differ; otherwise ``options`` as they are. The batch
     size only groups samples (every metric is per sample, a short last batch is padded and counts its real samples
     only), so running the size the model takes changes no verdict, where refusing would fail every fixed-batch
-    model verified with one command line for many."""
-    fixed = fixed_batch(specs)
+    model verified with one command line for many. Where an input without a batch axis holds a value per sample,
+    every run takes one sample (``data.one_sample_runs``) and the note says so."""
+    fixed = data.run_batch(specs)
     if fixed is None or fixed == options.batch_size:
         return options, None
+    if data.one_sample_runs:
+        return replace(options, batch_size=1), f"{data.one_sample_runs} (not --batch-size {options.batch_size})"
     note = (f"the model fixes its batch size at {fixed}: verified in batches of {fixed} (not --batch-size "
             f"{options.batch_size}); a short last batch is padded with repeats of its samples, counted once")
     return replace(options, batch_size=fixed), note
@@ -122,7 +127,8 @@ class Forms:
 
     def tally(self, inputs: VerifyInputs) -> Tally:
         """An empty tally of these backends' outputs against the reference (the first runner)."""
-        return Tally.start([runner.name for runner in self.backends.runners], self.outputs, inputs.specs,
+        return Tally.start([runner.name for runner in self.backends.runners], self.outputs,
+                           whole_batches=inputs.data.whole_batches(inputs.specs),
                            watch=self.strict)
 
 

@@ -123,9 +123,9 @@ def verify_on_ray(directory: str | Path, ray_options: RayOptions, *, val_data: s
     with clock.stage("open"):
         bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, ENGINE))
     with clock.stage("load"):
-        options, batch_note = model_batch_size(options, bundle.manifest.inputs)
         data = _validation_data(bundle, val_data, options)
         check_against(data, bundle.manifest.inputs)
+        options, batch_note = model_batch_size(options, bundle.manifest.inputs, data)
         has_model = _check_source(bundle, trust_pickle, reference, factory)
         example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=bundle.manifest.inputs))
     ray = _import_ray()

@@ -19,7 +19,7 @@ class WorstSample:
     is finite, then the largest error relative to the reference's magnitude. Localisation runs on it (on its
     whole batch for a model with a fixed batch size)."""
 
-    fixed_batch: bool
+    whole_batch: bool
     batch: Batch | None = None
     index: int | None = None
     score: tuple[int, float] = (-1, -1.0)
@@ -50,7 +50,7 @@ class WorstSample:
         score = (int(broken[position]), float(error[position]))
         if score > self.score:
             self.score, self.index = score, first + position
-            kept = batch if self.fixed_batch else sample_rows(batch, position, position + 1)
+            kept = batch if self.whole_batch else sample_rows(batch, position, position + 1)
             self.batch = {name: np.array(array) for name, array in kept.items()}
 
     def merge(self, other: WorstSample) -> None:
@@ -61,7 +61,7 @@ class WorstSample:
     def to_json(self) -> dict[str, Any]:
         """Which sample localisation ran on, and why."""
         return {"sample": self.index, "nonfinite": self.score[0], "relative_error": float(f"{self.score[1]:.3g}"),
-                "whole_batch": self.fixed_batch}
+                "whole_batch": self.whole_batch}
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from mpexport.base.errors import first_line
-from mpexport.base.specs import Batch, TensorSpec, fixed_batch, real_rows
+from mpexport.base.specs import Batch, real_rows
 from mpexport.base.status import FAILED, RAN
 from mpexport.check.backends import Backends, Timed
 from mpexport.check.compare import Comparison, batch_samples
@@ -44,12 +44,13 @@ class Tally:
     """Samples in the batches before this tally's first (a shard of the data): sample indices are global."""
 
     @staticmethod
-    def start(runners: list[str], outputs: list[str], specs: list[TensorSpec], *, watch: str | None) -> Tally:
-        """An empty tally of ``runners[1:]`` against ``runners[0]`` on the named outputs."""
+    def start(runners: list[str], outputs: list[str], *, whole_batches: bool, watch: str | None) -> Tally:
+        """An empty tally of ``runners[1:]`` against ``runners[0]`` on the named outputs (``whole_batches``: the
+        batches run only whole, see :meth:`mpexport.data.base.ValidationData.whole_batches`)."""
         reference, others = runners[0], runners[1:]
         return Tally(reference, {name: Comparison.of(reference, name, outputs) for name in others},
                      OutputMetrics("reference"),
-                     WorstSample(fixed_batch=fixed_batch(specs) is not None),
+                     WorstSample(whole_batch=whole_batches),
                      watch, seconds=dict.fromkeys(runners, 0.0))
 
     def fold(self, backends: Backends, batches: Iterable[Batch], *, first: int = 0,

@@ -137,7 +137,7 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
     shapes = {spec.name: spec.shape for spec in graph_specs(graph.inputs) if spec.name not in weights}
     specs = [replace(spec, shape=shapes[spec.name]) for spec in data.input_specs() if spec.name in shapes]
     check_against(data, specs)
-    options, batch_note = model_batch_size(options, specs)
+    options, batch_note = model_batch_size(options, specs, data)
     names = [spec.name for spec in specs]
     example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=specs))
     backends = Backends()
@@ -180,7 +180,8 @@ def _run(backends: Backends, data: ValidationData, specs: list[TensorSpec], name
          required: tuple[str, ...], watch: str | None = None) -> ParityReport:
     """Every backend on every batch against the reference (the first runner), then the gate. For the backend
     ``watch`` the worst sample is remembered (for localisation)."""
-    tally = Tally.start([runner.name for runner in backends.runners], names, specs, watch=watch)
+    tally = Tally.start([runner.name for runner in backends.runners], names, whole_batches=data.whole_batches(specs),
+                        watch=watch)
     tally.fold(backends, data.batches(options.batch_size, limit=options.max_samples, inputs=specs),
                on_batch=on_batch, total=expected_samples(data, options))
     if tally.samples == 0:

@@ -167,6 +167,8 @@ def _onnx_stage(bundle: Bundle, request: FP32Request, clock: StageClock, loaded:
                                 f"{opset}", stage="export", hint="deploy as --target fp16, or re-export the model")
         notes = read_notes + ([f"--opset {request.opset} ignored: the ONNX model keeps its opset {opset}"]
                               if request.opset not in (None, opset) else [])
+        if data is not None and data.one_sample_runs:
+            notes.append(data.one_sample_runs)
         if weights_as_inputs:
             notes.append(f"{len(weights_as_inputs)} graph inputs are initializers (weights listed as inputs, as IR "
                          "version 3 requires): they are read as weights, not inputs to feed")
@@ -214,7 +216,7 @@ def _calibrate_onnx(bundle: Bundle, specs: list[TensorSpec], data: ValidationDat
     runner = ProbedRunner(bundle.path(FP32_ONNX))
     total = min(samples, data.num_samples) if data.num_samples else None
     seen = 0
-    for batch in data.batches(fixed_batch(specs) or CHECK_BATCH, limit=samples, inputs=specs):
+    for batch in data.batches(data.run_batch(specs) or CHECK_BATCH, limit=samples, inputs=specs):
         runner.run(batch)
         seen += batch_samples(batch)
         if on_progress:
@@ -238,7 +240,7 @@ def _data_pass(bundle: Bundle, loaded: LoadedModel, specs: list[TensorSpec], dat
     check_limit = request.check_samples if data is not None else None
     calibration_limit = request.calibration_samples if calibrate else 0
     batches, total = _data_batches(specs, data, examples, max(check_limit or 0, calibration_limit), output_bytes)
-    limits = [limit for limit in (check_limit, calibration_limit) if limit] if fixed_batch(specs) is None else []
+    limits = [limit for limit in (check_limit, calibration_limit) if limit] if not _whole_batches(data, specs) else []
     done = calibrated = 0
     for whole in batches:
         for batch in _split_at(whole, [limit - done for limit in limits]):
@@ -256,6 +258,12 @@ def _data_pass(bundle: Bundle, loaded: LoadedModel, specs: list[TensorSpec], dat
     comparison.reference = f"torch-fp32 ({reference.device})"
     candidate.stats.samples = calibrated  # the real samples (a padded batch's repeats are not samples)
     return comparison, candidate.stats if calibrate else None, reference.note
+
+
+def _whole_batches(data: ValidationData | None, specs: list[TensorSpec]) -> bool:
+    """Whether the data pass's batches run only whole (see :meth:`ValidationData.whole_batches`; the examples
+    without data: when the model fixes its batch)."""
+    return data.whole_batches(specs) if data is not None else fixed_batch(specs) is not None
 
 
 def _split_at(batch: Batch, cuts: list[int]) -> list[Batch]:
@@ -276,7 +284,7 @@ def _data_batches(specs: list[TensorSpec], data: ValidationData | None, examples
         batch = {name: tensor.numpy() for name, tensor in examples.items()}
         return [batch], batch_samples(batch)
     total = min(limit, data.num_samples) if data.num_samples else None
-    return data.batches(fixed_batch(specs) or _batch_size(output_bytes), limit=limit, inputs=specs), total
+    return data.batches(data.run_batch(specs) or _batch_size(output_bytes), limit=limit, inputs=specs), total
 
 
 def _output_names(loaded: LoadedModel, specs: list[TensorSpec],

@@ -108,9 +108,9 @@ def repair(directory: str | Path, *, val_data: str | Path | None = None, options
     with clock.stage("open"):
         bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, PROVENANCE, RANGES))
     with clock.stage("load"):
-        options, note = model_batch_size(options, bundle.manifest.inputs)
         inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size,
                              columns=options.columns or None, factory=factory)
+        options, note = model_batch_size(options, inputs.specs, inputs.data)
     with clock.stage("baseline"):
         baseline = verify_forms(bundle, inputs, options)
         baseline.notes += [note] if note else []

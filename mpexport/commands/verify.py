@@ -26,8 +26,9 @@ def verify(directory: str | Path, *, val_data: str | Path | None = None, options
     the bundle, recording which artifacts the verdict covers. ``reference``: a PyTorch model to compare with (for
     a bundle converted from ONNX, which otherwise uses its FP32 ONNX as the reference). ``ray``: a
     :class:`mpexport.check.ray.RayOptions` to run the batches on a Ray cluster (``on_shard`` hears shards done) for
-    the same report. A model that fixes its batch size is verified in batches of that size, whatever
-    ``options.batch_size`` says (:func:`mpexport.check.forms.model_batch_size`: the report notes it). ``factory`` and
+    the same report. A model that fixes its batch size is verified in batches of that size (one sample per
+    run where an input without a batch axis holds a value per sample), whatever ``options.batch_size`` says
+    (:func:`mpexport.check.forms.model_batch_size`: the report notes it). ``factory`` and
     ``trust_pickle``: the code the source (or reference) model needs, as the caller
     names it; what convert recorded is never run on its own (:func:`mpexport.check.forms.load_inputs`)."""
     options = options or VerifyOptions()
@@ -41,9 +42,9 @@ def verify(directory: str | Path, *, val_data: str | Path | None = None, options
         with clock.stage("open"):
             bundle = Bundle.open(directory, uses=(FP32_ONNX, MIXED_ONNX, PLAN, ENGINE))
         with clock.stage("load"):
-            options, note = model_batch_size(options, bundle.manifest.inputs)
             inputs = load_inputs(bundle, val_data=val_data, trust_pickle=trust_pickle, batch_size=options.batch_size,
                                  reference=reference, columns=options.columns or None, factory=factory)
+            options, note = model_batch_size(options, inputs.specs, inputs.data)
         report = verify_forms(bundle, inputs, options, on_batch, clock=clock)
         report.stages = clock.stages
         report.notes += [note] if note else []

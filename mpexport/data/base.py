@@ -18,7 +18,15 @@ from typing import ClassVar
 import numpy as np
 
 from mpexport.base.errors import MpexportError
-from mpexport.base.specs import Batch, TensorSpec, fixed_batch, numpy_dtype, pad_batch, spec_from_array
+from mpexport.base.specs import (
+    Batch,
+    OneSample,
+    TensorSpec,
+    fixed_batch,
+    numpy_dtype,
+    pad_batch,
+    spec_from_array,
+)
 from mpexport.data.labels import check_labels, per_sample
 from mpexport.data.limits import shown
 from mpexport.data.npz import ArrayHeader, npz_headers, read_npz
@@ -39,6 +47,12 @@ class ValidationData:
     first_arrays: dict[str, np.ndarray]
     lengths: list[int] = field(default_factory=list)
     """Samples per shard (file), in order; empty when the source does not say (``module:function``)."""
+    unbatched: tuple[str, ...] = ()
+    """The inputs without a batch axis (rank 0, or data of one more axis than the input: a value per sample), set by
+    :func:`check_against`."""
+    one_sample_runs: str | None = None
+    """Why every run takes one sample (an input without a batch axis holds different values per sample: see
+    :func:`check_against`); None when samples share runs."""
 
     ignores_extra_columns: ClassVar[bool] = False
     """True for tables, which carry columns the model does not read (they are left out, not refused)."""
@@ -58,6 +72,22 @@ class ValidationData:
     def select(self, names: list[str]) -> None:
         """Keep only these inputs (tables, see :attr:`ignores_extra_columns`); files keep every array."""
 
+    def run_batch(self, inputs: list[TensorSpec]) -> int | None:
+        """The batch size every run of a model with ``inputs`` must take on this data: 1 when an input without a
+        batch axis holds a value per sample (:attr:`one_sample_runs`), else the batch size the model fixes
+        (:func:`mpexport.base.specs.fixed_batch`), None when any size runs."""
+        return 1 if self.one_sample_runs else fixed_batch(inputs, self.unbatched)
+
+    def whole_batches(self, inputs: list[TensorSpec]) -> bool:
+        """Whether this data's batches must run whole, never cut into samples: the batch size is fixed
+        (:meth:`run_batch`), or an input with axes but no batch axis is fed one value for the batch (a cut would
+        slice it as if it had one)."""
+        return self.run_batch(inputs) is not None or any(spec.shape for spec in inputs if spec.name in self.unbatched)
+
+    def run_size(self, batch_size: int) -> int:
+        """``batch_size``, or 1 where every run takes one sample (:attr:`one_sample_runs`)."""
+        return 1 if self.one_sample_runs else batch_size
+
     def batches(self, batch_size: int, *, limit: int | None = None, inputs: list[TensorSpec] | None = None,
                 exact: bool = False, skip: int = 0) -> Iterator[Batch]:
         """Yield batches of at most ``batch_size`` samples (``exact``: only full batches), at most ``limit``
@@ -67,8 +97,11 @@ class ValidationData:
         fix the batch size at ``batch_size`` (:func:`mpexport.base.specs.fixed_batch`), a short batch (the last of
         the set, of a shard or of ``limit``) is padded to it by repeating its samples
         (:func:`mpexport.base.specs.pad_batch`: it says how many samples are real), so no sample is left out.
-        Arrays of one value (a rank-0 input's) go whole into every batch (see :func:`prepare_batch`)."""
-        pad = inputs is not None and fixed_batch(inputs) == batch_size
+        Arrays of one value (a rank-0 input's) go whole into every batch (see :func:`prepare_batch`); where every run
+        takes one sample (:attr:`one_sample_runs`) each batch is a :class:`mpexport.base.specs.OneSample`, whatever
+        ``batch_size`` says (:meth:`batch_count` and :meth:`samples_before` count the same way)."""
+        batch_size = self.run_size(batch_size)
+        pad = inputs is not None and self.run_batch(inputs) == batch_size
         produced = index = 0
         for source, length, load in self._sources():
             if length is not None and index + -(-length // batch_size) <= skip:
@@ -85,14 +118,22 @@ class ValidationData:
                     return
                 if index >= skip:
                     batch = prepare_batch(_rows(arrays, start, stop, count), inputs, source, start)
-                    yield pad_batch(batch, batch_size) if pad else batch
+                    yield self.runnable(batch, batch_size, pad)
                 index += 1
                 produced += stop - start
+
+    def runnable(self, batch: Batch, batch_size: int, pad: bool) -> Batch:
+        """A prepared batch as a run takes it: a :class:`mpexport.base.specs.OneSample` where every run takes one
+        sample, padded to ``batch_size`` when ``pad`` (a model that fixes its batch size), else itself."""
+        if self.one_sample_runs:
+            return OneSample(batch)
+        return pad_batch(batch, batch_size) if pad else batch
 
     def batch_count(self, batch_size: int, limit: int | None = None) -> int | None:
         """How many batches :meth:`batches` yields (None when the source does not say)."""
         if not self.lengths:
             return None
+        batch_size = self.run_size(batch_size)
         count, left = 0, limit
         for length in self.lengths:
             length = length if left is None else min(length, left)
@@ -106,6 +147,7 @@ class ValidationData:
         :meth:`batch_count`)."""
         if not self.lengths:
             raise ValueError(f"'{self.describe()}' does not say how many samples it holds")
+        batch_size = self.run_size(batch_size)
         produced, index, left = 0, 0, limit
         for length in self.lengths:
             length = length if left is None else min(length, left)
@@ -172,8 +214,11 @@ def _rows(arrays: Batch, start: int, stop: int, count: int) -> Batch:
 
 def check_against(data: ValidationData, inputs: list[TensorSpec]) -> None:
     """Check that the data's arrays are exactly the model's inputs (plus optional ``labels``), with shapes
-    the inputs accept and dtypes of the same kind (float for float inputs, integer for integer inputs). A rank-0
-    input takes one value for every batch (:func:`check_scalar`); every other input one row per sample."""
+    the inputs accept and dtypes of the same kind (float for float inputs, integer for integer inputs). An input
+    with a batch axis takes one row per sample. One without (rank 0, or given one more axis than it has: see
+    :func:`has_no_batch_axis`) takes one value for every sample, or a value per sample: then, where those values
+    differ, every run takes one sample (``data.one_sample_runs`` says why; the model's batched inputs must take a
+    batch of one). Sets ``data.unbatched``."""
     data.bind(inputs)
     wanted = [spec.name for spec in inputs]
     if data.ignores_extra_columns:
@@ -191,15 +236,15 @@ def check_against(data: ValidationData, inputs: list[TensorSpec]) -> None:
             f"{', '.join(wanted)}", stage=STAGE, hint=f"name the arrays after the inputs, plus optional '{LABELS}'",
         )
     count = per_sample_count({name: data.first_arrays[name] for name in wanted})
+    unbatched = [spec for spec in inputs if has_no_batch_axis(spec, data.first_arrays[spec.name])]
     for spec in inputs:
         array = data.first_arrays[spec.name]
-        if not spec.shape:
-            check_scalar(spec, array)
+        if spec in unbatched:
+            check_unbatched(spec, array, count)
         elif not np.ndim(array) or len(array) != count:
             raise MpexportError(
                 f"validation array '{spec.name}' has shape {tuple(array.shape)}, one value beside {count} samples; "
-                f"the model expects {_shape_text(spec)}, one row per sample", stage=STAGE,
-                hint="only a scalar model input (shape ()) takes one value for every sample",
+                f"the model expects {_shape_text(spec)}, one row per sample", stage=STAGE, hint=UNBATCHED_HINT,
             )
         elif not spec.accepts_shape(tuple(array.shape)) and not _accepts_batch_of_any_size(spec, array.shape):
             raise MpexportError(
@@ -211,34 +256,81 @@ def check_against(data: ValidationData, inputs: list[TensorSpec]) -> None:
                 f"validation array '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}",
                 stage=STAGE,
             )
+    data.unbatched = tuple(spec.name for spec in unbatched)
+    data.one_sample_runs = _one_sample_runs(inputs, unbatched, data.first_arrays)
 
 
-def check_scalar(spec: TensorSpec, array: np.ndarray) -> None:
-    """A rank-0 input has no batch axis: every batch feeds it one value. It takes a 0-d array or an array of shape
-    ``(1,)`` (that value for every batch), or one value per sample (shape ``(N,)``) when they are all equal; anything
-    else is a one-line error saying why."""
-    if np.ndim(array) > 1:
-        raise MpexportError(f"validation array '{spec.name}' has shape {tuple(array.shape)}; the model input is a "
-                            "scalar (shape ())", stage=STAGE, hint=SCALAR_HINT)
-    _one_value(spec.name, array, "")
+UNBATCHED_HINT = ("an input without a batch axis takes one value for every sample (its own shape, or one row) or "
+                  "a value per sample (one more axis, N rows); every other input takes one row per sample")
 
 
-SCALAR_HINT = "a rank-0 input has no batch axis: store one value (a 0-d array or shape (1,)), or equal values"
+def has_no_batch_axis(spec: TensorSpec, array: np.ndarray) -> bool:
+    """Whether ``array`` feeds ``spec`` as an input without a batch axis: the input is rank 0, or the array has one
+    axis more than the input (a value per sample, or one row standing for every sample)."""
+    return not spec.shape or np.ndim(array) == len(spec.shape) + 1
 
 
-def _one_value(name: str, array: np.ndarray, where: str) -> np.ndarray:
-    """The one value a rank-0 input is fed from ``array`` (0-d, or all its values equal), as a 0-d array; a one-line
-    error naming two different values otherwise."""
-    flat = np.asarray(array).reshape(-1)
-    if flat.size == 0:
-        raise MpexportError(f"validation array '{name}' is empty; the model input is a scalar (shape ())",
-                            stage=STAGE, hint=SCALAR_HINT)
-    different = flat[flat != flat[0]]
-    if different.size:
-        raise MpexportError(f"validation array '{name}' holds different values ({flat[0]} and {different[0]}"
-                            f"{where}); the model input is a scalar (shape ()): each batch feeds it one value",
-                            stage=STAGE, hint=SCALAR_HINT)
-    return np.asarray(flat[0])
+def check_unbatched(spec: TensorSpec, array: np.ndarray, count: int) -> None:
+    """An input without a batch axis takes one value (a rank-0 input: a 0-d array) or rows of its own shape: one
+    for every sample, or one per sample (``count``); anything else is a one-line error saying why."""
+    if np.ndim(array) > len(spec.shape) + 1:
+        raise MpexportError(f"validation array '{spec.name}' has shape {tuple(array.shape)}; the model input is "
+                            f"{_described(spec)}", stage=STAGE, hint=UNBATCHED_HINT)
+    if np.ndim(array) == len(spec.shape):
+        return  # a rank-0 input's one value
+    if len(array) == 0:
+        raise MpexportError(f"validation array '{spec.name}' is empty; the model input is {_described(spec)}",
+                            stage=STAGE, hint=UNBATCHED_HINT)
+    if len(array) not in (1, count):
+        raise MpexportError(f"validation array '{spec.name}' holds {len(array)} values beside {count} samples; the "
+                            f"model input is {_described(spec)}", stage=STAGE, hint=UNBATCHED_HINT)
+    if not spec.accepts_shape(tuple(array.shape[1:])):
+        raise MpexportError(f"validation array '{spec.name}' has values of shape {tuple(array.shape[1:])}, the "
+                            f"model input is {_described(spec)}", stage=STAGE, hint=UNBATCHED_HINT)
+
+
+def _described(spec: TensorSpec) -> str:
+    """``a scalar (shape ()), with no batch axis`` / ``(4), with no batch axis``."""
+    return f"{'a scalar (shape ())' if not spec.shape else _shape_text(spec)}, with no batch axis"
+
+
+def _one_sample_runs(inputs: list[TensorSpec], unbatched: list[TensorSpec],
+                     arrays: dict[str, np.ndarray]) -> str | None:
+    """Why every run must take one sample (inputs without a batch axis whose per-sample values differ), checked
+    possible (the batched inputs take a batch of one); None when samples can share runs."""
+    varying = [spec.name for spec in unbatched if _rows_differ(arrays[spec.name])]
+    if not varying:
+        return None
+    fixed = [spec for spec in inputs if spec not in unbatched and isinstance(spec.shape[0], int) and
+             spec.shape[0] != 1]
+    names = ", ".join(f"'{name}'" for name in varying)
+    if fixed:
+        raise MpexportError(f"input {names} has no batch axis and holds a different value per sample, so each run "
+                            f"takes one sample, but input '{fixed[0].name}' fixes the batch at {fixed[0].shape[0]}",
+                            stage=STAGE, hint="give it one value for every sample, or export the model with a "
+                            "dynamic batch")
+    return (f"input {names} has no batch axis and holds a different value per sample: each run takes one sample")
+
+
+def _rows_differ(array: np.ndarray) -> bool:
+    """Whether the rows of ``array`` (axis 0) are not all equal (NaN rows differ: they are refused later)."""
+    return np.ndim(array) > 0 and len(array) > 1 and not bool((array == array[:1]).all())
+
+
+def _one_row(spec: TensorSpec, array: np.ndarray, where: str) -> np.ndarray:
+    """The value an input without a batch axis is fed from ``array``: itself when it has the input's rank (a
+    rank-0 input's one value), else its one row (all its rows equal: one value for every sample, or the sample's
+    own where a run takes one); a one-line error naming two different values otherwise."""
+    if np.ndim(array) == len(spec.shape):
+        return np.asarray(array)
+    if _rows_differ(array):
+        row = int(np.flatnonzero((array != array[:1]).reshape(len(array), -1).any(axis=1))[0])
+        shown_values = f"row 0 and row {row}" if spec.shape else f"{array[0]} and {array[row]}"
+        raise MpexportError(f"validation array '{spec.name}' holds different values ({shown_values}{where}); the "
+                            f"model input is {_described(spec)} and these samples share a run", stage=STAGE,
+                            hint="values per sample must differ in the first shard already (then every run takes "
+                                 "one sample), or be equal throughout")
+    return np.asarray(array[0])
 
 
 def _accepts_batch_of_any_size(spec: TensorSpec, shape: tuple[int, ...]) -> bool:
@@ -263,8 +355,8 @@ def _same_kind(dtype: np.dtype, wanted: str) -> bool:
 def prepare_batch(batch: Batch, inputs: list[TensorSpec] | None, shard: Path, start: int) -> Batch:
     """One batch as every source yields it: NaN/Inf refused (one line naming the array, the shard and the first
     sample), labels checked (:func:`mpexport.data.labels.check_labels`; ``(N, 1)`` labels become ``(N,)``), arrays
-    cast to the inputs' dtypes where ``inputs`` are given. A rank-0 input gets the one value its array holds for
-    these samples, as a 0-d array placed after the per-sample arrays (:func:`check_scalar`)."""
+    cast to the inputs' dtypes where ``inputs`` are given. An input without a batch axis gets the one value its array
+    holds for these samples, in its own shape, placed after the per-sample arrays (:func:`check_unbatched`)."""
     if LABELS in batch:
         check_labels(batch[LABELS], shard, start)
         batch[LABELS] = per_sample(batch[LABELS])
@@ -276,9 +368,9 @@ def prepare_batch(batch: Batch, inputs: list[TensorSpec] | None, shard: Path, st
                 f"{start})",
                 stage=STAGE,
             )
-    for spec in [spec for spec in inputs or [] if not spec.shape]:  # one value; after the per-sample arrays
-        batch[spec.name] = _one_value(spec.name, batch.pop(spec.name),
-                                      f" in one batch: shard '{shown(shard.name)}', samples from {start}")
+    for spec in [spec for spec in inputs or [] if has_no_batch_axis(spec, batch[spec.name])]:  # after the others
+        batch[spec.name] = _one_row(spec, batch.pop(spec.name),
+                                    f" in one batch: shard '{shown(shard.name)}', samples from {start}")
     for spec in inputs or []:
         if batch[spec.name].dtype.name != spec.dtype:
             try:

@@ -20,7 +20,7 @@ import numpy as np
 
 from mpexport.base.errors import MpexportError, first_line
 from mpexport.base.files import regular_file
-from mpexport.base.specs import Batch, TensorSpec, fixed_batch, pad_batch
+from mpexport.base.specs import Batch, TensorSpec
 from mpexport.data.base import LABELS, STAGE, ValidationData, prepare_batch
 from mpexport.data.limits import MAX_ARRAY_BYTES_ENV, memory_limit, shown, size_text
 
@@ -107,7 +107,8 @@ class TableValidationData(ValidationData):
         """As :meth:`ValidationData.batches`, with batches spanning pieces and files: only the set's last batch
         may be short (``exact`` drops it; a model that fixes the batch size gets it padded). Skipped batches are not
         read: whole files and Parquet row groups before them are passed over by their metadata."""
-        pad = inputs is not None and fixed_batch(inputs) == batch_size
+        batch_size = self.run_size(batch_size)
+        pad = inputs is not None and self.run_batch(inputs) == batch_size
         pending: list[Batch] = []
         held, produced = 0, skip * batch_size
         for piece in self._pieces(skip=produced):
@@ -118,22 +119,23 @@ class TableValidationData(ValidationData):
                 batch, pending, held = _take(pending, wanted, self.path)
                 prepared = prepare_batch(batch, inputs, self.path, produced)
                 produced += _rows(batch)
-                yield pad_batch(prepared, batch_size) if pad else prepared
+                yield self.runnable(prepared, batch_size, pad)
             if limit is not None and produced >= limit:
                 return
         if pending and not exact and held:
             batch, _, _ = _take(pending, held if limit is None else min(held, limit - produced), self.path)
             if _rows(batch):
                 prepared = prepare_batch(batch, inputs, self.path, produced)
-                yield pad_batch(prepared, batch_size) if pad else prepared
+                yield self.runnable(prepared, batch_size, pad)
 
     def batch_count(self, batch_size: int, limit: int | None = None) -> int | None:
         """How many batches :meth:`batches` yields."""
+        batch_size = self.run_size(batch_size)
         return -(-min(self.num_samples, limit or self.num_samples) // batch_size)
 
     def samples_before(self, batch_size: int, batch: int, limit: int | None = None) -> int:
         """The number of samples in the batches before batch number ``batch``."""
-        return min(batch * batch_size, self.num_samples, limit or self.num_samples)
+        return min(batch * self.run_size(batch_size), self.num_samples, limit or self.num_samples)
 
     def _pieces(self, limit: int | None = None, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
         """The rows from row ``skip`` on, in pieces of at most :data:`ROWS_PER_PIECE` rows (checked)."""

@@ -72,14 +72,28 @@ def describe(ops: Sequence[Unregistered]) -> str:
     return ", ".join(op.describe() for op in ops)
 
 
-def check_setting_aside(model: ir.Model, ops: Sequence[Unregistered], *, full_check: bool = False) -> str | None:
+def unshaped_outputs(model: ir.Model) -> list[str]:
+    """The graph outputs that declare no shape (nor, maybe, a type): ONNX Runtime runs such a model, the ONNX checker
+    refuses it (it requires both of a graph's outputs). mpexport keeps them so, as the model it was given has them
+    (inventing a rank could contradict what the model computes)."""
+    return [value.name or "" for value in model.graph.outputs if value.shape is None]
+
+
+def check_setting_aside(model: ir.Model, ops: Sequence[Unregistered], *, full_check: bool = False,
+                        unshaped: Sequence[str] = ()) -> str | None:
     """The ONNX checker's finding on ``model`` with the nodes of ``ops`` set aside (see the module docstring), its
-    first line, or None when it finds nothing. ``full_check``: strict shape inference with type checks too, as
-    ``onnx.checker.check_model(..., full_check=True)`` runs it. ``model`` is left as it was; no weight data is
-    copied."""
+    first line, or None when it finds nothing; the ``unshaped`` graph outputs (see :func:`unshaped_outputs`) are
+    left to ONNX Runtime too (the checked copy declares them rank 0, a shape nothing infers). ``full_check``: strict
+    shape inference with type checks too, as ``onnx.checker.check_model(..., full_check=True)`` runs it. ``model``
+    is left as it was; no weight data is copied."""
     with _set_aside(model, ops):
         values = [value for value in model.graph.initializers.values() if _placeheld(value.const_value)]
         proto = model_without_initializers(model, values)
+    for output in proto.graph.output:
+        if output.name in unshaped:
+            if not output.type.tensor_type.elem_type:
+                output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+            output.type.tensor_type.shape.SetInParent()
     try:
         onnx.checker.check_model(_with_placeholders(proto, values, shaped=False))
         if full_check:

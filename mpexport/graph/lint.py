@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from mpexport.base.errors import MpexportError, first_line
-from mpexport.graph.checker import check_setting_aside, describe, runtime_finding, unregistered_ops
+from mpexport.graph.checker import check_setting_aside, describe, runtime_finding, unregistered_ops, unshaped_outputs
 from mpexport.graph.contract import (
     FAIL,
     PASS,
@@ -70,17 +70,20 @@ def lint_model(path: str | Path, plan: PlannedPrecisions | Mapping[str, str] | N
 
 
 def _checker(path: Path, model: ir.Model) -> Check:
-    """The full check of the file; ops ONNX does not register at the model's opset (LayerNormalization below 17)
-    are set aside for it (:mod:`mpexport.graph.checker`) and left to the ONNX Runtime check."""
+    """The full check of the file; ops ONNX does not register at the model's opset (LayerNormalization below 17),
+    and graph outputs that declare no shape (as the model convert was given declared them), are set aside for it
+    (:mod:`mpexport.graph.checker`) and left to the ONNX Runtime check."""
     detail = "full check with strict shape inference"
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001 - the checker's verdict is the finding
-        ops = unregistered_ops(model)
-        other = check_setting_aside(model, ops, full_check=True) if ops else None
-        if not ops or other is not None:
+        ops, unshaped = unregistered_ops(model), unshaped_outputs(model)
+        other = check_setting_aside(model, ops, full_check=True, unshaped=unshaped) if ops or unshaped else None
+        if not (ops or unshaped) or other is not None:
             return Check("onnx.checker", FAIL, other or first_line(exc, 400))
-        return Check("onnx.checker", PASS, f"{detail}; set aside for the ONNX Runtime check: {describe(ops)}")
+        aside = [describe(ops)] if ops else []
+        aside += [f"graph output(s) {', '.join(unshaped)} declaring no shape"] if unshaped else []
+        return Check("onnx.checker", PASS, f"{detail}; set aside for the ONNX Runtime check: {'; '.join(aside)}")
     return Check("onnx.checker", PASS, detail)
 
 

@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from mpexport.backends.onnxruntime import OrtRunner
 from mpexport.base.dtypes import TYPE_MAX
-from mpexport.base.specs import Batch, PaddedBatch, batch_samples, fixed_batch, real_rows, sample_rows
+from mpexport.base.specs import Batch, PaddedBatch, batch_samples, real_rows, sample_rows
 from mpexport.bundle.names import FP32_ONNX
 from mpexport.bundle.store import Bundle
 from mpexport.capture.provenance import read_provenance
@@ -192,10 +192,12 @@ def _trial_samples(baseline: ParityReport, strict: str, failing: list[int]) -> l
 
 
 def _gather(inputs: VerifyInputs, samples: list[int], batch_size: int) -> list[tuple[Batch, list[int]]]:
-    """The inputs of ``samples`` (global indices) in batches of up to ``batch_size`` (a model with a fixed batch size:
-    the whole batches that hold them, a short last one padded), with the indices of the real samples each holds."""
+    """The inputs of ``samples`` (global indices) in batches of up to ``batch_size`` (batches that run only whole, as
+    a model with a fixed batch size takes them: the whole batches that hold them, a short last one padded), with the
+    indices of the real samples each holds."""
     wanted = set(samples)
-    fixed = fixed_batch(inputs.specs)
+    fixed = inputs.data.run_batch(inputs.specs)
+    whole = inputs.data.whole_batches(inputs.specs)
     size = fixed or batch_size
     found: list[tuple[Batch, list[int]]] = []
     pending: list[tuple[dict[str, np.ndarray], int]] = []
@@ -203,9 +205,9 @@ def _gather(inputs: VerifyInputs, samples: list[int], batch_size: int) -> list[t
     for batch in inputs.data.batches(size, inputs=inputs.specs):
         count = batch_samples(batch)
         hits = [position for position in range(count) if start + position in wanted]
-        if fixed is not None and hits:
+        if whole and hits:
             found.append((_without_labels(batch), list(range(start, start + count))))
-        elif not fixed:
+        elif not whole:
             pending += [(sample_rows(_without_labels(batch), position, position + 1), start + position)
                         for position in hits]
         start += count
@@ -224,4 +226,4 @@ def _gather(inputs: VerifyInputs, samples: list[int], batch_size: int) -> list[t
 
 def _without_labels(batch: Batch) -> Batch:
     arrays = {name: array for name, array in batch.items() if name != LABELS}
-    return PaddedBatch(arrays, batch.samples, batch.size) if isinstance(batch, PaddedBatch) else arrays
+    return type(batch)(arrays, batch.samples, batch.size) if isinstance(batch, PaddedBatch) else arrays

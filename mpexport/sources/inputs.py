@@ -125,12 +125,14 @@ def _text(spec: TensorSpec) -> str:
 
 
 def example_inputs(specs: list[TensorSpec], data: ValidationData | None) -> dict[str, torch.Tensor]:
-    """Example tensors by name: the first samples of the data (as many as a fixed batch needs, else 2),
-    or, without data, deterministic tensors of each spec's example shape (normal floats, ones for integers)."""
+    """Example tensors by name: the first samples of the data (as many as a fixed batch needs, one where every run
+    takes one, else 2; inputs without a batch axis their one value), or, without data, deterministic tensors of each
+    spec's example shape (normal floats, ones for integers)."""
     if data is not None:
-        size = _example_batch(specs)
+        size = data.run_batch(specs) or _example_batch([spec for spec in specs if spec.name not in data.unbatched])
         batch = next(data.batches(size, limit=size, inputs=specs))
-        return {spec.name: torch.from_numpy(_tile(batch[spec.name], size)) for spec in specs}
+        return {spec.name: torch.from_numpy(batch[spec.name] if spec.name in data.unbatched
+                                            else _tile(batch[spec.name], size)) for spec in specs}
     generator = torch.Generator().manual_seed(0)
     examples = {}
     for spec in specs:

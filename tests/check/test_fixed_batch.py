@@ -28,6 +28,7 @@ from mpexport.base.specs import (
 from mpexport.check.forms import model_batch_size
 from mpexport.check.report import VerifyOptions
 from mpexport.commands.fp32 import typed_by_runtime
+from mpexport.data.base import check_against
 from mpexport.data.open import load_validation_data
 from tests.toy_models import build_rare_overflow, rare_overflow_data
 
@@ -149,14 +150,19 @@ def test_padded_batches_say_how_many_samples_are_real(tmp_path: Path) -> None:
     assert pad_batch({"x": np.zeros((4, 8))}, 4).__class__ is dict  # a full batch stays as it is
 
 
-def test_which_models_fix_their_batch() -> None:
+def test_which_models_fix_their_batch(tmp_path: Path) -> None:
     assert fixed_batch([TensorSpec("x", "float32", (1, 8)), TensorSpec("t", "float32", ())]) == 1
     assert fixed_batch([TensorSpec("x", "float32", ("batch", 8)), TensorSpec("table", "float32", (16,))]) is None
     assert fixed_batch([TensorSpec("t", "float32", ())]) is None
-    options, note = model_batch_size(VerifyOptions(batch_size=64), [TensorSpec("x", "float32", (1, 8))])
+    assert fixed_batch([TensorSpec("scales", "float32", (4,)), TensorSpec("x", "float32", (2, 8))],
+                       unbatched=("scales",)) == 2
+    specs = [TensorSpec("x", "float32", (1, 8))]
+    np.savez(tmp_path / "v.npz", x=np.zeros((3, 8), np.float32))
+    data = load_validation_data(tmp_path / "v.npz")
+    check_against(data, specs)
+    options, note = model_batch_size(VerifyOptions(batch_size=64), specs, data)
     assert options.batch_size == 1 and note is not None
-    assert model_batch_size(VerifyOptions(batch_size=1), [TensorSpec("x", "float32", (1, 8))]) == \
-        (VerifyOptions(batch_size=1), None)
+    assert model_batch_size(VerifyOptions(batch_size=1), specs, data) == (VerifyOptions(batch_size=1), None)
 
 
 def test_onnx_runtime_run_errors_keep_the_shape_mismatch_on_one_line(tmp_path: Path) -> None:

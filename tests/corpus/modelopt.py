@@ -234,9 +234,6 @@ def origin(path: str, changes: str = "") -> Origin:
     return Origin(MODELOPT, path, MODELOPT_COMMIT, APACHE, changes)
 
 
-NO_BATCH_AXIS = ("not in issue #24 as filed (cf. item 6): an input without a batch axis ('scales_input [4]') is "
-                 "refused with the per-sample rows the set holds ('has shape (16, 4), the model expects (4)')")
-
 ENTRIES = [
     Entry("mo_simple_gemm", origin(f"{AUTOCAST_TESTS}/test_autocast.py"), "Gemm/Add/Relu at opset 20, fixed batch 1",
           simple_gemm, Expect(planned=(Planned("Gemm", "fp16"),), min_low_mac_share=1.0)),
@@ -260,5 +257,5 @@ ENTRIES = [
           conv_batchnorm_sig_mul, Expect(planned=(Planned("Conv", "fp16"),), min_low_mac_share=1.0)),
     Entry("mo_resize_tensor_scales", origin(f"{AUTOCAST_TESTS}/test_precisionconverter.py"),
           "a second input without a batch dimension (Resize scales computed from it); fixed batch 1",
-          resize_tensor_scales, Expect(xfail=NO_BATCH_AXIS)),
+          resize_tensor_scales, Expect()),
 ]

@@ -312,9 +312,7 @@ ENTRIES = [
           Expect(planned=(Planned("Conv", "fp16"), Planned("Gemm", "fp16")), min_low_mac_share=1.0)),
     Entry("occ_subgraph_if", origin("tests/data/test_subgraph.onnx"),
           "scalar (rank-0) inputs and a graph output with no type (item 6); If with an outer-scope read",
-          subgraph_if, Expect(planned=(Planned("If", "fp32"),),
-                              xfail="issue #24 item 6: scalar inputs take one value for the whole set, even "
-                                    "where every input is a scalar: the per-sample values are refused")),
+          subgraph_if, Expect(planned=(Planned("If", "fp32"),))),
     Entry("occ_keras_crn", origin("tests/data/test_model_0_no_opt.onnx",
                                   "its layer pattern rebuilt at 1/10 the size, opset 11 -> 13, seeded weights"),
           "keras2onnx layout: NHWC transposes, Pad, BatchNormalization, ConvTranspose + cropping Slice, PRelu",

@@ -1,6 +1,7 @@
-"""Rank-0 (scalar) model inputs, such as a temperature: a scalar has no batch axis, so every batch feeds it one
-value. The validation data gives it as a 0-d array or an array of shape (1,) (that value for every batch), or one
-value per sample (N,) when they are all equal; anything else is one line saying why."""
+"""Model inputs without a batch axis: rank 0 (a temperature), or given one axis more than the model declares (Resize
+scales of shape (4) given as (N, 4)). The validation data gives one value for every sample (a 0-d array, one row,
+or N equal rows: it is fed once per batch), or a value per sample (N rows that differ: then no two samples can share a
+run, and each runs alone); anything else is one line saying why."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import mpexport
 from mpexport.base.errors import MpexportError
-from mpexport.base.specs import TensorSpec, batch_samples, sample_rows
+from mpexport.base.specs import OneSample, TensorSpec, batch_samples, real_rows, sample_rows
 from mpexport.data.base import check_against
 from mpexport.data.open import load_validation_data
 from tests.helpers import assert_bad_input, assert_nothing_written
@@ -67,17 +68,37 @@ def test_a_scalar_input_of_a_fixed_batch_model(cli, tmp_path: Path) -> None:
     assert report["samples"] == 5 and report["batches"] == 5
 
 
-@pytest.mark.parametrize(("temperature", "fragments"), [
-    (np.linspace(1, 2, SAMPLES).astype(np.float32), ("'temperature' holds different values (1.0 and", "scalar")),
-    (np.full((SAMPLES, 1), 2.0, np.float32), ("'temperature' has shape (10, 1)", "scalar (shape ())")),
-], ids=["different values", "(N, 1)"])
-def test_a_scalar_input_refuses_what_is_not_one_value(cli, tmp_path: Path, temperature: np.ndarray,
-                                                      fragments: tuple[str, ...]) -> None:
+def test_a_temperature_per_sample_runs_one_sample_per_run(cli, tmp_path: Path) -> None:
+    """Different values per sample for an input without a batch axis: no two samples can share a run, so each runs
+    alone, and each sample's output is compared with what the model gives that sample alone."""
     out = tmp_path / "out"
+    temperature = np.linspace(1, 2, SAMPLES).astype(np.float32)
     result = cli("convert", tempered(tmp_path / "m.onnx"), "--val-data", data(tmp_path / "v.npz", temperature),
                  "--out", out)
-    assert_bad_input(result, *fragments, "no batch axis")
+    assert result.exit_code == 0, result.stderr
+    assert "'temperature' has no batch axis and holds a different value per sample" in result.stdout
+    assert json.loads((out / "ranges.json").read_text())["samples"] == SAMPLES
+    result = cli("verify", out, "--json")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"] == SAMPLES and report["batches"] == SAMPLES
+    assert any("each run takes one sample (not --batch-size 64)" in note for note in report["notes"])
+
+
+def test_a_scalar_input_refuses_what_is_not_one_value(cli, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = cli("convert", tempered(tmp_path / "m.onnx"), "--val-data",
+                 data(tmp_path / "v.npz", np.full((SAMPLES, 1), 2.0, np.float32)), "--out", out)
+    assert_bad_input(result, "'temperature' has shape (10, 1)", "scalar (shape ())", "no batch axis")
     assert_nothing_written(out)
+
+
+def test_per_sample_values_need_a_model_that_takes_one_sample(tmp_path: Path) -> None:
+    """A value per sample means a run per sample: a model whose other input fixes a batch of 4 cannot take that."""
+    specs = [TensorSpec("x", "float32", (4, 8)), TensorSpec("temperature", "float32", ())]
+    source = load_validation_data(data(tmp_path / "v.npz", np.linspace(1, 2, SAMPLES).astype(np.float32)))
+    with pytest.raises(MpexportError, match="so each run takes one sample, but input 'x' fixes the batch at 4"):
+        check_against(source, specs)
 
 
 def test_one_value_for_a_per_sample_input_is_refused(tmp_path: Path) -> None:
@@ -144,3 +165,53 @@ def test_a_pytorch_model_with_a_scalar_input(tmp_path: Path) -> None:
     assert manifest["export_check"]["passed"] and manifest["export_check"]["comparison"]["samples"] == SAMPLES
     report = mpexport.verify(out)
     assert report.passed and report.samples == SAMPLES
+
+
+def scaled(path: Path) -> Path:
+    """x * scales: ``x`` (batch, 4) per sample, ``scales`` (4) with no batch axis."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "scales"], ["y"], name="mul")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("scales", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_rows_for_an_input_without_a_batch_axis(tmp_path: Path) -> None:
+    """(N, 4) for a (4) input: equal rows are one value fed to whole batches; differing rows make one-sample runs,
+    each fed its own row, whose outputs each gain a sample axis."""
+    specs = [TensorSpec("x", "float32", ("batch", 4)), TensorSpec("scales", "float32", (4,))]
+    x = np.arange(SAMPLES * 4, dtype=np.float32).reshape(SAMPLES, 4)
+    np.savez(tmp_path / "same.npz", x=x, scales=np.ones((SAMPLES, 4), np.float32))
+    same = load_validation_data(tmp_path / "same.npz")
+    check_against(same, specs)
+    assert same.unbatched == ("scales",) and same.one_sample_runs is None and same.whole_batches(specs)
+    assert [batch["scales"].shape for batch in same.batches(4, inputs=specs)] == [(4,)] * 3
+    np.savez(tmp_path / "rows.npz", x=x, scales=np.arange(SAMPLES * 4, dtype=np.float32).reshape(SAMPLES, 4))
+    rows = load_validation_data(tmp_path / "rows.npz")
+    check_against(rows, specs)
+    batches = list(rows.batches(4, inputs=specs))
+    assert len(batches) == SAMPLES == rows.batch_count(4) and rows.samples_before(4, 3) == 3
+    assert isinstance(batches[3], OneSample) and batches[3]["x"].shape == (1, 4)
+    assert batches[3]["scales"].tolist() == [12.0, 13.0, 14.0, 15.0] and sample_rows(batches[3], 0, 1) is batches[3]
+    assert [array.shape for array in real_rows([np.zeros(()), np.zeros((1, 4)), np.zeros(3)], batches[3])] == \
+        [(1,), (1, 4), (1, 3)]
+    np.savez(tmp_path / "short.npz", x=x, scales=np.ones((3, 4), np.float32))
+    with pytest.raises(MpexportError, match=r"disagree on the number of samples \(x: 10, scales: 3\)"):
+        load_validation_data(tmp_path / "short.npz")
+    np.savez(tmp_path / "wide.npz", x=x, scales=np.ones((SAMPLES, 5), np.float32))
+    with pytest.raises(MpexportError, match=r"'scales' has values of shape \(5,\), the model input is \(4\), with no "
+                                            "batch axis"):
+        check_against(load_validation_data(tmp_path / "wide.npz"), specs)
+
+
+def test_per_sample_rows_convert_and_verify(cli, tmp_path: Path) -> None:
+    np.savez(tmp_path / "v.npz", x=np.random.default_rng(2).standard_normal((6, 4)).astype(np.float32),
+             scales=np.random.default_rng(3).uniform(0.5, 2, (6, 4)).astype(np.float32))
+    out = tmp_path / "out"
+    assert cli("convert", scaled(tmp_path / "m.onnx"), "--val-data", tmp_path / "v.npz", "--out", out).exit_code == 0
+    result = cli("verify", out, "--batch-size", "4")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"] == 6 and report["batches"] == 6
