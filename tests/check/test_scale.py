@@ -153,7 +153,7 @@ def test_workers_that_built_different_backends_end_the_run() -> None:
     emulated = {"torch-fp32": {"state": "ran"}, "torch-amp": {"state": "ran", "mode": "cuda-fp16 emulated"},
                 "tensorrt": {"state": "skipped", "why": "no GPU"}}
     on_gpu = {**emulated, "torch-amp": {"state": "ran", "mode": "real CUDA autocast"}}
-    tally = Tally.start(["torch-fp32", "torch-amp"], ["output"], [], watch=None)
+    tally = Tally.start(["torch-fp32", "torch-amp"], ["output"], whole_batches=False, watch=None)
     _same_backends(shards, {0: (tally, emulated), 1: (tally, dict(emulated))})
     with pytest.raises(MpexportError, match=r"torch-amp was ran \(cuda-fp16 emulated\) for shard 0 \(samples "
                                             r"0-63\) and ran \(real CUDA autocast\) for shard 1"):
