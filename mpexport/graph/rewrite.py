@@ -172,10 +172,12 @@ class _Rewriter:
         precision = self.precisions.get(node.name or "")
         return onnx_type(precision or "")
 
-    def _float_slots(self, node: ir.Node) -> list[tuple[int, ir.Value]]:
-        fixed = {*FIXED_TYPE_INPUTS.get(node.op_type, ()), *fixed_type_slots(node, outputs=False)}
+    def _float_slots(self, node: ir.Node, *, fixed: bool = False) -> list[tuple[int, ir.Value]]:
+        """The node's floating-point inputs that take its precision (``fixed``: those whose type the op fixes,
+        Resize's ``scales``, a contrib op's FP32-only inputs)."""
+        slots = {*FIXED_TYPE_INPUTS.get(node.op_type, ()), *fixed_type_slots(node, outputs=False)}
         return [(index, value) for index, value in enumerate(node.inputs)
-                if value is not None and value.dtype in FLOAT_ONNX_TYPES and index not in fixed]
+                if value is not None and value.dtype in FLOAT_ONNX_TYPES and (index in slots) == fixed]
 
     def _initializer_demand(self) -> dict[str, set[ir.DataType]]:
         demand: dict[str, set[ir.DataType]] = {}
@@ -187,6 +189,8 @@ class _Rewriter:
                 demand.setdefault(value.name, set()).add(dtype)
 
         for node in self.graph:
+            for _, value in self._float_slots(node, fixed=True):
+                read_as(value, value.dtype)  # a slot of fixed type reads the weight as it is
             target = self._target(node)
             if target is None or node.op_type == "Cast":
                 for _, value in self._float_slots(node):

@@ -111,6 +111,24 @@ def test_writer_keeps_fixed_type_inputs(tmp_path: Path) -> None:
     assert out.shape == (1, 1, 4, 4)
 
 
+def test_a_weight_read_by_a_fixed_type_slot_and_a_low_node_keeps_its_type_for_the_slot(tmp_path: Path) -> None:
+    """Resize's scales must stay FLOAT; the same initializer also scales the image in FP16: the Mul gets its own FP16
+    form (it was converted in place for both, and ONNX Runtime refused the Resize)."""
+    nodes = [helper.make_node("Resize", ["x4", "", "scales"], ["r"], name="resize", mode="nearest"),
+             helper.make_node("Mul", ["x4", "scales"], ["m"], name="mul")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x4", TensorProto.FLOAT, [1, 1, 2, 4])],
+                              [helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 1, 4, 8]),
+                               helper.make_tensor_value_info("m", TensorProto.FLOAT, [1, 1, 2, 4])],
+                              [onnx.numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")])
+    model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    report = apply_plan(model, {"resize": "fp16", "mul": "fp16"})
+    assert model.graph.initializers["scales"].dtype == ir.DataType.FLOAT and report.initializers_duplicated == \
+        ["scales"]
+    x = np.arange(8, dtype=np.float32).reshape(1, 1, 2, 4)
+    resized, scaled = run(model, tmp_path, {"x4": x})
+    assert resized.shape == (1, 1, 4, 8) and np.array_equal(scaled, x * np.array([1, 1, 2, 2], np.float32))
+
+
 @pytest.mark.parametrize("example", ["digits_resnet", "digits_transformer"])
 def test_bundled_examples_mixed_models(tmp_path: Path, example: str) -> None:
     val = MODELS / f"{example}.val.npz"
