@@ -25,6 +25,20 @@ def pytest_configure(config: pytest.Config) -> None:
         limit_threads(1)
 
 
+LONGEST_FIRST = ("tests/check/test_scale.py", "tests/commands/test_convert.py", "tests/precision/test_plan.py",
+                 "tests/graph/test_rewrite.py", "tests/check/test_verify.py", "tests/sources/test_training_records.py",
+                 "tests/deploy/test_package.py", "tests/corpus/test_corpus.py")
+"""The files that take longest (``--durations=0``, summed per file): under ``--dist loadfile`` a worker takes a whole
+file, in collection order, so the longest go first and the short ones fill in behind them (a long file taken last
+would leave the other worker idle at the end)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The files of :data:`LONGEST_FIRST` first, in that order; every file's tests keep their order."""
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
+
 @pytest.fixture(scope="module")
 def digits() -> dict[str, np.ndarray]:
     """The bundled digits validation set: pixels (N x 1 x 8 x 8) and labels."""

@@ -220,17 +220,6 @@ def local_ray(ray: Any) -> Iterator[None]:
     ray.shutdown()
 
 
-def test_cli_verify_ray_writes_the_report(cli, bundle: Path, tmp_path: Path, local_ray: None) -> None:
-    copy = tmp_path / "resnet"
-    shutil.copytree(bundle, copy)
-    result = cli("verify", copy, "--ray", "--workers", "2", "--json")
-    assert result.exit_code == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["verdict"] == "pass" and report["samples"] == 360
-    assert any(note.startswith("ran on Ray: ") for note in report["notes"])
-    assert json.loads((copy / "manifest.json").read_text())["verify"]["verdict"] == "pass"
-
-
 def test_a_shard_that_raises_fails_the_run_naming_it(cli, bundle: Path, tmp_path: Path, digits: dict[str, np.ndarray],
                                                      local_ray: None) -> None:
     copy = tmp_path / "resnet"
@@ -268,17 +257,21 @@ def test_ray_options_without_ray_or_with_data_workers_cannot_read(cli, bundle: P
     assert_bad_input(result, "verify --ray needs validation data on disk")
 
 
-def test_verify_on_ray_uses_the_fixed_batch_and_keeps_the_last_samples(tmp_path: Path, local_ray: None) -> None:
-    """Ray's shards are runs of the model's batches: 10 samples in batches of 4 on 2 workers, the report a single
-    process gives."""
+def test_cli_verify_ray_writes_the_report_of_the_fixed_batch(cli, tmp_path: Path, local_ray: None) -> None:
+    """``verify --ray`` from the command line writes the report and the verdict; Ray's shards are runs of the model's
+    batches: 10 samples in batches of 4 (the last padded) on 2 workers, the report a single process gives."""
     import mpexport
     from tests.check.test_fixed_batch import linear_softmax, samples
 
     out = tmp_path / "out"
     mpexport.convert(linear_softmax(tmp_path / "m.onnx", 4), out=out, val_data=samples(tmp_path / "v.npz", 10))
     alone = mpexport.verify(out, write=False)
-    spread = mpexport.verify(out, write=False, ray=RayOptions(workers=2, batches_per_shard=2))
-    assert (spread.verdict, spread.samples, spread.batches) == (alone.verdict, alone.samples, alone.batches) == \
-        ("pass", 10, 3)
-    assert spread.options["batch_size"] == 4
-    assert any("fixes its batch size at 4" in note for note in spread.notes)
+    result = cli("verify", out, "--ray", "--workers", "2", "--json")
+    assert result.exit_code == 0, result.stderr
+    spread = json.loads(result.stdout)
+    assert (spread["verdict"], spread["samples"], spread["batches"]) == (alone.verdict, alone.samples, alone.batches) \
+        == ("pass", 10, 3)
+    assert spread["options"]["batch_size"] == 4
+    assert any("fixes its batch size at 4" in note for note in spread["notes"])
+    assert any(note.startswith("ran on Ray: ") for note in spread["notes"])
+    assert json.loads((out / "manifest.json").read_text())["verify"]["verdict"] == "pass"
