@@ -22,6 +22,7 @@ from mpexport.cli.render import (
     StageProgress,
     print_convert,
     print_inspect,
+    print_notes,
     print_repair,
     print_verify,
     stderr,
@@ -362,8 +363,7 @@ def package(directory: str, repository_format: str, out: str, name: str | None, 
                             allow_unverified=allow_unverified, force=force)
     for model_name, platform in result.models.items():
         stdout.print(f"{result.out}/{model_name}: {platform}")
-    for note in result.notes:
-        stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    print_notes(result.notes)
 
 
 @main.command()

@@ -110,7 +110,12 @@ def print_convert(result: Any) -> None:
             io.add_row(kind, spec.name, spec.dtype, "(" + ", ".join(map(str, spec.shape)) + ")")
     stdout.print(io)
     print_stages(manifest.stages.get("convert", []))
-    for note in result.notes:
+    print_notes(result.notes)
+
+
+def print_notes(notes: list[str]) -> None:
+    """Each note on its own line, ``note:`` first."""
+    for note in notes:
         stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
 
 
@@ -134,14 +139,16 @@ def print_repair(result: Any, directory: str) -> None:
         stdout.print(f"[green]nothing to repair:[/] {directory} passes verify")
         return
     if result.status == "too costly":
-        stdout.print(f"[red]not committed[/]: {escape(' '.join(result.notes))}; the set: "
-                     f"{', '.join(result.nodes)}", soft_wrap=True)
+        stdout.print(f"[red]not committed[/]: {escape(result.why or '')}; the set: {', '.join(result.nodes)}",
+                     soft_wrap=True)
+        print_notes(result.notes)
         return
     if result.status != "repaired":
-        stdout.print(f"[red]no repair found[/] after {result.trials} trials: {escape(' '.join(result.notes))}",
+        stdout.print(f"[red]no repair found[/] after {result.trials} trials: {escape(result.why or '')}",
                      soft_wrap=True)
         for line in result.tried[-15:]:
             stdout.print(f"  {escape(line)}", soft_wrap=True)
+        print_notes(result.notes)
         return
     macs = result.macs
     share = (f"; low-precision MAC share {macs['low_precision_share_before']:.1%} -> "
@@ -157,8 +164,7 @@ def print_repair(result: Any, directory: str) -> None:
     stdout.print(table)
     if result.modules:
         stdout.print(f"as modules: {', '.join(result.modules)}; policy file: {directory}/repair.policy.toml")
-    for note in result.notes:
-        stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    print_notes(result.notes)
     stdout.print(f"verify now: [green]{result.report.verdict.upper()}[/] on {result.report.samples} samples")
 
 
@@ -232,8 +238,7 @@ def print_verify(report: Any, directory: str | None) -> None:
         stdout.print(f"[red]first out of budget:[/] {row['node']} ({row['op_type']}, module "
                      f"{row.get('module')!s}, {row.get('precision')}): {escape(row['observed'])}"
                      + (f" — plan: {escape(row['reason'])}" if row.get("reason") else ""), soft_wrap=True)
-    for note in report.notes:
-        stdout.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    print_notes(report.notes)
     print_stages(report.stages)
     if directory:
         stdout.print(f"report: {directory}/report.json, {directory}/report.html")

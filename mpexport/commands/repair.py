@@ -63,7 +63,8 @@ MIN_KEPT_SHARE = 0.5
 @dataclass
 class RepairResult:
     """What ``repair`` found and did: ``status`` is ``repaired``, ``already passing``, ``not found`` or ``too costly``
-    (a passing set was found but moves most of the low-precision work to FP32; nothing committed)."""
+    (a passing set was found but moves most of the low-precision work to FP32; nothing committed); ``why`` says why
+    nothing was committed (the last two), ``notes`` what else the run noticed."""
 
     status: str
     added_fp32: list[dict[str, Any]] = field(default_factory=list)
@@ -77,6 +78,7 @@ class RepairResult:
     tried: list[str] = field(default_factory=list)
     report: ParityReport | None = None
     notes: list[str] = field(default_factory=list)
+    why: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -89,7 +91,7 @@ class RepairResult:
                 "trials": self.trials, "seconds": round(self.seconds, 2),
                 "trials_per_second": round(self.trials / self.seconds, 2) if self.seconds else None,
                 "before": self.before, "after": self.after, "macs": self.macs, "tried": self.tried,
-                "notes": self.notes}
+                "why": self.why, "notes": self.notes}
 
 
 def repair(directory: str | Path, *, val_data: str | Path | None = None, options: VerifyOptions | None = None,
@@ -126,7 +128,7 @@ def repair(directory: str | Path, *, val_data: str | Path | None = None, options
                           before=_summary(baseline, strict), seconds=time.perf_counter() - started)
     result.notes += [note] if note else []
     if found is None:
-        result.notes.append(search.why)
+        result.why = search.why
         return result
     keep, repaired, report, mixed_dir = found
     try:
@@ -135,7 +137,7 @@ def repair(directory: str | Path, *, val_data: str | Path | None = None, options
         costly = _too_costly(result.macs)
         if costly and not allow_costly:
             result.status = "too costly"
-            result.notes.append(costly)
+            result.why = costly
             return result
         report.stages = clock.stages
         _commit(bundle, repaired, result, report, mixed_dir, policy_file_text(plan, result))

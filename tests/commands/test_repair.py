@@ -153,7 +153,8 @@ def test_a_repair_that_moves_most_of_the_work_to_fp32_is_not_committed(cli, bund
     monkeypatch.setattr(repair, "MIN_KEPT_SHARE", 0.95)
     before = (bundle_copy / "manifest.json").read_bytes()
     result = cli("repair", bundle_copy)
-    assert result.exit_code == 1 and "not committed" in result.stdout and "node_mul_15" in result.stdout
+    assert result.exit_code == 1 and "not committed: the set that passes moves" in result.stdout and "node_mul_15" in \
+        result.stdout
     assert (bundle_copy / "manifest.json").read_bytes() == before
     assert cli("repair", bundle_copy, "--allow-costly").exit_code == 0
 
