@@ -72,6 +72,26 @@ def computed_op(node: ir.Node, recorded: str) -> str | None:
     return None if produced else computes.stand_in.format(rank=_spatial_rank(node))
 
 
+WEIGHT_INPUT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+"""Where the op types a BatchNorm is folded into take their weight."""
+
+
+def weight_owner(node: ir.Node, recorded_module: str | None) -> str | None:
+    """The module a fused node computes with (the Conv a BatchNorm was folded into), where the node recorded the
+    fused-away module: the owner of its weight, an initializer named after a parameter (``layer1.0.conv1.weight``:
+    ``layer1.0.conv1``) of a module beside the recorded one (the same parent: ``layer1.0.bn1``). None when the weight
+    says nothing (not an initializer, another name, another container)."""
+    index = WEIGHT_INPUT.get(node.op_type)
+    weight = node.inputs[index] if index is not None and len(node.inputs) > index else None
+    if weight is None or not weight.is_initializer() or not weight.name or recorded_module is None:
+        return None
+    owner, _, parameter = weight.name.rpartition(".")
+    if not owner or parameter != "weight" or owner == recorded_module:
+        return None
+    parent = recorded_module.rpartition(".")[0]
+    return owner if owner.rpartition(".")[0] == parent else None
+
+
 def rewrite_rules(node: ir.Node) -> str | None:
     """The optimizer rules that made ``node`` as it recorded them (``FuseBatchNormIntoConv``), if any."""
     return node.metadata_props.get(REWRITE_RULE) or None

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from mpexport.bundle.names import PROVENANCE
 from mpexport.bundle.store import Bundle
-from mpexport.capture.fused import computed_op, rewrite_rules
+from mpexport.capture.fused import computed_op, rewrite_rules, weight_owner
 from mpexport.capture.fxfacts import FxFacts
 from mpexport.graph.walk import walk
 
@@ -125,9 +125,10 @@ def _from_metadata(name: str, node: ir.Node) -> NodeProvenance:
     if op.startswith("<built-in") or "." not in op:
         return NodeProvenance(name, node.op_type, module, module_class, None, "symbolic shape arithmetic")
     computed = computed_op(node, op)
-    if computed is not None:
-        return NodeProvenance(name, node.op_type, module, module_class, computed, fused=(op,),
-                              fused_by=rewrite_rules(node))
+    if computed is not None:  # the module is the one whose weight it computes with (the Conv's, not the BN's)
+        owner = weight_owner(node, module)
+        return NodeProvenance(name, node.op_type, owner or module, None if owner else module_class, computed,
+                              fused=(op,), fused_by=rewrite_rules(node))
     return NodeProvenance(name, node.op_type, module, module_class, op)
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import mpexport
-from mpexport.capture.fused import computed_op
+from mpexport.capture.fused import computed_op, weight_owner
 from mpexport.capture.provenance import collect_provenance, read_provenance
 from mpexport.precision.agreement import plan_agreement
 from mpexport.precision.plan import PrecisionPlan
@@ -57,6 +57,21 @@ def node(op_type: str, weight_rank: int = 4) -> ir.Node:
 ])
 def test_the_op_a_fused_node_computes(op_type: str, rank: int, recorded: str, expected: str | None) -> None:
     assert computed_op(node(op_type, rank), recorded) == expected
+
+
+@pytest.mark.parametrize(("weight", "recorded", "expected"), [
+    ("layer1.0.conv1.weight", "layer1.0.bn1", "layer1.0.conv1"),
+    ("conv.weight", "bn", "conv"),
+    ("layer2.0.conv1.weight", "layer1.0.bn1", None),  # another container: not the BatchNorm's neighbour
+    ("layer1.0.conv1.bias", "layer1.0.bn1", None),  # not a weight
+    ("val_17", "layer1.0.bn1", None),  # an optimizer's name says nothing
+])
+def test_a_fused_node_takes_the_module_of_its_weight(weight: str, recorded: str, expected: str | None) -> None:
+    graph = ir.Graph([ir.Value(name="x")], [], nodes=[], initializers=[
+        ir.Value(name=weight, const_value=ir.tensor(np.zeros((2, 2, 1, 1), np.float32)))])
+    fused = ir.Node("", "Conv", [graph.inputs[0], graph.initializers[weight]], graph=graph)
+    assert weight_owner(fused, recorded) == expected
+    assert weight_owner(ir.Node("", "Conv", [ir.Value(name="x"), ir.Value(name=weight)]), recorded) is None
 
 
 class Fusions(nn.Module):
@@ -136,6 +151,10 @@ def test_every_fusion_of_the_exporter_plans_as_its_pt2(tmp_path: Path) -> None:
     assert set(records) == {"Conv", "ConvTranspose", "Gemm"}, records  # what the BatchNorms were folded into
     assert records["ConvTranspose"].aten == "aten.conv_transpose2d.input"
     assert records["Gemm"].aten == "aten.linear"
+    # each takes the module whose weight it computes with, not the folded BatchNorm's
+    fused = [(record.op_type, record.module) for record in collect_provenance(ir.load(str(files["onnx"])))
+             if record.fused]
+    assert fused == [("Conv", "conv"), ("ConvTranspose", "up"), ("Gemm", "fc"), ("Conv", "conv1d")], fused
     for record in records.values():
         assert record.fused == ("aten._native_batch_norm_legit_no_training.default",), record
         assert record.fused_by is not None and "FuseBatchNormInto" in record.fused_by
