@@ -95,6 +95,19 @@ class ParityReport:
         }
 
 
+def trained_accuracy_line(trained: Mapping[str, Any]) -> str:
+    """One sentence on :func:`trained_accuracy`'s result: the recorded accuracy and its evidence, whether it was
+    measured on verify's data, and what the reference scores here."""
+    def percent(value: Any) -> str:
+        return f"{value:.1%}" if isinstance(value, (int, float)) else "not measured (no labels)"
+
+    recorded = trained.get("recorded_accuracy")
+    same = {True: "the same data", False: "other data (SHA-256 differs)", None: "data it does not identify by SHA-256"}
+    return (f"trained accuracy: {percent(recorded) if recorded is not None else 'none'} recorded "
+            f"({trained.get('evidence')}), on {same[trained.get('same_data')]}; {trained.get('reference')} scores "
+            f"{percent(trained.get('reference_accuracy'))} here")
+
+
 def trained_accuracy(recorded: Mapping[str, Any], reference: str, measured: float | None,
                      data_sha256: str | None) -> tuple[dict[str, Any], str | None]:
     """The training record's validation accuracy (the form of :mod:`mpexport.sources.accuracy`) beside the

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from mpexport.check.report import trained_accuracy_line
+
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
 WIDTH, HEIGHT, PAD = 460, 220, 36
 
@@ -25,8 +27,11 @@ def render_html(report: Any) -> str:
         "</style></head><body>",
         f"<h1>Parity report: <span class='{verdict}'>{verdict.upper()}</span></h1>",
         f"<p>{report.samples} samples from <code>{html.escape(report.data)}</code>; reference "
-        "<b>torch-fp32</b>.</p>",
+        f"<b>{html.escape(report.reference)}</b>.</p>",
     ]
+    if report.trained:
+        warn = " class='fail'" if report.trained.get("likely_not_trained_model") else ""
+        parts.append(f"<p{warn}>{html.escape(trained_accuracy_line(report.trained))}</p>")
     if report.failures:
         parts.append("<h2>Failures</h2><ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in report.failures)
                      + "</ul>")

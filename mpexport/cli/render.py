@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from mpexport.check.report import trained_accuracy_line
+
 PIPE_WIDTH = 140
 """Width of tables written to a pipe or file (a terminal uses its own width)."""
 
@@ -193,15 +195,8 @@ class BatchProgress:
 
 def print_trained_accuracy(trained: dict[str, Any]) -> None:
     """The accuracy the training record reports beside the FP32 reference's on verify's labels, and whether the
-    record measured the same data."""
-    def percent(value: Any) -> str:
-        return f"{value:.1%}" if isinstance(value, (int, float)) else "not measured (no labels)"
-
-    recorded = trained.get("recorded_accuracy")
-    same = {True: "the same data", False: "other data (SHA-256 differs)", None: "data it does not identify by SHA-256"}
-    line = (f"trained accuracy: {percent(recorded) if recorded is not None else 'none'} recorded "
-            f"({trained.get('evidence')}), on {same[trained.get('same_data')]}; {trained.get('reference')} scores "
-            f"{percent(trained.get('reference_accuracy'))} here")
+    record measured the same data (:func:`mpexport.check.report.trained_accuracy_line`)."""
+    line = trained_accuracy_line(trained)
     colour = "yellow" if trained.get("likely_not_trained_model") else "default"
     stdout.print(f"[{colour}]{escape(line)}[/]", soft_wrap=True)
 

@@ -83,6 +83,7 @@ def test_a_temperature_per_sample_runs_one_sample_per_run(cli, tmp_path: Path) -
     report = json.loads((out / "report.json").read_text())
     assert report["samples"] == SAMPLES and report["batches"] == SAMPLES
     assert any("each run takes one sample (not --batch-size 64)" in note for note in report["notes"])
+    assert "reference <b>onnx-fp32</b>" in (out / "report.html").read_text()  # no PyTorch model: the FP32 ONNX
 
 
 def test_a_scalar_input_refuses_what_is_not_one_value(cli, tmp_path: Path) -> None:

@@ -146,3 +146,5 @@ def test_verify_notes_a_model_that_is_not_the_one_trained(cli, tmp_path: Path,
     table = cli("verify", out)
     assert "trained accuracy:" in table.stdout and "the same data" in table.stdout
     assert "likely not the model trained" in table.stdout
+    page = (out / "report.html").read_text()
+    assert "<p class='fail'>trained accuracy:" in page and "reference <b>torch-fp32</b>" in page
