@@ -17,6 +17,7 @@ import torch
 
 from mpexport.backends.torch import flatten_outputs
 from mpexport.base.dtypes import PRECISIONS, torch_dtype
+from mpexport.base.errors import first_line
 from mpexport.base.specs import Batch
 from mpexport.capture.fxfacts import WRAP_WITH_AUTOCAST, op_name
 from mpexport.precision.oracle import observe_autocast
@@ -57,7 +58,14 @@ class TorchAmpRunner:
                 if self.device == "cuda":
                     tensors = {name: tensor.to("cuda") for name, tensor in tensors.items()}
                 with torch.autocast(self.device, dtype=self.dtype):
-                    result = model(*tensors.values()) if self.loaded.positional else model(**tensors)
+                    try:
+                        result = model(*tensors.values()) if self.loaded.positional else model(**tensors)
+                    except RuntimeError as exc:
+                        if self.device == "cpu" and "primitive descriptor" in str(exc):
+                            raise RuntimeError(f"this CPU's oneDNN has no {str(self.dtype).removeprefix('torch.')} kernel for an op of the model "
+                                               "(low-precision LSTMs and some convolutions need AVX-512): real CPU "
+                                               f"autocast cannot run it here ({first_line(exc, 120)})") from exc
+                        raise
         return [leaf.detach().float().cpu().numpy() for leaf in flatten_outputs(result)]
 
 
