@@ -62,11 +62,16 @@ class TorchAmpRunner:
                         result = model(*tensors.values()) if self.loaded.positional else model(**tensors)
                     except RuntimeError as exc:
                         if self.device == "cpu" and "primitive descriptor" in str(exc):
-                            raise RuntimeError(f"this CPU's oneDNN has no {str(self.dtype).removeprefix('torch.')} kernel for an op of the model "
-                                               "(low-precision LSTMs and some convolutions need AVX-512): real CPU "
-                                               f"autocast cannot run it here ({first_line(exc, 120)})") from exc
+                            raise _no_cpu_kernel(exc, self.dtype) from exc
                         raise
         return [leaf.detach().float().cpu().numpy() for leaf in flatten_outputs(result)]
+
+
+def _no_cpu_kernel(exc: RuntimeError, dtype: torch.dtype) -> RuntimeError:
+    """oneDNN's refusal of a low-precision op this CPU has no kernel for, said as what it means."""
+    name = str(dtype).removeprefix("torch.")
+    return RuntimeError(f"this CPU's oneDNN has no {name} kernel for an op of the model (low-precision LSTMs and some "
+                        f"convolutions need AVX-512): real CPU autocast cannot run it here ({first_line(exc, 120)})")
 
 
 def _tensors(batch: Batch, names: list[str]) -> dict[str, torch.Tensor]:
