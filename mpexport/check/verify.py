@@ -43,6 +43,7 @@ from mpexport.check.report import STAGE, ParityReport, VerifyOptions, trained_ac
 from mpexport.check.tally import Tally
 from mpexport.data.base import ValidationData, check_against
 from mpexport.data.open import load_validation_data
+from mpexport.graph.constants import ChangedConstant, changed_constants
 from mpexport.graph.emulate import load_strict_emulation
 from mpexport.graph.specs import graph_specs
 from mpexport.sources.loading import load_model
@@ -129,9 +130,10 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
     data = load_validation_data(val_data, columns=options.columns or None)
     candidate = Path(candidate)
     try:
-        graph = ir.load(str(candidate)).graph
+        candidate_model = ir.load(str(candidate))
     except Exception as exc:  # noqa: BLE001 - an unreadable candidate is bad input
         raise MpexportError(f"'{candidate}' is not a readable ONNX model: {first_line(exc)}", stage=STAGE) from None
+    graph = candidate_model.graph
     # the candidate's inputs (an IR-3 model lists its weights as inputs too) with its shapes, fed in the data's types
     weights = set(graph.initializers)
     shapes = {spec.name: spec.shape for spec in graph_specs(graph.inputs) if spec.name not in weights}
@@ -141,8 +143,9 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
     names = [spec.name for spec in specs]
     example = next(data.batches(options.batch_size, limit=options.batch_size, inputs=specs))
     backends = Backends()
+    changed = []
     if loaded.format == FORMAT_ONNX:
-        _onnx_reference(backends, loaded.path, policy)
+        changed = changed_constants(_onnx_reference(backends, loaded.path, policy), candidate_model)
     else:
         backends.reference(TorchRunner(loaded.callable(), names, positional=loaded.positional))
         backends.add(AMP, lambda: TorchAmpRunner(loaded, names, policy, example))
@@ -153,6 +156,8 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
                   gated=("onnx-candidate", strict), required=("onnx-candidate", strict), watch=strict)
     if batch_note:
         report.notes.append(batch_note)
+    if changed:
+        report.notes.append(_changed_note(changed))
     if not report.passed and report.ran(strict):
         batch = report.worst.batch if report.worst is not None and report.worst.batch is not None else example
         report.localisation, note = localise(None, candidate, batch, {}, low=low)
@@ -161,9 +166,17 @@ def verify_candidate(reference: str | Path, candidate: str | Path, val_data: str
     return report
 
 
-def _onnx_reference(backends: Backends, path: Path, policy: str) -> None:
+def _changed_note(changed: list[ChangedConstant]) -> str:
+    """The note on constants the converter changed beyond rounding (:mod:`mpexport.graph.constants`)."""
+    shown = "; ".join(item.describe() for item in changed[:4])
+    more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
+    return (f"{len(changed)} of the candidate's constants are not the reference's rounded to their type: the "
+            f"converter changed what the model computes, which this data may not show: {shown}{more}")
+
+
+def _onnx_reference(backends: Backends, path: Path, policy: str) -> ir.Model:
     """An FP32 ONNX as the reference (``onnx-fp32``) and its training emulation (``onnx-amp``) as the noise floor;
-    a one-line error when it is not an FP32 model ONNX Runtime can run."""
+    a one-line error when it is not an FP32 model ONNX Runtime can run. Returns the model read."""
     from mpexport.capture.onnxinput import drop_initializer_inputs, provenance_kind, read_fp32_onnx
     from mpexport.capture.provenance import collect_provenance
 
@@ -173,6 +186,7 @@ def _onnx_reference(backends: Backends, path: Path, policy: str) -> None:
     records = collect_provenance(model, "exporter" if kind == "exporter" else "scope")
     backends.reference(OrtRunner(path, name=ONNX_FP32))
     backends.add(ONNX_AMP, lambda: training_emulation(model, path.parent, records, policy))
+    return model
 
 
 def _run(backends: Backends, data: ValidationData, specs: list[TensorSpec], names: list[str],
