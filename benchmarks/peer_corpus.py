@@ -14,7 +14,7 @@
    and by ModelOpt's AutoCast with its defaults (``convert_to_mixed_precision(onnx_path, keep_io_types=True)``;
    AutoCast's reference runner is given the validation inputs, since its default random inputs are not token
    ids), each judged with ``mpexport verify --reference fp32.onnx --candidate X.onnx --val-data V``: the verdict and
-   the worst metric against its budget.
+   the worst metric against its budget, and the constants the converter changed beyond rounding (verify's note).
 
 ModelOpt's ``nvidia-modelopt[onnx]`` pulls onnxruntime-gpu and an older onnx, which would replace the venv's; put
 its pure-Python parts in a separate directory instead and name it:
@@ -149,6 +149,7 @@ def judge_candidate(name: str, fp32: Path, candidate: Path, val: Path) -> dict:
         return row
     row["verdict"], row["worst"] = report.get("verdict"), worst_metric(report)
     row["failures"] = report.get("failures")
+    row["changed_constants"] = next((note for note in report.get("notes", []) if "constants are not" in note), None)
     return row
 
 
@@ -219,6 +220,8 @@ def judges(work: Path, modelopt_path: str | None) -> list[dict]:
             loads = "" if row.get("ort_loads", True) else f" [ONNX Runtime cannot load it: {row.get('ort_error')}]"
             print(f"  {row['converter']:<22} verify exit {row.get('verify_exit', '-')}, verdict {row['verdict']}: "
                   f"{row['worst']}{loads}")
+            if row.get("changed_constants"):
+                print(f"  {'':<22} {row['changed_constants']}")
         rows += found
     return rows
 

@@ -71,6 +71,7 @@ def main() -> None:
         model, batch = resnet(args.width), torch.randn(args.batch, 3, 224, 224)
     step_times(model, batch, 2, None)  # warm-up
     plain = statistics.median(step_times(model, batch, args.steps, None))
+    print(f"{args.model}: plain step {plain * 1e3:.1f} ms (median of {args.steps})", flush=True)
     sampled = statistics.median(step_times(model, batch, args.steps, 1))
     average = (sampled + (args.every - 1) * plain) / args.every  # unsampled steps install nothing
     print(f"{args.model}: plain step {plain * 1e3:.1f} ms, sampled step {sampled * 1e3:.1f} ms "

@@ -304,12 +304,13 @@ def _one_sample_runs(inputs: list[TensorSpec], unbatched: list[TensorSpec],
     fixed = [spec for spec in inputs if spec not in unbatched and isinstance(spec.shape[0], int) and
              spec.shape[0] != 1]
     names = ", ".join(f"'{name}'" for name in varying)
+    what = (f"input {names} has no batch axis and holds" if len(varying) == 1 else
+            f"inputs {names} have no batch axis and hold") + " a different value per sample"
     if fixed:
-        raise MpexportError(f"input {names} has no batch axis and holds a different value per sample, so each run "
-                            f"takes one sample, but input '{fixed[0].name}' fixes the batch at {fixed[0].shape[0]}",
-                            stage=STAGE, hint="give it one value for every sample, or export the model with a "
-                            "dynamic batch")
-    return (f"input {names} has no batch axis and holds a different value per sample: each run takes one sample")
+        raise MpexportError(f"{what}, so each run takes one sample, but input '{fixed[0].name}' fixes the batch at "
+                            f"{fixed[0].shape[0]}", stage=STAGE,
+                            hint="give one value for every sample, or export the model with a dynamic batch")
+    return f"{what}: each run takes one sample"
 
 
 def _rows_differ(array: np.ndarray) -> bool:
