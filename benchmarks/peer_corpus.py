@@ -149,7 +149,8 @@ def judge_candidate(name: str, fp32: Path, candidate: Path, val: Path) -> dict:
         return row
     row["verdict"], row["worst"] = report.get("verdict"), worst_metric(report)
     row["failures"] = report.get("failures")
-    row["changed_constants"] = next((note for note in report.get("notes", []) if "constants are not" in note), None)
+    row["changed_constants"] = next((note for note in report.get("notes", [])
+                                     if "of the candidate's constants" in note), None)
     return row
 
 

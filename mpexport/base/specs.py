@@ -184,14 +184,16 @@ def sample_rows(batch: Batch, start: int, stop: int) -> Batch:
     return {name: array[start:stop] if np.ndim(array) else array for name, array in batch.items()}
 
 
-def pad_batch(batch: Batch, size: int) -> Batch:
+def pad_batch(batch: Batch, size: int, unbatched: Collection[str] = ()) -> Batch:
     """``batch`` filled up to ``size`` samples by repeating its samples in order (a model with a fixed batch size
-    takes no shorter batch): a :class:`PaddedBatch` saying how many are real; ``batch`` itself when it is full."""
+    takes no shorter batch): a :class:`PaddedBatch` saying how many are real; ``batch`` itself when it is full. The
+    ``unbatched`` arrays (one value for the batch, whatever their length) are kept as they are."""
     samples = batch_samples(batch)
     if samples >= size:
         return batch
     rows = np.arange(size) % samples
-    return PaddedBatch({name: array[rows] if np.ndim(array) and len(array) == samples else array
+    return PaddedBatch({name: array[rows] if np.ndim(array) and len(array) == samples and name not in unbatched
+                        else array
                         for name, array in batch.items()}, samples, size)
 
 

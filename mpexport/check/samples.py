@@ -17,7 +17,7 @@ from mpexport.check.metrics import CHUNK_ELEMENTS
 class WorstSample:
     """The sample whose outputs a backend got most wrong so far: the most non-finite values where the reference
     is finite, then the largest error relative to the reference's magnitude. Localisation runs on it (on its
-    whole batch for a model with a fixed batch size)."""
+    whole batch where batches run only whole: a model with a fixed batch size, an input without a batch axis)."""
 
     whole_batch: bool
     batch: Batch | None = None
@@ -26,8 +26,9 @@ class WorstSample:
 
     def consider(self, batch: Batch, expected: list[np.ndarray], actual: list[np.ndarray], first: int) -> None:
         """Fold one batch's outputs in (the real samples' rows: see :func:`mpexport.base.specs.real_rows`); ``first``
-        is the global index of its first sample. A fixed-batch model's worst sample keeps its whole batch, padding
-        included (the model runs on no other), the others their one sample (rank-0 inputs whole)."""
+        is the global index of its first sample. Where batches run only whole (``whole_batch``) the worst sample
+        keeps its whole batch, padding included (the model runs on no other), elsewhere its one sample (rank-0
+        inputs whole)."""
         count = batch_samples(batch)
         broken = np.zeros(count, np.int64)
         error = np.zeros(count)

@@ -170,8 +170,8 @@ def _changed_note(changed: list[ChangedConstant]) -> str:
     """The note on constants the converter changed beyond rounding (:mod:`mpexport.graph.constants`)."""
     shown = "; ".join(item.describe() for item in changed[:4])
     more = f"; and {len(changed) - 4} more" if len(changed) > 4 else ""
-    return (f"{len(changed)} of the candidate's constants are not the reference's rounded to their type: the "
-            f"converter changed what the model computes, which this data may not show: {shown}{more}")
+    return (f"{len(changed)} of the candidate's constants are not the reference's rounded to their type (a clamped "
+            f"or rewritten value changes what the model computes, which this data may not show): {shown}{more}")
 
 
 def _onnx_reference(backends: Backends, path: Path, policy: str) -> ir.Model:

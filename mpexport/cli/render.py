@@ -146,7 +146,7 @@ def print_repair(result: Any, directory: str) -> None:
         print_notes(result.notes)
         return
     if result.status != "repaired":
-        stdout.print(f"[red]no repair found[/] after {result.trials} trials: {escape(result.why or '')}",
+        stdout.print(f"[red]no repair found[/] after {result.trials} trials: {escape(result.why or 'no set passed')}",
                      soft_wrap=True)
         for line in result.tried[-15:]:
             stdout.print(f"  {escape(line)}", soft_wrap=True)

@@ -140,7 +140,7 @@ def fp32_stage(bundle: Bundle, request: FP32Request, clock: StageClock,
         bundle.manifest.export_check = ExportCheckRecord(check.passed, check.to_json(), _data_description(data),
                                                          bundle.digests(FP32_ONNX))
     notes = loaded.notes + record_notes(request.plan_options, loaded) + exported.notes + \
-        ([device_note] if device_note else [])
+        ([device_note] if device_note else []) + ([data.one_sample_runs] if data and data.one_sample_runs else [])
     return FP32Stage(records, check, ranges, options, options_source(request.plan_options, loaded), specs,
                       data, notes)
 

@@ -127,7 +127,7 @@ class ValidationData:
         sample, padded to ``batch_size`` when ``pad`` (a model that fixes its batch size), else itself."""
         if self.one_sample_runs:
             return OneSample(batch)
-        return pad_batch(batch, batch_size) if pad else batch
+        return pad_batch(batch, batch_size, self.unbatched) if pad else batch
 
     def batch_count(self, batch_size: int, limit: int | None = None) -> int | None:
         """How many batches :meth:`batches` yields (None when the source does not say)."""
@@ -180,14 +180,15 @@ def _read_shard(shard: Path, names: list[str] | None) -> dict[str, np.ndarray]:
 
 def _shard_length(shard: Path, headers: dict[str, ArrayHeader], first: dict[str, ArrayHeader]) -> int:
     """Samples in one shard, from its headers: the first shard's arrays, one number of samples, the same sample
-    shapes as the first shard. An input array of one value (shape ``()`` or ``(1,)``) may stand beside arrays of more
-    samples: it is one value for every sample, which only a rank-0 model input takes (:func:`check_against`)."""
+    shapes as the first shard. An input array of one value (shape ``()``, or one row) may stand beside arrays of more
+    samples: it is one value for every sample, which only an input without a batch axis takes
+    (:func:`check_against` says so of any other)."""
     if sorted(headers) != sorted(first):
         raise MpexportError(f"shard '{shown(shard.name)}' holds arrays {sorted(headers)}, the first shard "
                             f"{sorted(first)}", stage=STAGE)
     lengths = {name: (header.shape[0] if header.shape else 1) for name, header in headers.items()}
     per_sample = {name: length for name, length in lengths.items()
-                  if name == LABELS or headers[name].shape not in ((), (1,))}
+                  if name == LABELS or (headers[name].shape and headers[name].shape[0] != 1)}
     if len(set(per_sample.values())) > 1 or (LABELS in headers and not headers[LABELS].shape):
         detail = ", ".join(f"{name}: {length}" for name, length in lengths.items())
         raise MpexportError(f"arrays in '{shown(shard.name)}' disagree on the number of samples ({detail})",
@@ -260,14 +261,15 @@ def check_against(data: ValidationData, inputs: list[TensorSpec]) -> None:
     data.one_sample_runs = _one_sample_runs(inputs, unbatched, data.first_arrays)
 
 
-UNBATCHED_HINT = ("an input without a batch axis takes one value for every sample (its own shape, or one row) or "
-                  "a value per sample (one more axis, N rows); every other input takes one row per sample")
+UNBATCHED_HINT = ("an input without a batch axis takes one value for every sample (one row, or a 0-d array for a "
+                  "scalar) or a value per sample (N rows); every other input takes one row per sample")
 
 
 def has_no_batch_axis(spec: TensorSpec, array: np.ndarray) -> bool:
-    """Whether ``array`` feeds ``spec`` as an input without a batch axis: the input is rank 0, or the array has one
-    axis more than the input (a value per sample, or one row standing for every sample)."""
-    return not spec.shape or np.ndim(array) == len(spec.shape) + 1
+    """Whether ``array`` feeds ``spec`` as an input without a batch axis: the input is rank 0, or its axis 0 is a
+    fixed size and the array has one axis more than the input (a value per sample, or one row standing for every
+    sample). An input whose axis 0 is dynamic is batched: data of another rank is refused for it."""
+    return not spec.shape or (isinstance(spec.shape[0], int) and np.ndim(array) == len(spec.shape) + 1)
 
 
 def check_unbatched(spec: TensorSpec, array: np.ndarray, count: int) -> None:
@@ -290,17 +292,18 @@ def check_unbatched(spec: TensorSpec, array: np.ndarray, count: int) -> None:
 
 
 def _described(spec: TensorSpec) -> str:
-    """``a scalar (shape ()), with no batch axis`` / ``(4), with no batch axis``."""
-    return f"{'a scalar (shape ())' if not spec.shape else _shape_text(spec)}, with no batch axis"
+    """``a scalar (shape ()), with no batch axis`` / ``of shape (4), with no batch axis``."""
+    return f"{'a scalar (shape ())' if not spec.shape else 'of shape ' + _shape_text(spec)}, with no batch axis"
 
 
 def _one_sample_runs(inputs: list[TensorSpec], unbatched: list[TensorSpec],
                      arrays: dict[str, np.ndarray]) -> str | None:
-    """Why every run must take one sample (inputs without a batch axis whose per-sample values differ), checked
-    possible (the batched inputs take a batch of one); None when samples can share runs."""
+    """Why every run must take one sample (inputs without a batch axis whose per-sample values differ, or no input
+    with a batch axis at all: then a run's outputs are one sample's), checked possible (the batched inputs take a
+    batch of one); None when samples can share runs."""
     varying = [spec.name for spec in unbatched if _rows_differ(arrays[spec.name])]
     if not varying:
-        return None
+        return "no input has a batch axis: each run takes one sample" if len(unbatched) == len(inputs) else None
     fixed = [spec for spec in inputs if spec not in unbatched and isinstance(spec.shape[0], int) and
              spec.shape[0] != 1]
     names = ", ".join(f"'{name}'" for name in varying)
@@ -328,7 +331,7 @@ def _one_row(spec: TensorSpec, array: np.ndarray, where: str) -> np.ndarray:
         row = int(np.flatnonzero((array != array[:1]).reshape(len(array), -1).any(axis=1))[0])
         shown_values = f"row 0 and row {row}" if spec.shape else f"{array[0]} and {array[row]}"
         raise MpexportError(f"validation array '{spec.name}' holds different values ({shown_values}{where}); the "
-                            f"model input is {_described(spec)} and these samples share a run", stage=STAGE,
+                            f"model input is {_described(spec)}, and these samples share a run", stage=STAGE,
                             hint="values per sample must differ in the first shard already (then every run takes "
                                  "one sample), or be equal throughout")
     return np.asarray(array[0])

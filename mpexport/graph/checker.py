@@ -83,17 +83,15 @@ def check_setting_aside(model: ir.Model, ops: Sequence[Unregistered], *, full_ch
                         unshaped: Sequence[str] = ()) -> str | None:
     """The ONNX checker's finding on ``model`` with the nodes of ``ops`` set aside (see the module docstring), its
     first line, or None when it finds nothing; the ``unshaped`` graph outputs (see :func:`unshaped_outputs`) are
-    left to ONNX Runtime too (the checked copy declares them rank 0, a shape nothing infers). ``full_check``: strict
+    left to ONNX Runtime too (the checked copy declares them as shape inference finds them, see
+    :func:`_declare_outputs`). ``full_check``: strict
     shape inference with type checks too, as ``onnx.checker.check_model(..., full_check=True)`` runs it. ``model``
     is left as it was; no weight data is copied."""
     with _set_aside(model, ops):
         values = [value for value in model.graph.initializers.values() if _placeheld(value.const_value)]
         proto = model_without_initializers(model, values)
-    for output in proto.graph.output:
-        if output.name in unshaped:
-            if not output.type.tensor_type.elem_type:
-                output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
-            output.type.tensor_type.shape.SetInParent()
+    if unshaped:
+        _declare_outputs(proto, values, unshaped)
     try:
         onnx.checker.check_model(_with_placeholders(proto, values, shaped=False))
         if full_check:
@@ -102,6 +100,26 @@ def check_setting_aside(model: ir.Model, ops: Sequence[Unregistered], *, full_ch
     except Exception as exc:  # noqa: BLE001 - the checker's verdict is the finding
         return first_line(exc, 400)
     return None
+
+
+def _declare_outputs(proto: onnx.ModelProto, values: list[ir.Value], unshaped: Sequence[str]) -> None:
+    """Give the ``unshaped`` graph outputs of ``proto`` what shape inference finds for them, else rank 0 of their
+    type (FLOAT when they have none): a shape nothing infers, so the check finds no contradiction the model lacks."""
+    try:
+        inferred = {output.name: output.type for output in
+                    onnx.shape_inference.infer_shapes(_with_placeholders(proto, values, shaped=True)).graph.output}
+    except Exception:  # noqa: BLE001 - the check itself reports what inference cannot do
+        inferred = {}
+    for output in proto.graph.output:
+        if output.name not in unshaped:
+            continue
+        found = inferred.get(output.name)
+        if found is not None and found.tensor_type.HasField("shape"):
+            output.type.CopyFrom(found)
+            continue
+        if not output.type.tensor_type.elem_type:
+            output.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+        output.type.tensor_type.shape.SetInParent()
 
 
 @contextmanager

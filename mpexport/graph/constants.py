@@ -3,9 +3,12 @@ converted from.
 
 Converting a constant to FP16 rounds it; that is what the candidate's precision means, and verify measures its
 effect. Some converters also *replace* values that FP16 cannot hold: onnxconverter-common clamps every constant into
-[1e-7, 1e4] in magnitude, so an attention mask's -3.4e38 becomes -1e4 and a LayerNorm epsilon of 1e-12 becomes 1e-7.
+[1e-7, 1e4] in magnitude, so an attention mask's -3.4e38 becomes -1e4 and a LayerNorm epsilon of 1e-12 becomes 1e-7
+(1.19e-7 as FP16 holds it).
 That changes what the model computes (a mask that no longer masks on long inputs, a normalisation that divides
-differently), which the validation data may or may not show. :func:`changed_constants` names each such constant.
+differently), which the validation data may or may not show. :func:`changed_constants` names each such constant
+(a converter that folds other values into a weight and keeps its name is named too: the note says the values differ,
+not why).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from mpexport.base.errors import MpexportError
-from mpexport.base.specs import TensorSpec
+from mpexport.base.specs import TensorSpec, fixed_batch
 from mpexport.bundle.store import Bundle
 from mpexport.data.base import ValidationData, check_against
 from mpexport.data.open import load_validation_data
@@ -125,11 +125,13 @@ def _text(spec: TensorSpec) -> str:
 
 
 def example_inputs(specs: list[TensorSpec], data: ValidationData | None) -> dict[str, torch.Tensor]:
-    """Example tensors by name: the first samples of the data (as many as a fixed batch needs, one where every run
-    takes one, else 2; inputs without a batch axis their one value), or, without data, deterministic tensors of each
-    spec's example shape (normal floats, ones for integers)."""
+    """Example tensors by name: the first samples of the data (as many as a fixed batch needs, else 2, repeated where
+    the data gives fewer: a batch of one would fix a dynamic batch at 1 in the export; inputs without a batch axis
+    their first value), or, without data, deterministic tensors of each spec's example shape (normal floats, ones for
+    integers)."""
     if data is not None:
-        size = data.run_batch(specs) or _example_batch([spec for spec in specs if spec.name not in data.unbatched])
+        batched = [spec for spec in specs if spec.name not in data.unbatched]
+        size = fixed_batch(specs, data.unbatched) or _example_batch(batched)
         batch = next(data.batches(size, limit=size, inputs=specs))
         return {spec.name: torch.from_numpy(batch[spec.name] if spec.name in data.unbatched
                                             else _tile(batch[spec.name], size)) for spec in specs}

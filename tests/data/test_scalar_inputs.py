@@ -109,8 +109,8 @@ def test_one_value_for_a_per_sample_input_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MpexportError, match=r"'scale' has shape \(1,\), one value beside 10 samples"):
         check_against(load_validation_data(tmp_path / "v.npz"), specs)
     np.savez(tmp_path / "rows.npz", x=np.zeros((1, 8), np.float32), scale=np.ones(SAMPLES, np.float32))
-    with pytest.raises(MpexportError, match="disagree on the number of samples"):
-        load_validation_data(tmp_path / "rows.npz")
+    with pytest.raises(MpexportError, match=r"'x' has shape \(1, 8\), one value beside 10 samples"):
+        check_against(load_validation_data(tmp_path / "rows.npz"), specs)
 
 
 def test_labels_must_have_one_per_sample(cli, tmp_path: Path) -> None:
@@ -202,7 +202,7 @@ def test_rows_for_an_input_without_a_batch_axis(tmp_path: Path) -> None:
     with pytest.raises(MpexportError, match=r"disagree on the number of samples \(x: 10, scales: 3\)"):
         load_validation_data(tmp_path / "short.npz")
     np.savez(tmp_path / "wide.npz", x=x, scales=np.ones((SAMPLES, 5), np.float32))
-    with pytest.raises(MpexportError, match=r"'scales' has values of shape \(5,\), the model input is \(4\), with no "
+    with pytest.raises(MpexportError, match=r"'scales' has values of shape \(5,\), the model input is of shape \(4\), with no "
                                             "batch axis"):
         check_against(load_validation_data(tmp_path / "wide.npz"), specs)
 
@@ -216,3 +216,34 @@ def test_per_sample_rows_convert_and_verify(cli, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stdout + result.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["samples"] == 6 and report["batches"] == 6
+
+
+def test_one_row_for_every_sample_and_padding_keep_the_value_whole(tmp_path: Path) -> None:
+    """One row (1, 4) stands for every sample; a fixed batch of 8 pads a short last batch of 4 samples without
+    padding the value (it holds 4 numbers, as many as the samples: it must not be taken for their rows)."""
+    specs = [TensorSpec("x", "float32", (8, 4)), TensorSpec("scales", "float32", (4,))]
+    np.savez(tmp_path / "v.npz", x=np.zeros((12, 4), np.float32), scales=np.full((1, 4), 2.0, np.float32))
+    data = load_validation_data(tmp_path / "v.npz")
+    check_against(data, specs)
+    batches = list(data.batches(64, inputs=specs))
+    assert data.run_batch(specs) == 8 and [batch_samples(batch) for batch in data.batches(8, inputs=specs)] == [8, 4]
+    last = list(data.batches(8, inputs=specs))[-1]
+    assert last["x"].shape == (8, 4) and last["scales"].tolist() == [2.0] * 4
+    assert batches[0]["scales"].shape == (4,)
+
+
+def test_data_of_another_rank_for_a_batched_input_is_refused(tmp_path: Path) -> None:
+    """Only an input whose axis 0 is fixed can be given an extra axis: a dynamic batch axis is the batch."""
+    np.savez(tmp_path / "v.npz", x=np.zeros((5, 2, 8), np.float32))
+    with pytest.raises(MpexportError, match=r"'x' has shape \(5, 2, 8\), the model expects \(batch, 8\)"):
+        check_against(load_validation_data(tmp_path / "v.npz"), [TensorSpec("x", "float32", ("batch", 8))])
+
+
+def test_a_model_without_any_batch_axis_runs_one_sample_per_run(tmp_path: Path) -> None:
+    """Equal rows for every input and no batched input: each run is one sample, counted once."""
+    specs = [TensorSpec("scales", "float32", (4,))]
+    np.savez(tmp_path / "v.npz", scales=np.ones((5, 4), np.float32))
+    data = load_validation_data(tmp_path / "v.npz")
+    check_against(data, specs)
+    assert data.one_sample_runs == "no input has a batch axis: each run takes one sample"
+    assert [batch_samples(batch) for batch in data.batches(64, inputs=specs)] == [1] * 5

@@ -427,3 +427,16 @@ def test_lint_compares_every_node_of_a_torchscript_exporter_model(cli, tmp_path:
     assert result.exit_code == 1
     findings = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "realized precision = plan")
     assert "/fc/Gemm: planned fp16, realized fp32" in findings["findings"]
+
+
+@pytest.mark.parametrize("declared", ["nothing", "a type"])
+def test_lint_leaves_graph_outputs_without_a_shape_to_onnx_runtime(tmp_path: Path, declared: str) -> None:
+    """An output the model declares without a shape (ONNX Runtime runs it; the checker requires one) is set aside,
+    checked as shape inference finds it: a Relu's output is (2, 3), not a scalar the check would contradict."""
+    output = onnx.ValueInfoProto(name="y") if declared == "nothing" else \
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])], [output])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    checker = next(check for check in lint_model(tmp_path / "m.onnx").checks if check.name == "onnx.checker")
+    assert checker.status == "pass" and "graph output(s) y declaring no shape" in checker.detail, checker
