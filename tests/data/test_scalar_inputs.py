@@ -202,8 +202,8 @@ def test_rows_for_an_input_without_a_batch_axis(tmp_path: Path) -> None:
     with pytest.raises(MpexportError, match=r"disagree on the number of samples \(x: 10, scales: 3\)"):
         load_validation_data(tmp_path / "short.npz")
     np.savez(tmp_path / "wide.npz", x=x, scales=np.ones((SAMPLES, 5), np.float32))
-    with pytest.raises(MpexportError, match=r"'scales' has values of shape \(5,\), the model input is of shape \(4\), with no "
-                                            "batch axis"):
+    with pytest.raises(MpexportError, match=r"'scales' has values of shape \(5,\), the model input is of shape "
+                                            r"\(4\), with no batch axis"):
         check_against(load_validation_data(tmp_path / "wide.npz"), specs)
 
 
